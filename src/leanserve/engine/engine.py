@@ -53,7 +53,7 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
             config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype)
         self.kv = BlockManager(num_blocks, config.block_size)
-        self.pool = KVPool(args, num_blocks * config.block_size, dtype)
+        self.pool = KVPool(args, num_blocks, config.block_size, dtype)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, config.block_size)
         self.sampler = Sampler(config.seed)
