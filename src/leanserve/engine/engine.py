@@ -46,12 +46,14 @@ class LLMEngine:
         self.eos_ids = set(files.tokenizer.eos_token_ids)
         dtype = DTYPES[config.dtype]
         context = files.config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
-        self.max_model_len = config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
-        self.model = build_model(files.config, files.weights, dtype, self.max_model_len)
+        max_len = config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
+        self.model = build_model(files.config, files.weights, dtype, max_len)
         del files
         args = self.model.args
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
             config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype)
+        # A sequence can never outgrow the pool: the pool bounds the context too (as in vLLM).
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.kv = BlockManager(num_blocks, config.block_size)
         self.pool = KVPool(args, num_blocks, config.block_size, dtype)
         self.scheduler = Scheduler(config, self.kv)
@@ -83,9 +85,6 @@ class LLMEngine:
             raise InvalidRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                                  f"context of {self.max_model_len} tokens", "max_tokens")
         max_tokens = room if params.max_tokens is None else params.max_tokens
-        if self.kv.blocks_for(len(ids) + max_tokens) > self.kv.num_blocks:
-            raise InvalidRequest(f"prompt plus max_tokens ({len(ids) + max_tokens} tokens) can never fit in the KV "
-                                 f"cache of {self.kv.num_blocks * self.kv.block_size} tokens", "max_tokens")
         return Sequence(next(self._ids), request_id, ids, params, max_tokens, priority)
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -191,7 +190,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False  # no new requests
         self._thread_stop = False  # the step thread exits
-        self._pending = 0  # adds sent to the thread, not yet in the scheduler
+        # Requests handed to the step thread / taken in by it; each counter has one writer.
+        self._sent = 0
+        self._received = 0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -202,14 +203,14 @@ class AsyncEngine:
                     priority: int = 0) -> AsyncIterator[RequestOutput]:
         if self._stopping:
             raise Overloaded("the server is shutting down")
-        if self.engine.num_waiting + self._pending >= self.config.max_waiting:
+        if self.engine.num_waiting + self._sent - self._received >= self.config.max_waiting:
             raise Overloaded(f"too many waiting requests ({self.config.max_waiting}); retry later")
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         seq = self.engine.make_sequence(request_id, prompt, params, priority)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
-        self._pending += 1
+        self._sent += 1
         self._inbox.put(("add", seq))
         self._wake.set()
         return self._stream(request_id, q)
@@ -232,7 +233,7 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         e = self.engine
-        return {"num_running": len(e.scheduler.running), "num_waiting": e.num_waiting + self._pending,
+        return {"num_running": len(e.scheduler.running), "num_waiting": e.num_waiting + self._sent - self._received,
                 "kv_blocks_total": e.kv.num_blocks, "kv_blocks_free": e.kv.num_free_blocks,
                 "num_preemptions": e.scheduler.num_preemptions}
 
@@ -253,7 +254,9 @@ class AsyncEngine:
     # -- the step thread --------------------------------------------------------------------
 
     def _deliver(self, out: RequestOutput) -> None:
-        q = self._streams.get(out.request_id)
+        """Runs on the event loop. A finished request leaves `_streams` here, so one whose
+        stream was never iterated does not linger."""
+        q = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if q is not None:
             q.put_nowait(out)
 
@@ -265,7 +268,7 @@ class AsyncEngine:
             except queue.Empty:
                 return outs
             if kind == "add":
-                self._pending -= 1
+                self._received += 1
                 try:
                     self.engine.add_sequence(item)
                 except InvalidRequest as e:

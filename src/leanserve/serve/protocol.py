@@ -45,9 +45,9 @@ def validation_error(exc: ValidationError) -> APIError:
 
 # -- requests -----------------------------------------------------------------------------
 
-def _unsupported(value, info):
+def _unsupported(value):
     if value:
-        raise ValueError(f"{info.field_name} is not supported by this server")
+        raise ValueError("not supported by this server")
     return value
 
 
@@ -121,7 +121,7 @@ class ChatMessage(BaseModel):
     content: Content = ""
 
 
-class _GenerateRequest(_Strict):
+class GenerateRequest(_Strict):
     """Fields shared by chat and text completions."""
 
     model: str
@@ -155,7 +155,7 @@ class _GenerateRequest(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_GenerateRequest):
+class ChatCompletionRequest(GenerateRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -175,7 +175,7 @@ class ChatCompletionRequest(_GenerateRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(_GenerateRequest):
+class CompletionRequest(GenerateRequest):
     prompt: Prompts
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)

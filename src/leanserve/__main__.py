@@ -1,0 +1,6 @@
+"""`python -m leanserve ...` is the `leanserve` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

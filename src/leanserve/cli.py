@@ -1,0 +1,118 @@
+"""The `leanserve` command line.
+
+Each subcommand is an entry of COMMANDS: a function that declares its arguments, one that
+runs it and returns the exit status, and a one-line help.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .config import EngineConfig, ServerConfig
+from .errors import LeanserveError
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face folder or a .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences in one step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                        help="tokens (prefill chunks + decodes) in one step")
+    parser.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib, help="memory of the paged KV cache")
+
+
+def _engine_config(args, **extra) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
+                        **extra)
+
+
+def _load_engine(config: EngineConfig):
+    from .engine.engine import AsyncEngine
+
+    return AsyncEngine(config)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    _add_engine_args(parser)
+    parser.add_argument("--host", default=d.host)
+    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
+                        help="queued requests beyond this get HTTP 429")
+    parser.add_argument("--api-key", action="append", default=None,
+                        help="require this bearer key (repeatable; also $LEANSERVE_API_KEY, comma-separated)")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
+
+
+def _serve(args) -> int:
+    from .serve.app import run_server
+    from .serve.auth import api_keys
+
+    config = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                          api_keys=api_keys(args.api_key), max_body_bytes=args.max_body_bytes)
+    engine = _load_engine(_engine_config(args, max_waiting=args.max_waiting))
+    run_server(engine, config)
+    return 0
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+def _add_generate(parser: argparse.ArgumentParser) -> None:
+    _add_engine_args(parser)
+    parser.add_argument("prompt")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                        help="wrap the prompt in the model's chat template as a user message")
+
+
+def _generate(args) -> int:
+    from .engine.sequence import SamplingParams
+    from .serve.app import chat_prompt_ids
+
+    async def run() -> None:
+        engine = _load_engine(_engine_config(args))
+        await engine.start()
+        try:
+            prompt = (chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+                      if args.chat else args.prompt)
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+            async for out in engine.add_request("generate", prompt, params):
+                print(out.text, end="", flush=True)
+            print()
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+    return 0
+
+
+COMMANDS = {
+    "serve": (_add_serve, _serve, "serve a model over an OpenAI-compatible HTTP API"),
+    "generate": (_add_generate, _generate, "print one answer to a prompt"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanserve", description="LLM serving with a bill on every response")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, run, help) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _, run, _ = COMMANDS[args.command]
+    try:
+        return run(args)
+    except (LeanserveError, ValueError) as e:  # a bad model or argument: one line, no traceback
+        print(f"leanserve {args.command}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,402 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one `AsyncEngine`.
+
+A request's path: auth → body checks (content type, size) → strict parsing → admission
+(`engine.add_request` validates it and may refuse with Overloaded) → one JSON body or an SSE
+stream. Every failure leaves as an OpenAI-shaped error. A client that goes away aborts its
+sequences, so their KV blocks return to the pool at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from ..config import ServerConfig
+from ..engine.sequence import Logprob, RequestOutput, SamplingParams
+from ..errors import InvalidRequest, LeanserveError, Overloaded
+from . import protocol as p
+from .auth import APIKeyAuth
+from .metrics import ServerMetrics
+from .protocol import APIError
+
+log = logging.getLogger("leanserve.serve")
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+CLIENT_GONE = 499  # nginx's status for "client closed the request"; only ever seen in metrics
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat template already writes the special tokens, so encoding adds none."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class Choice:
+    """Everything one sequence has streamed so far."""
+
+    text: str = ""
+    logprobs: list[Logprob] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.logprobs += out.logprobs or []
+        self.last = out
+
+
+class OpenAIServer:
+    """Route handlers and the state they share: engine, auth, metrics, readiness."""
+
+    def __init__(self, engine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.model_name = config.served_model_name or engine.model_name
+        self.auth = APIKeyAuth(config.api_keys)
+        self.metrics = ServerMetrics(engine.stats)
+        self.ready = False  # True between engine start and the first shutdown signal
+        self.created = int(time.time())
+
+    # -- probes and listings ----------------------------------------------------------------
+
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    async def readiness(self) -> JSONResponse:
+        if not self.ready:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def authorize(self, request: Request) -> None:
+        self.auth.check(request.headers.get("authorization"))
+
+    async def models(self) -> JSONResponse:
+        self.metrics.count(200)
+        return JSONResponse(p.model_list([self.model_name], self.created))
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = await self._parse(request, p.ChatCompletionRequest)
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        prompt = chat_prompt_ids(self.engine.tokenizer, messages)
+        params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs())
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = self._submit(rid, [prompt], params)
+        if req.stream:
+            return self._sse(self._chat_events(rid, req, streams), rid, len(streams))
+        choices = await self._collect(request, rid, streams)
+        if choices is None:
+            return Response(status_code=CLIENT_GONE)
+        token_text = self.engine.tokenizer.token_text
+        body = p.chat_completion(rid, self.model_name, [
+            p.chat_choice(i, c.text, p.chat_logprobs(c.logprobs, token_text) if req.logprobs else None,
+                          c.last.finish_reason)
+            for i, c in enumerate(choices)], self._usage(choices, req.n))
+        self.metrics.count(200)
+        return JSONResponse(body)
+
+    async def completions(self, request: Request) -> Response:
+        req = await self._parse(request, p.CompletionRequest)
+        params = self._sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = self._submit(rid, req.prompt, params)
+        if req.stream:
+            return self._sse(self._completion_events(rid, req, streams), rid, len(streams))
+        choices = await self._collect(request, rid, streams)
+        if choices is None:
+            return Response(status_code=CLIENT_GONE)
+        token_text = self.engine.tokenizer.token_text
+        body = p.completion(rid, self.model_name, [
+            p.completion_choice(i, c.text, None if req.logprobs is None else
+                                p.completion_logprobs(c.logprobs, token_text, 0), c.last.finish_reason)
+            for i, c in enumerate(choices)], self._usage(choices, req.n))
+        self.metrics.count(200)
+        return JSONResponse(body)
+
+    async def _parse(self, request: Request, model: type[p.BaseModel]):
+        if not self.ready:
+            raise self._unavailable("The server is starting or shutting down")
+        try:
+            req = model.model_validate_json(await self._body(request))
+        except ValidationError as e:
+            raise p.validation_error(e) from None
+        if req.model != self.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        return req
+
+    async def _body(self, request: Request) -> bytes:
+        """The raw body, refused early when it is not JSON or larger than max_body_bytes."""
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise APIError(415, f"Content-Type must be application/json, not {ctype!r}",
+                           code="unsupported_media_type")
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, f"The request body is larger than {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        try:
+            async for chunk in request.stream():  # counts bytes too: chunked bodies declare no length
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+        except ClientDisconnect:
+            raise APIError(CLIENT_GONE, "The client disconnected while sending the body") from None
+        return bytes(body)
+
+    @staticmethod
+    def _sampling(req: p.GenerateRequest, **kwargs) -> list[SamplingParams]:
+        """One SamplingParams per choice; a seeded request gives choice i the seed + i."""
+        out = []
+        for i in range(req.n):
+            seed = None if req.seed is None else req.seed + i
+            try:
+                out.append(SamplingParams(**req.sampling_kwargs(), seed=seed, **kwargs))
+            except ValueError as e:  # SamplingParams names the field first: "top_p must be ..."
+                raise APIError(400, str(e), param=str(e).split()[0]) from None
+        return out
+
+    def _submit(self, rid: str, prompts: list, params: list[SamplingParams]) -> list:
+        """Adds n sequences per prompt; if one is refused, the ones already added are aborted."""
+        streams = []
+        try:
+            for prompt in prompts:
+                for sp in params:
+                    streams.append(self.engine.add_request(f"{rid}-{len(streams)}", prompt, sp))
+        except LeanserveError:
+            self._abort(rid, len(streams))
+            raise
+        return streams
+
+    def _abort(self, rid: str, count: int) -> None:
+        for i in range(count):
+            self.engine.abort(f"{rid}-{i}")
+
+    async def _outputs(self, streams: list):
+        """Yields (choice index, output) from all streams as they arrive; records finished ones."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            try:
+                async for out in stream:
+                    queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except Exception as e:  # re-raised in the consumer
+                queue.put_nowait((i, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        remaining = len(streams)
+        try:
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                if item.finished and item.finish_reason != "abort":
+                    self.metrics.observe(item)
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _collect(self, request: Request, rid: str, streams: list) -> list[Choice] | None:
+        """Every choice, or None when the client disconnects first (its sequences are aborted)."""
+        async def gather():
+            choices = [Choice() for _ in streams]
+            async with contextlib.aclosing(self._outputs(streams)) as outputs:
+                async for i, out in outputs:
+                    choices[i].add(out)
+            return choices
+
+        work = asyncio.create_task(gather())
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            work.cancel()
+            # a stream cancelled before it first ran cannot abort its own sequence
+            self._abort(rid, len(streams))
+        if work not in done:
+            self.metrics.count(CLIENT_GONE)
+            return None
+        choices = work.result()
+        if any(c.last.finish_reason == "abort" for c in choices):
+            raise self._unavailable("The request was aborted: the server is shutting down") if not self.ready \
+                else APIError(500, "The engine aborted the request", type="server_error")
+        return choices
+
+    def _usage(self, choices: list[Choice], n: int) -> dict:
+        """Prompts are counted once per prompt, not once per choice."""
+        outs = [c.last for c in choices]
+        return p.usage(sum(o.num_prompt_tokens for o in outs[::n]), sum(o.num_output_tokens for o in outs),
+                       [o.metrics for o in outs])
+
+    async def _chat_events(self, rid: str, req: p.ChatCompletionRequest, streams: list):
+        created = int(time.time())
+
+        def chunk(choices, usage=None):
+            return p.chat_chunk(rid, self.model_name, created, choices, usage, req.include_usage)
+
+        token_text = self.engine.tokenizer.token_text
+        choices = [Choice() for _ in streams]
+        for i in range(len(streams)):
+            yield chunk([p.chat_chunk_choice(i, {"role": "assistant", "content": ""})])
+        async with contextlib.aclosing(self._outputs(streams)) as outputs:
+            async for i, out in outputs:
+                choices[i].add(out)
+                logprobs = p.chat_logprobs(out.logprobs, token_text) if out.logprobs else None
+                if out.text or logprobs:
+                    yield chunk([p.chat_chunk_choice(i, {"content": out.text}, logprobs)])
+                if out.finished:
+                    yield chunk([p.chat_chunk_choice(i, {}, finish_reason=out.finish_reason)])
+        if req.include_usage:
+            yield chunk([], self._usage(choices, req.n))
+
+    async def _completion_events(self, rid: str, req: p.CompletionRequest, streams: list):
+        created = int(time.time())
+        token_text = self.engine.tokenizer.token_text
+        choices = [Choice() for _ in streams]
+        async with contextlib.aclosing(self._outputs(streams)) as outputs:
+            async for i, out in outputs:
+                offset = len(choices[i].text)
+                choices[i].add(out)
+                logprobs = None if req.logprobs is None else p.completion_logprobs(out.logprobs or [],
+                                                                                 token_text, offset)
+                if out.text or out.logprobs or out.finished:
+                    yield p.completion(rid, self.model_name, [
+                        p.completion_choice(i, out.text, logprobs, out.finish_reason)], None, created,
+                        req.include_usage)
+        if req.include_usage:
+            yield p.completion(rid, self.model_name, [], self._usage(choices, req.n), created)
+
+    def _sse(self, events, rid: str, count: int) -> StreamingResponse:
+        async def body():
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            except Exception:  # the status line is gone: the error can only travel in the stream
+                log.exception("stream %s failed", rid)
+                error = APIError(500, "Internal error while streaming", type="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+            finally:
+                await events.aclose()
+                self._abort(rid, count)
+            yield "data: [DONE]\n\n"
+
+        self.metrics.count(200)
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _unavailable(self, message: str) -> APIError:
+        return APIError(503, message, type="server_error", code="service_unavailable",
+                        headers={"Retry-After": str(self.config.retry_after_seconds)})
+
+    async def on_api_error(self, request: Request, exc: APIError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            self.metrics.count(exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def on_engine_error(self, request: Request, exc: LeanserveError) -> JSONResponse:
+        if isinstance(exc, InvalidRequest):
+            error = APIError(400, exc.message, param=exc.param)
+        elif isinstance(exc, Overloaded):
+            error = APIError(429, exc.message, type="server_error", code="server_overloaded",
+                             headers={"Retry-After": str(self.config.retry_after_seconds)}) \
+                if self.ready else self._unavailable(exc.message)
+        else:
+            error = APIError(500, exc.message, type="server_error")
+        return await self.on_api_error(request, error)
+
+    async def on_http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
+        """Unknown paths and wrong methods, in OpenAI's shape too."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return await self.on_api_error(request, APIError(exc.status_code, str(exc.detail), code=code,
+                                                         headers=exc.headers))
+
+    async def on_internal_error(self, request: Request, exc: Exception) -> JSONResponse:
+        """A bug. Starlette re-raises `exc` after this response, so uvicorn logs the traceback."""
+        return await self.on_api_error(request, APIError(500, "Internal server error", type="server_error",
+                                                         code="internal_error"))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
+    """An app over a loaded engine; its lifespan starts the engine and shuts it down."""
+    server = OpenAIServer(engine, config or ServerConfig())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await engine.start()
+        server.ready = True
+        yield
+        server.ready = False
+        await engine.shutdown(SHUTDOWN_GRACE_SECONDS)
+
+    app = FastAPI(title="leanserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_exception_handler(APIError, server.on_api_error)
+    app.add_exception_handler(LeanserveError, server.on_engine_error)
+    app.add_exception_handler(HTTPException, server.on_http_error)
+    app.add_exception_handler(Exception, server.on_internal_error)
+    app.get("/health")(server.health)
+    app.get("/ready")(server.readiness)
+    app.get("/metrics")(server.prometheus)
+    api = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
+    api.get("/models")(server.models)
+    api.post("/chat/completions")(server.chat_completions)
+    api.post("/completions")(server.completions)
+    app.include_router(api)
+    return app
+
+
+class _DrainingServer(uvicorn.Server):
+    """Marks the app unready as soon as a shutdown signal arrives, before uvicorn drains."""
+
+    def __init__(self, config: uvicorn.Config, openai_server: OpenAIServer):
+        super().__init__(config)
+        self.openai_server = openai_server
+
+    def handle_exit(self, sig, frame) -> None:
+        self.openai_server.ready = False
+        super().handle_exit(sig, frame)
+
+
+def run_server(engine, config: ServerConfig) -> None:
+    """Serves until SIGTERM or SIGINT, then: /ready and new requests get 503, requests in
+    flight get SHUTDOWN_GRACE_SECONDS to finish before they are aborted, the engine stops."""
+    app = create_app(engine, config)
+    server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port,
+                                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS),
+                             app.state.server)
+    # After a graceful stop uvicorn re-raises the signal it caught, under the handlers it found,
+    # so that the default ones end the process. Ignoring them lets a clean shutdown exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    server.run()

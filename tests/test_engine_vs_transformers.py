@@ -1,0 +1,169 @@
+"""leanserve against transformers on the same weights, in float32.
+
+Greedy tokens must be equal; logprobs close, by vLLM's convention: wherever the two greedy
+paths agree, the chosen token's logprob and the top-5 set match; where they first part
+(a near-tie), each side's token is in the other's top 5 and the comparison stops there.
+transformers runs one prompt at a time, so no padding is involved on the reference side.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanserve import LLM, SamplingParams
+
+NUM_NEW = 16
+FIRST_PLAIN_TOKEN = 17  # SmolLM2's ids 0..16 are special tokens
+VOCAB = 49152
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_PLAIN_TOKEN, VOCAB, (length,), generator=g).tolist()
+
+
+PROMPTS = [random_prompt(n, seed) for seed, n in enumerate((5, 17, 40, 3))]
+
+ENGINE_VARIANTS = {
+    "default": dict(num_kv_blocks=64, block_size=16),
+    # the 17- and 40-token prompts are prefilled in several chunks, interleaved with decodes
+    "chunked_prefill": dict(num_kv_blocks=64, block_size=16, max_num_batched_tokens=8),
+    # 20 blocks of 4 tokens hold the four prompts (18 blocks) but not their growth (34 blocks
+    # at the end): running sequences get preempted and recomputed
+    "preemption": dict(num_kv_blocks=20, block_size=4),
+}
+
+
+@dataclass
+class Reference:
+    tokens: list[int]
+    logprobs: torch.Tensor  # [len(tokens), vocab]: log_softmax of the raw logits at each step
+
+
+def load_hf(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos: always generate max_new_tokens
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, **generate_kwargs) -> Reference:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True, **generate_kwargs)
+    logits = torch.stack(out.logits, dim=1)[0].float()
+    return Reference(out.sequences[0, len(prompt):].tolist(), torch.log_softmax(logits, dim=-1))
+
+
+@functools.cache
+def tiny_reference(model_dir: Path) -> list[Reference]:
+    model = load_hf(model_dir)
+    return [hf_greedy(model, p, NUM_NEW) for p in PROMPTS]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def assert_tokens_equal(ours: list[int], ref: list[int], what: str) -> None:
+    i = first_difference(ours, ref)
+    assert i is None, (f"{what}: tokens diverge at output position {i}: "
+                       f"leanserve {ours[i:i + 3]} vs transformers {ref[i:i + 3]}\n"
+                       f"leanserve    {ours}\ntransformers {ref}")
+
+
+def assert_logprobs_close(out, ref: Reference, k: int = 5, atol: float = 1e-3, tie: float = 1e-4) -> None:
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+    for pos, (lp, ref_token) in enumerate(zip(out.logprobs, ref.tokens)):
+        where = f"output position {pos}"
+        ref_lp = ref.logprobs[pos]
+        ref_top_values, ref_top_ids = ref_lp.topk(k)
+        ours_top = [t for t, _ in lp.top]
+        assert lp.token_id == out.token_ids[pos]
+        assert len(lp.top) == k, where
+        assert all(a >= b for (_, a), (_, b) in zip(lp.top, lp.top[1:])), f"{where}: top not sorted"
+        if lp.token_id != ref_token:  # the greedy paths part here: a near-tie, nothing later compares
+            assert lp.token_id in ref_top_ids.tolist() and ref_token in ours_top, (
+                f"{where}: leanserve chose {lp.token_id}, transformers {ref_token}, "
+                f"and one is not in the other's top {k}")
+            return
+        assert lp.logprob == pytest.approx(ref_lp[ref_token].item(), abs=atol), where
+        for token, value in lp.top:
+            assert value == pytest.approx(ref_lp[token].item(), abs=atol), f"{where}: top token {token}"
+        kth = ref_top_values[-1].item()
+        for token in set(ours_top) ^ set(ref_top_ids.tolist()):  # only tokens tied at the k-th place may differ
+            assert abs(ref_lp[token].item() - kth) < tie, (
+                f"{where}: top-{k} sets differ: leanserve {sorted(ours_top)} vs "
+                f"transformers {sorted(ref_top_ids.tolist())}")
+
+
+@pytest.mark.parametrize("variant", ENGINE_VARIANTS)
+def test_greedy_tokens_and_logprobs_match_transformers(tiny_models, tiny_arch, variant):
+    path = tiny_models[tiny_arch]
+    reference = tiny_reference(path)
+    llm = LLM(str(path), dtype="float32", **ENGINE_VARIANTS[variant])
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=5)
+    outs = llm.generate(PROMPTS, params)  # all four prompts in one batch
+
+    assert len(outs) == len(PROMPTS)
+    for prompt, out, ref in zip(PROMPTS, outs, reference):
+        assert out.prompt_token_ids == prompt
+        assert out.finish_reason == "length"
+        assert_tokens_equal(out.token_ids, ref.tokens, f"{tiny_arch}/{variant}, {len(prompt)}-token prompt")
+    for out, ref in zip(outs, reference):
+        assert_logprobs_close(out, ref)
+    if variant == "preemption":  # the premise of the variant: the pool really was too small
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_repetition_penalty_equals_transformers(tiny_llama):
+    """transformers' repetition_penalty has vLLM's meaning (prompt and output tokens, positive
+    logits divided, negative multiplied), so the greedy paths must be equal."""
+    prompt = [random_prompt(1, seed=100)[0]] * 20  # repetitive: greedy decoding loops on it
+    hf = load_hf(tiny_llama)
+    plain = hf_greedy(hf, prompt, 24).tokens
+    penalized = hf_greedy(hf, prompt, 24, repetition_penalty=1.5).tokens
+    assert penalized != plain, "premise: the penalty changes this greedy path"
+
+    llm = LLM(str(tiny_llama), dtype="float32", num_kv_blocks=64)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                              repetition_penalty=1.5))[0]
+    assert_tokens_equal(out.token_ids, penalized, "repetition_penalty=1.5")
+
+
+# -- the built-in model ------------------------------------------------------------------------
+
+CHAT_QUESTIONS = [
+    "Write the word 'hello' in Chinese, Japanese and Korean.",
+    "List three colors with an emoji for each.",
+    "Explain in two sentences why the sky is blue.",
+]
+
+
+@pytest.mark.slow
+def test_builtin_model_greedy_equals_transformers(builtin_llm, builtin_gguf):
+    tok = builtin_llm.tokenizer
+    conversations = [[{"role": "user", "content": q}] for q in CHAT_QUESTIONS]
+    prompts = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in conversations]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    outs = builtin_llm.generate(prompts, params)
+
+    hf = load_hf(builtin_gguf.parent, gguf_file=builtin_gguf.name)
+    for question, prompt, out in zip(CHAT_QUESTIONS, prompts, outs):
+        ref = hf_greedy(hf, prompt, 24)
+        assert_tokens_equal(out.token_ids, ref.tokens, f"built-in model on {question!r}")
+        assert_logprobs_close(out, ref)
+
+    # chat() renders and encodes the conversations the same way
+    chats = builtin_llm.chat(conversations, SamplingParams(temperature=0, max_tokens=1))
+    assert [c.prompt_token_ids for c in chats] == prompts
