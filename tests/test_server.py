@@ -77,6 +77,16 @@ def test_chat(client, model):
     assert set(split) == {"queue_ms", "prefill_ms", "decode_ms"} and split["decode_ms"] > 0
 
 
+def test_stop_token_ids_extension(client, model, offline):
+    """The vLLM extension `stop_token_ids`: the answer ends at the first such token."""
+    prompt = "The capital of Italy is"
+    ids = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True, "stop_token_ids": [ids[3]]})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == ids.index(ids[3]) + 1
+
+
 def test_chat_without_max_tokens_runs_to_stop(client, model):
     r = client.chat.completions.create(model=model, temperature=0,
                                        messages=[{"role": "user", "content": "Reply with one word: yes or no?"}])

@@ -94,9 +94,24 @@ def _generate(args) -> int:
     return 0
 
 
+# -- bench ------------------------------------------------------------------------------------
+
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=["offline"], help="offline: leanserve vs transformers in one process")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
+
+
+def _bench(args) -> int:
+    from .bench import offline
+
+    offline.main(args.rest)
+    return 0
+
+
 COMMANDS = {
     "serve": (_add_serve, _serve, "serve a model over an OpenAI-compatible HTTP API"),
     "generate": (_add_generate, _generate, "print one answer to a prompt"),
+    "bench": (_add_bench, _bench, "measure throughput and latency against baselines"),
 }
 
 

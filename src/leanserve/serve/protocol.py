@@ -2,7 +2,7 @@
 
 Requests are validated as strictly as OpenAI does: wrong JSON types and unknown top-level
 fields are rejected. The sampling extensions vLLM users expect (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos) are accepted too; their ranges are checked by
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted too; their ranges are checked by
 `SamplingParams`. Response bodies are plain dicts, all built here so their shapes sit in
 one file.
 """
@@ -142,13 +142,15 @@ class GenerateRequest(_Strict):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = []
 
     def sampling_kwargs(self) -> dict:
         """The `SamplingParams` fields this request sets (None means: the engine's default)."""
         names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty")
         kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        return dict(kwargs, stop=self.stop, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos)
+        return dict(kwargs, stop=self.stop, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+                    stop_token_ids=self.stop_token_ids)
 
     @property
     def include_usage(self) -> bool:
