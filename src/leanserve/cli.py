@@ -97,11 +97,17 @@ def _generate(args) -> int:
 # -- bench ------------------------------------------------------------------------------------
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["offline"], help="offline: leanserve vs transformers in one process")
+    parser.add_argument("kind", choices=["offline", "serve"],
+                        help="offline: leanserve vs transformers in one process; "
+                             "serve: load on any OpenAI-compatible server")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
 
 
 def _bench(args) -> int:
+    if args.kind == "serve":
+        from .bench import loadgen
+
+        return loadgen.main(args.rest)
     from .bench import offline
 
     offline.main(args.rest)

@@ -19,6 +19,7 @@ class EngineConfig:
     kv_cache_gib: float = 1.0  # memory budget of the paged KV pool
     num_kv_blocks: int | None = None  # overrides kv_cache_gib when set (tests, tuning)
     block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # share the KV blocks of common prompt prefixes
     max_model_len: int | None = None  # default: the model's context, capped at 8192
     max_waiting: int = 1024  # queued requests beyond this are refused (HTTP 429)
     num_threads: int | None = None  # torch intra-op threads; default: all cores

@@ -131,7 +131,8 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_xticks(xs)
-        ax.set_ylim(bottom=0)
+        top = max((y for y in ys if y is not None), default=0)
+        ax.set_ylim(0, 1.1 * top or 1)
         ax.grid(alpha=0.3)
     if result.get("label"):
         axes[0].legend()

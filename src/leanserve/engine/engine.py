@@ -54,7 +54,7 @@ class LLMEngine:
             config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype)
         # A sequence can never outgrow the pool: the pool bounds the context too (as in vLLM).
         self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.kv = BlockManager(num_blocks, config.block_size)
+        self.kv = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.pool = KVPool(args, num_blocks, config.block_size, dtype)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, config.block_size)
@@ -130,6 +130,7 @@ class LLMEngine:
         logits, to_sample = self.runner.execute(batch)
         for seq, n in batch:
             seq.num_computed += n
+            self.kv.register_full_blocks(seq)
         if not to_sample:
             return outputs
         tokens, logprobs = self.sampler(logits, to_sample, self.eos_ids)
@@ -235,7 +236,8 @@ class AsyncEngine:
         e = self.engine
         return {"num_running": len(e.scheduler.running), "num_waiting": e.num_waiting + self._sent - self._received,
                 "kv_blocks_total": e.kv.num_blocks, "kv_blocks_free": e.kv.num_free_blocks,
-                "num_preemptions": e.scheduler.num_preemptions}
+                "num_preemptions": e.scheduler.num_preemptions,
+                "prefix_cache_queried_tokens": e.kv.queried_tokens, "prefix_cache_hit_tokens": e.kv.hit_tokens}
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stops admitting, lets running requests finish for `timeout` s, aborts the rest."""

@@ -74,10 +74,14 @@ class Scheduler:
                 budget -= n
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, n):
+                self.blocks.free(seq)  # hand back the prefix blocks it took
                 break
             self.waiting.pop(0)
+            self.blocks.queried_tokens += len(seq)
+            self.blocks.hit_tokens += seq.num_computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self.blocks.allocate(seq, n)

@@ -143,6 +143,7 @@ class Sequence:
         self.priority = priority
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix-cache names of its full, computed blocks
         self.num_computed = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

@@ -1,0 +1,337 @@
+"""`leanserve bench serve`: latency and throughput of any OpenAI-compatible server under load.
+
+The same tool measures leanserve, llama.cpp's llama-server or vLLM. Each load level sends
+`--num-prompts` streamed requests, either closed loop (`--concurrency C`: C clients, each
+sending its next request when the previous one ends) or open loop (`--request-rate R`:
+Poisson arrivals). SSE is read directly with httpx, so every chunk is timed on arrival.
+A bearer key, if the server wants one, is read from $OPENAI_API_KEY (never from the
+command line, which is saved with the results).
+
+Prompts are runs of words that are one token each in the built-in model's tokenizer (or
+`--tokenizer`), so a prompt is exactly `--input-len` tokens as the server counts them. Every
+prompt starts with a word of its own, so no two share a cached prefix, except the
+`--shared-prefix-len` tokens all of them share when asked. Each level gets fresh prompts, so
+a level never reuses what the previous one left in the server's prefix cache.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+
+import httpx
+
+from . import report
+from .report import RequestRecord
+
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+_WORD = re.compile(r" [a-z]{2,}")
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",")]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("every level must be >= 1")
+    return values
+
+
+def _rate_list(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",")]
+    if any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError("every rate must be > 0")
+    return values
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="leanserve bench serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (with or without /v1)")
+    ap.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions")
+    ap.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    load = ap.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=_int_list, default=None,
+                      help="closed loop: clients per level, e.g. 1,8,32 (default: 1)")
+    load.add_argument("--request-rate", type=_rate_list, default=None,
+                      help="open loop: Poisson arrivals, req/s per level, e.g. 1,4")
+    ap.add_argument("--num-prompts", type=int, default=32, help="requests per level")
+    ap.add_argument("--input-len", type=int, default=128, help="prompt tokens (for chat: of the message content)")
+    ap.add_argument("--output-len", type=int, default=128, help="output tokens of every request (ignore_eos)")
+    ap.add_argument("--shared-prefix-len", type=int, default=0, help="leading prompt tokens all requests share")
+    ap.add_argument("--token-ids", action="store_true", help="send prompts as token ids (completions only)")
+    ap.add_argument("--tokenizer", default=None, help="a .gguf file or HF folder (default: the built-in model's)")
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: TTFT at most this")
+    ap.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: TPOT at most this")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take in all")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label", default=None, help="name of this run in tables, plots and comparisons")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write results, command and machine here")
+    ap.add_argument("--plot", default=None, metavar="PATH.png", help="plot tok/s, TTFT and TPOT against load")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                    help="print the ratios A/B of two saved runs per load level, and run nothing")
+    args = ap.parse_args(argv)
+    if args.request_rate is None and args.concurrency is None:
+        args.concurrency = [1]
+    for name in ("num_prompts", "input_len", "output_len", "timeout"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0")
+    if not 0 <= args.shared_prefix_len < args.input_len:
+        ap.error("--shared-prefix-len must be >= 0 and smaller than --input-len")
+    if args.token_ids and args.endpoint != "completions":
+        ap.error("--token-ids needs --endpoint completions")
+    return args
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | None):
+    """Only the tokenizer: no weights are loaded."""
+    import gguf
+
+    from ..models.loader import builtin_model_path
+    from ..models.tokenizer import Tokenizer
+
+    path = path or builtin_model_path()
+    if os.path.isdir(path):
+        return Tokenizer.from_hf_folder(path)
+    if not (os.path.isfile(path) and path.endswith(".gguf")):
+        raise ValueError(f"{path}: not a .gguf file or a Hugging Face folder")
+    return Tokenizer.from_gguf(gguf.GGUFReader(path))
+
+
+def one_token_words(tokenizer) -> list[int]:
+    """Ids of lowercase words with a leading space that encode back to exactly themselves:
+    any run of them tokenizes to the same ids, one per word."""
+    ids = []
+    for i in range(tokenizer.vocab_size):
+        text = tokenizer.token_text(i)
+        if i not in tokenizer.all_special_ids and _WORD.fullmatch(text) and \
+                tokenizer.encode(text, add_special_tokens=False) == [i]:
+            ids.append(i)
+    if not ids:
+        raise ValueError("the tokenizer has no one-token words (' word'); prompts cannot be calibrated")
+    return ids
+
+
+def make_prompts(words: list[int], count: int, length: int, shared_len: int, seed: int) -> list[list[int]]:
+    """`count` prompts of `length` word ids: `shared_len` common ones, then one word unique to
+    the prompt (the word pool is large: ~20k for the built-in model), then random ones."""
+    if count > len(words):
+        raise ValueError(f"{count} distinct prompts need more than the tokenizer's {len(words)} one-token words")
+    rng = random.Random(seed)
+    firsts = rng.sample(words, count)
+    shared = rng.choices(words, k=shared_len)
+    return [shared + [first] + rng.choices(words, k=length - shared_len - 1) for first in firsts]
+
+
+def prompt_payloads(tokenizer, args, count: int) -> list[str | list[int]]:
+    """Text whose encoding (special tokens included, as the server encodes it) is exactly
+    --input-len tokens; or the ids themselves with --token-ids."""
+    specials = 0 if args.token_ids else len(tokenizer.encode(""))
+    if specials >= args.input_len or (args.shared_prefix_len and specials > args.shared_prefix_len):
+        raise ValueError(f"the tokenizer adds {specials} special tokens: more than the lengths asked for")
+    ids = make_prompts(one_token_words(tokenizer), count, args.input_len - specials,
+                       max(args.shared_prefix_len - specials, 0), args.seed)
+    if args.token_ids:
+        return ids
+    texts = [tokenizer.decode(p) for p in ids]
+    if any(len(tokenizer.encode(t)) != args.input_len for t in texts):
+        raise ValueError("the prompt text does not encode to --input-len tokens with this tokenizer")
+    return texts
+
+
+def request_body(args, model: str, prompt: str | list[int]) -> dict:
+    """Exactly --output-len tokens: ignore_eos and min_tokens are the vLLM/leanserve extensions."""
+    body = {"model": model, "max_tokens": args.output_len, "min_tokens": args.output_len, "ignore_eos": True,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if args.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+async def send(client: httpx.AsyncClient, url: str, body: dict, timeout: float, index: int,
+               t0: float) -> RequestRecord:
+    """One streamed request, cut off after `timeout` seconds in all."""
+    start = time.perf_counter()
+    record = RequestRecord(index=index, start=start - t0)
+    try:
+        await asyncio.wait_for(_stream(client, url, body, record, start), timeout)
+    except asyncio.TimeoutError:
+        record.error = "timeout"
+    except httpx.HTTPError as e:
+        record.error = type(e).__name__
+    except json.JSONDecodeError:
+        record.error = "malformed SSE data"
+    record.e2e = time.perf_counter() - start
+    return record
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, record: RequestRecord, start: float) -> None:
+    """Fills `record` from the SSE stream. Output tokens come from the final usage chunk;
+    servers that send none get their text chunks counted instead."""
+    async with client.stream("POST", url, json=body) as response:
+        record.status = response.status_code
+        if response.status_code != 200:
+            record.error = _error_message(await response.aread())
+            return
+        chunks, usage, finished = 0, None, False
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                finished = True
+                break
+            event = json.loads(data)
+            if "error" in event:
+                record.error = _error_message(data.encode())
+                return
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if text:
+                    chunks += 1
+                    if record.ttft is None:
+                        record.ttft = time.perf_counter() - start
+                finished = finished or choice.get("finish_reason") is not None
+        if not finished:
+            record.error = "stream ended early"
+        usage = usage or {}
+        record.output_tokens = usage.get("completion_tokens", chunks)
+        record.prompt_tokens = usage.get("prompt_tokens")
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:200]
+
+
+async def run_level(client: httpx.AsyncClient, url: str, bodies: list[dict], timeout: float,
+                    concurrency: int | None, rate: float | None, seed: int) -> tuple[list[RequestRecord], float]:
+    """All `bodies` at one load level (`rate` None: closed loop of `concurrency` clients);
+    returns their records, in order, and the wall time."""
+    records: list[RequestRecord] = []
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        records.append(await send(client, url, bodies[i], timeout, i, t0))
+
+    if rate is None:
+        pending = iter(range(len(bodies)))  # shared: each client takes the next request
+
+        async def client_loop() -> None:
+            for i in pending:
+                await one(i)
+
+        await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(bodies)))))
+    else:
+        gaps = random.Random(seed)
+        tasks = []
+        for i in range(len(bodies)):
+            if i:
+                await asyncio.sleep(gaps.expovariate(rate))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    return sorted(records, key=lambda r: r.index), time.perf_counter() - t0
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def _api_base(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base[:-3] if base.endswith("/v1") else base
+
+
+async def _served_model(client: httpx.AsyncClient, base: str) -> str | None:
+    try:
+        response = await client.get(f"{base}/v1/models")
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        print(f"bench serve: no model name from {base}/v1/models ({e!r}); give --model", file=sys.stderr)
+        return None
+
+
+async def _run(args, payloads: list) -> dict | None:
+    """The probe request first (the last payload): it fails fast on a wrong URL, model or
+    key, and warms the server up (and its cache of the shared prefix) before measuring."""
+    base = _api_base(args.base_url)
+    url = base + ENDPOINTS[args.endpoint]
+    key = os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # never queue in the client
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits, headers=headers, trust_env=False) as client:
+        model = args.model or await _served_model(client, base)
+        if model is None:
+            return None
+        probe = await send(client, url, request_body(args, model, payloads[-1]), args.timeout, -1, time.perf_counter())
+        if not probe.ok:
+            print(f"bench serve: the probe request to {url} failed: status {probe.status}: {probe.error}",
+                  file=sys.stderr)
+            return None
+        levels = []
+        loads = [("concurrency", c) for c in args.concurrency] if args.request_rate is None \
+            else [("request_rate", r) for r in args.request_rate]
+        for k, (kind, value) in enumerate(loads):
+            level = {"concurrency": None, "request_rate": None, kind: value}
+            print(f"{report.level_name(level)}: {args.num_prompts} requests ...", file=sys.stderr, flush=True)
+            prompts = payloads[k * args.num_prompts:(k + 1) * args.num_prompts]
+            bodies = [request_body(args, model, p) for p in prompts]
+            records, duration = await run_level(client, url, bodies, args.timeout, level["concurrency"],
+                                                level["request_rate"], args.seed + k)
+            level["summary"] = report.summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+            level["requests"] = [dict(vars(r), tpot=r.tpot) for r in records]
+            levels.append(level)
+    return {"model": model, "url": url, "levels": levels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.compare:
+        print(report.compare(report.load(args.compare[0]), report.load(args.compare[1])))
+        return 0
+    if args.plot:
+        import matplotlib  # noqa: F401  (missing: fail now, not after the whole run)
+    num_levels = len(args.request_rate or args.concurrency)
+    payloads = prompt_payloads(load_tokenizer(args.tokenizer), args, num_levels * args.num_prompts + 1)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    measured = asyncio.run(_run(args, payloads))
+    if measured is None:
+        return 1
+    result = {"label": args.label, "command": "leanserve bench serve " + shlex.join(argv), "started": started,
+              "machine": machine_info(), "config": vars(args), **measured}
+    print(f"{args.label or measured['model']} at {measured['url']}: {args.input_len} in / {args.output_len} out "
+          f"tokens, {args.num_prompts} requests per level, "
+          f"SLO TTFT {args.slo_ttft_ms:g} ms TPOT {args.slo_tpot_ms:g} ms")
+    print(report.format_table(result["levels"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        report.plot(result, args.plot)
+    return 0
