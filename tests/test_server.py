@@ -242,6 +242,18 @@ def test_metrics(server, client, model):
         assert f"leanserve_{gauge}" in m
 
 
+def test_prefix_cache_hits_in_metrics(server, client, model):
+    prompt = "Repeat after me: " + " ".join(f"item {i}," for i in range(30))  # well over 2 blocks
+    before = server.metrics()
+    for _ in range(2):
+        client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    after = server.metrics()
+    hits = after["leanserve_prefix_cache_hits_tokens_total"] - before["leanserve_prefix_cache_hits_tokens_total"]
+    queries = (after["leanserve_prefix_cache_queries_tokens_total"]
+               - before["leanserve_prefix_cache_queries_tokens_total"])
+    assert queries >= 2 * 60 and hits >= 48  # the second request reused the prompt's full blocks
+
+
 def test_sigterm_drains_and_exits_zero(model):
     """A short request in flight finishes; a long stream is cut after the grace period; exit 0."""
     s = ServerProcess(*small_engine())

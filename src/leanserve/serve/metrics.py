@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from ..engine.sequence import RequestOutput
 
@@ -37,6 +38,7 @@ class ServerMetrics:
             Gauge(name, doc, registry=r).set_function(lambda key=key: engine_stats()[key])
         Gauge("leanserve_kv_cache_used_blocks", "KV-cache blocks in use", registry=r).set_function(
             lambda: engine_stats()["kv_blocks_total"] - engine_stats()["kv_blocks_free"])
+        r.register(_EngineCounters(engine_stats))
 
     def count(self, status: int) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -56,3 +58,23 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """Counters the engine keeps itself, read at scrape time (hit rate = hits / queries)."""
+
+    COUNTERS = {
+        "leanserve_prefix_cache_queries_tokens": ("Tokens of admitted sequences looked up in the prefix cache",
+                                                  "prefix_cache_queried_tokens"),
+        "leanserve_prefix_cache_hits_tokens": ("Of those, tokens whose KV came from the cache",
+                                               "prefix_cache_hit_tokens"),
+        "leanserve_preemptions": ("Sequences preempted for lack of KV blocks", "num_preemptions"),
+    }
+
+    def __init__(self, engine_stats):
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = self.engine_stats()
+        for name, (doc, key) in self.COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=stats[key])
