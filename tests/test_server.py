@@ -233,13 +233,19 @@ def test_disconnect_while_waiting_for_whole_answer_aborts(server, model):
 def test_metrics(server, client, model):
     client.completions.create(model=model, prompt="Hi", max_tokens=3, temperature=0)
     m = server.metrics()
-    for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency", "queue_time"):
-        assert m[f"leanserve_{name}_seconds_count"] >= 1
-    assert m["leanserve_e2e_request_latency_seconds_sum"] > 0
+    for name in ("time_to_first_token", "e2e_request_latency", "queue_time"):
+        assert m[f'leanserve_{name}_seconds_count{{priority="realtime"}}'] >= 1
+    assert m["leanserve_time_per_output_token_seconds_count"] >= 1
+    assert m['leanserve_e2e_request_latency_seconds_sum{priority="realtime"}'] > 0
     assert m['leanserve_requests_total{status="200"}'] >= 1
     assert m["leanserve_prompt_tokens_total"] > 0 and m["leanserve_generation_tokens_total"] >= 3
     for gauge in ("running_sequences", "waiting_sequences", "kv_cache_used_blocks", "kv_cache_free_blocks"):
         assert f"leanserve_{gauge}" in m
+
+
+def test_priority_class_reaches_metrics(server, client, model):
+    client.completions.create(model=model, prompt="Hi", max_tokens=2, extra_body={"priority": "batch"})
+    assert server.metrics()['leanserve_queue_time_seconds_count{priority="batch"}'] >= 1
 
 
 def test_prefix_cache_hits_in_metrics(server, client, model):

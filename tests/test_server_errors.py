@@ -106,6 +106,7 @@ BAD_INPUTS = [
      400, "temperature", None),
     ("temperature too high", CHAT, dict(json=chat(temperature=2.5)), 400, "temperature", None),
     ("top_p zero", CHAT, dict(json=chat(top_p=0)), 400, "top_p", None),
+    ("unknown priority class", CHAT, dict(json=chat(priority="urgent")), 400, "priority", None),
     ("top_k negative", CHAT, dict(json=chat(top_k=-5)), 400, "top_k", None),
     ("min_p above one", CHAT, dict(json=chat(min_p=1.5)), 400, "min_p", None),
     ("presence_penalty", CHAT, dict(json=chat(presence_penalty=3)), 400, "presence_penalty", None),

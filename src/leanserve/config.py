@@ -22,6 +22,7 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV blocks of common prompt prefixes
     max_model_len: int | None = None  # default: the model's context, capped at 8192
     max_waiting: int = 1024  # queued requests beyond this are refused (HTTP 429)
+    priority_aging_seconds: float = 60.0  # a waiting request gains one priority class per this
     num_threads: int | None = None  # torch intra-op threads; default: all cores
     seed: int = 0  # seed of the sampler for requests that do not give one
 

@@ -172,7 +172,8 @@ class LLMEngine:
             request_id=seq.request_id, text=text, token_ids=tokens,
             logprobs=None if seq.params.logprobs is None else ([lp] if lp is not None else []),
             finished=finish is not None, finish_reason=finish, num_prompt_tokens=seq.prompt_len,
-            num_output_tokens=seq.num_output, metrics=seq.metrics, stop_reason=seq.stop_reason)
+            num_output_tokens=seq.num_output, metrics=seq.metrics, stop_reason=seq.stop_reason,
+            priority=seq.priority)
 
 
 class AsyncEngine:

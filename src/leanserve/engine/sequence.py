@@ -115,6 +115,13 @@ class RequestOutput:
     num_output_tokens: int
     metrics: RequestMetrics
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    priority: int = 0  # the request's service class (PRIORITY_CLASSES)
+
+
+# Service classes: a lower number is more urgent. Direct API calls are realtime by default,
+# async requests standard, Batch API work batch.
+PRIORITY_CLASSES = {"realtime": 0, "standard": 1, "batch": 2}
+CLASS_NAMES = {v: k for k, v in PRIORITY_CLASSES.items()}
 
 
 class SeqStatus(enum.Enum):

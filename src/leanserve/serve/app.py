@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..config import ServerConfig
-from ..engine.sequence import Logprob, RequestOutput, SamplingParams
+from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
 from ..errors import InvalidRequest, LeanserveError, Overloaded
 from . import protocol as p
 from .auth import APIKeyAuth
@@ -98,7 +98,7 @@ class OpenAIServer:
         prompt = chat_prompt_ids(self.engine.tokenizer, messages)
         params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs())
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, [prompt], params)
+        streams = self._submit(rid, [prompt], params, req.priority)
         if req.stream:
             return self._sse(self._chat_events(rid, req, streams), rid, len(streams))
         choices = await self._collect(request, rid, streams)
@@ -116,7 +116,7 @@ class OpenAIServer:
         req = await self._parse(request, p.CompletionRequest)
         params = self._sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, req.prompt, params)
+        streams = self._submit(rid, req.prompt, params, req.priority)
         if req.stream:
             return self._sse(self._completion_events(rid, req, streams), rid, len(streams))
         choices = await self._collect(request, rid, streams)
@@ -174,13 +174,14 @@ class OpenAIServer:
                 raise APIError(400, str(e), param=str(e).split()[0]) from None
         return out
 
-    def _submit(self, rid: str, prompts: list, params: list[SamplingParams]) -> list:
+    def _submit(self, rid: str, prompts: list, params: list[SamplingParams], priority: str) -> list:
         """Adds n sequences per prompt; if one is refused, the ones already added are aborted."""
         streams = []
         try:
             for prompt in prompts:
                 for sp in params:
-                    streams.append(self.engine.add_request(f"{rid}-{len(streams)}", prompt, sp))
+                    streams.append(self.engine.add_request(f"{rid}-{len(streams)}", prompt, sp,
+                                                           PRIORITY_CLASSES[priority]))
         except LeanserveError:
             self._abort(rid, len(streams))
             raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from ..engine.sequence import RequestOutput
+from ..engine.sequence import CLASS_NAMES, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -16,15 +16,16 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("leanserve_requests", "Finished HTTP API requests by status code",
                                 ["status"], registry=r)
+        by_class = ["priority"]  # service class: realtime, standard, batch
         self.ttft = Histogram("leanserve_time_to_first_token_seconds", "From arrival to first output token",
-                              buckets=LATENCY_BUCKETS, registry=r)
+                              by_class, buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("leanserve_time_per_output_token_seconds",
                               "Mean time between output tokens after the first", buckets=PER_TOKEN_BUCKETS,
                               registry=r)
         self.e2e = Histogram("leanserve_e2e_request_latency_seconds", "From arrival to the last token",
-                             buckets=LATENCY_BUCKETS, registry=r)
+                             by_class, buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("leanserve_queue_time_seconds", "From arrival to first scheduled",
-                               buckets=LATENCY_BUCKETS, registry=r)
+                               by_class, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("leanserve_prompt_tokens", "Prompt tokens of finished sequences",
                                      registry=r)
         self.generation_tokens = Counter("leanserve_generation_tokens", "Output tokens of finished sequences",
@@ -46,15 +47,16 @@ class ServerMetrics:
     def observe(self, out: RequestOutput) -> None:
         """Records one sequence's final output."""
         m = out.metrics
+        cls = CLASS_NAMES.get(out.priority, str(out.priority))
         self.prompt_tokens.inc(out.num_prompt_tokens)
         self.generation_tokens.inc(out.num_output_tokens)
         if m.first_scheduled is not None:
-            self.queue.observe(m.first_scheduled - m.arrival)
+            self.queue.labels(cls).observe(m.first_scheduled - m.arrival)
         if m.first_token is not None:
-            self.ttft.observe(m.first_token - m.arrival)
+            self.ttft.labels(cls).observe(m.first_token - m.arrival)
             if out.num_output_tokens > 1:
                 self.tpot.observe((m.finished - m.first_token) / (out.num_output_tokens - 1))
-        self.e2e.observe(m.finished - m.arrival)
+        self.e2e.labels(cls).observe(m.finished - m.arrival)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

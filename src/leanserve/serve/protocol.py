@@ -143,6 +143,7 @@ class GenerateRequest(_Strict):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = []
+    priority: Literal["realtime", "standard", "batch"] = "realtime"  # service class
 
     def sampling_kwargs(self) -> dict:
         """The `SamplingParams` fields this request sets (None means: the engine's default)."""
