@@ -22,6 +22,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                         help="tokens (prefill chunks + decodes) in one step")
     parser.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib, help="memory of the paged KV cache")
+    parser.add_argument("--quantization", choices=["int8", "int4", "auto"], default=None,
+                        help="weight-only quantization of the linear layers (auto: int8 for small batches)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="do not share the KV blocks of common prompt prefixes")
 
@@ -29,7 +31,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def _engine_config(args, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
-                        prefix_caching=args.prefix_caching, **extra)
+                        prefix_caching=args.prefix_caching, quantization=args.quantization, **extra)
 
 
 def _load_engine(config: EngineConfig):

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..engine.engine import DTYPES
 from ..engine.llm import LLM
 from ..engine.sequence import SamplingParams
 
@@ -77,12 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--serial-prompts", type=int, default=4,
                     help="prompts for the one-at-a-time transformers baseline (it is slow)")
     ap.add_argument("--no-baselines", action="store_true", help="leanserve only")
+    ap.add_argument("--quantization", choices=["int8", "int4", "auto"], default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
 
-    engine_kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+    engine_kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("quantization", args.quantization),
                                     ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
     llm = LLM(args.model, dtype=args.dtype, **engine_kw)
     tok = llm.tokenizer
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[float]] = {"leanserve": []}
     hf = None
     if not args.no_baselines:
-        hf = load_transformers(args.model, llm.engine.model.lm_head.weight.dtype)
+        hf = load_transformers(args.model, DTYPES[args.dtype])
         runs["transformers_serial"], runs["transformers_static_batch"] = [], []
     for _ in range(args.repeats):
         runs["leanserve"].append(run_leanserve(llm, prompts, args.output_len))

@@ -20,6 +20,7 @@ from ..config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from ..errors import InvalidRequest, Overloaded
 from ..models.llama import KVPool, build_model
 from ..models.loader import load_model_files
+from ..models.quant import quantize_model
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager, num_blocks_for_budget
 from .runner import ModelRunner
@@ -49,6 +50,8 @@ class LLMEngine:
         max_len = config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
         self.model = build_model(files.config, files.weights, dtype, max_len)
         del files
+        if config.quantization:
+            quantize_model(self.model, config.quantization)
         args = self.model.args
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
             config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype)
