@@ -35,6 +35,8 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="leanserve-server-", suffix=".log", delete=False)
         environ = dict(os.environ, **(env or {}))
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, environ.get("PYTHONPATH")]))
+        if "--data-dir" not in args:  # each server its own job store (a data dir is locked by one server)
+            args = (*args, "--data-dir", tempfile.mkdtemp(prefix="leanserve-data-"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "leanserve", "serve", "--port", str(self.port), *args],
             env=environ, stdout=self.log, stderr=subprocess.STDOUT)

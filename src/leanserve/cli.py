@@ -11,6 +11,7 @@ import sys
 
 from .config import EngineConfig, ServerConfig
 from .errors import LeanserveError
+from .jobs import JobsConfig
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,12 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="require this bearer key (repeatable; also $LEANSERVE_API_KEY, comma-separated)")
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
+    jobs = JobsConfig()
+    parser.add_argument("--data-dir", default=jobs.data_dir, help="where files, batches and async requests are kept")
+    parser.add_argument("--max-batch-concurrency", type=int, default=jobs.max_batch_concurrency,
+                        help="Batch API lines in the engine at once")
+    parser.add_argument("--max-file-bytes", type=int, default=jobs.max_file_bytes,
+                        help="larger uploads to /v1/files get 413")
 
 
 def _serve(args) -> int:
@@ -62,7 +69,9 @@ def _serve(args) -> int:
     config = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           api_keys=api_keys(args.api_key), max_body_bytes=args.max_body_bytes)
     engine = _load_engine(_engine_config(args, max_waiting=args.max_waiting))
-    run_server(engine, config)
+    jobs = JobsConfig(data_dir=args.data_dir, max_batch_concurrency=args.max_batch_concurrency,
+                      max_file_bytes=args.max_file_bytes)
+    run_server(engine, config, jobs)
     return 0
 
 
@@ -118,10 +127,24 @@ def _bench(args) -> int:
     return 0
 
 
+# -- batch ------------------------------------------------------------------------------------
+
+def _add_batch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER,
+                        help="submit FILE.jsonl [--wait] [--endpoint E] [--base-url URL] | status BATCH_ID")
+
+
+def _batch(args) -> int:
+    from .batch_cli import main as batch_main
+
+    return batch_main(args.rest)
+
+
 COMMANDS = {
     "serve": (_add_serve, _serve, "serve a model over an OpenAI-compatible HTTP API"),
     "generate": (_add_generate, _generate, "print one answer to a prompt"),
     "bench": (_add_bench, _bench, "measure throughput and latency against baselines"),
+    "batch": (_add_batch, _batch, "submit a JSONL file to a server's Batch API and follow it"),
 }
 
 

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from ..config import ServerConfig
 from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
+from ..jobs import JobsConfig
 from ..errors import InvalidRequest, LeanserveError, Overloaded
 from . import protocol as p
 from .auth import APIKeyAuth
@@ -348,7 +349,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
+def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | None = None) -> FastAPI:
     """An app over a loaded engine; its lifespan starts the engine and shuts it down."""
     server = OpenAIServer(engine, config or ServerConfig())
 
@@ -374,6 +375,9 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     api.post("/chat/completions")(server.chat_completions)
     api.post("/completions")(server.completions)
     app.include_router(api)
+    if jobs is not None:
+        from .batch_api import batch_router  # it imports this module
+        app.include_router(batch_router(server, jobs))
     return app
 
 
@@ -389,10 +393,10 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(engine, config: ServerConfig) -> None:
+def run_server(engine, config: ServerConfig, jobs: JobsConfig | None = None) -> None:
     """Serves until SIGTERM or SIGINT, then: /ready and new requests get 503, requests in
     flight get SHUTDOWN_GRACE_SECONDS to finish before they are aborted, the engine stops."""
-    app = create_app(engine, config)
+    app = create_app(engine, config, jobs)
     server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port,
                                             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS),
                              app.state.server)
