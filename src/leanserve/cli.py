@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 from .config import EngineConfig, ServerConfig
+from .energy.config import add_energy_args, energy_config
 from .errors import LeanserveError
 from .jobs import JobsConfig
 
@@ -27,12 +28,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization of the linear layers (auto: int8 for small batches)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="do not share the KV blocks of common prompt prefixes")
+    add_energy_args(parser)
 
 
 def _engine_config(args, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
-                        prefix_caching=args.prefix_caching, quantization=args.quantization, **extra)
+                        prefix_caching=args.prefix_caching, quantization=args.quantization,
+                        energy=energy_config(args), **extra)
 
 
 def _load_engine(config: EngineConfig):
@@ -54,6 +57,8 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="require this bearer key (repeatable; also $LEANSERVE_API_KEY, comma-separated)")
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
+    parser.add_argument("--usage-log", default=None, metavar="PATH",
+                        help="append one JSON line per finished request (read it with `leanserve report`)")
     jobs = JobsConfig()
     parser.add_argument("--data-dir", default=jobs.data_dir, help="where files, batches and async requests are kept")
     parser.add_argument("--max-batch-concurrency", type=int, default=jobs.max_batch_concurrency,
@@ -67,7 +72,8 @@ def _serve(args) -> int:
     from .serve.auth import api_keys
 
     config = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
-                          api_keys=api_keys(args.api_key), max_body_bytes=args.max_body_bytes)
+                          api_keys=api_keys(args.api_key), max_body_bytes=args.max_body_bytes,
+                          usage_log=args.usage_log)
     engine = _load_engine(_engine_config(args, max_waiting=args.max_waiting))
     jobs = JobsConfig(data_dir=args.data_dir, max_batch_concurrency=args.max_batch_concurrency,
                       max_file_bytes=args.max_file_bytes)
@@ -140,11 +146,24 @@ def _batch(args) -> int:
     return batch_main(args.rest)
 
 
+# -- report -----------------------------------------------------------------------------------
+
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="PATH [--by model|adapter|user] [--plot out.png]")
+
+
+def _report(args) -> int:
+    from .energy import report
+
+    return report.main(args.rest)
+
+
 COMMANDS = {
     "serve": (_add_serve, _serve, "serve a model over an OpenAI-compatible HTTP API"),
     "generate": (_add_generate, _generate, "print one answer to a prompt"),
     "bench": (_add_bench, _bench, "measure throughput and latency against baselines"),
     "batch": (_add_batch, _batch, "submit a JSONL file to a server's Batch API and follow it"),
+    "report": (_add_report, _report, "energy, carbon, cost and latency per model, adapter and user of a usage log"),
 }
 
 

@@ -1,7 +1,9 @@
 """Every default of leanserve in one place."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .energy.config import EnergyConfig
 
 
 @dataclass
@@ -26,6 +28,7 @@ class EngineConfig:
     priority_aging_seconds: float = 60.0  # a waiting request gains one priority class per this
     num_threads: int | None = None  # torch intra-op threads; default: all cores
     seed: int = 0  # seed of the sampler for requests that do not give one
+    energy: EnergyConfig = field(default_factory=EnergyConfig)  # meter, carbon and cost factors
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_seconds: int = 1
+    usage_log: str | None = None  # append one JSON line per finished request here
 
 
 DEFAULT_MAX_MODEL_LEN = 8192

@@ -17,6 +17,8 @@ from typing import AsyncIterator
 import torch
 
 from ..config import DEFAULT_MAX_MODEL_LEN, EngineConfig
+from ..energy.config import make_ledger
+from ..energy.ledger import work_from_batch
 from ..errors import InvalidRequest, Overloaded
 from ..models.llama import KVPool, build_model
 from ..models.loader import load_model_files
@@ -62,6 +64,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, config.block_size)
         self.sampler = Sampler(config.seed)
+        self.ledger = make_ledger(config.energy, args)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -110,7 +113,9 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None:
             return None
-        return self._finish(seq, "", [], None, "abort")
+        out = self._finish(seq, "", [], None, "abort")
+        out.bill = self.ledger.close(request_id)
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._done_early)
@@ -124,8 +129,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._done_early = self._done_early, []
         batch = self.scheduler.schedule()
-        if not batch:
-            return outputs
+        if batch:
+            with self.ledger.step(work_from_batch(batch)):
+                outputs += self._run(batch)
+        for out in outputs:
+            if out.finished:
+                out.bill = self.ledger.close(out.request_id)
+        return outputs
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        outputs = []
         now = time.perf_counter()
         for seq, _ in batch:
             if seq.metrics.first_scheduled is None:
@@ -188,6 +201,7 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
+        self.ledger = self.engine.ledger
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -298,6 +312,7 @@ class AsyncEngine:
             if outs:
                 self._loop.call_soon_threadsafe(self._deliver_all, outs)
             elif not self.engine.has_unfinished():
+                self.engine.ledger.poll()  # idle energy, and RAPL read at least once per wrap
                 self._wake.wait(0.5)
                 self._wake.clear()
 

@@ -5,6 +5,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from ..energy.ledger import Bill
+
 
 @dataclass
 class SamplingParams:
@@ -116,6 +118,7 @@ class RequestOutput:
     metrics: RequestMetrics
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     priority: int = 0  # the request's service class (PRIORITY_CLASSES)
+    bill: Bill | None = None  # energy, carbon and cost; set on the finished output
 
 
 # Service classes: a lower number is more urgent. Direct API calls are realtime by default,

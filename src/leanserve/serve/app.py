@@ -25,6 +25,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..config import ServerConfig
+from ..energy.ledger import Bill
+from ..energy.report import UsageLog, usage_record
 from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
 from ..jobs import JobsConfig
 from ..errors import InvalidRequest, LeanserveError, Overloaded
@@ -67,7 +69,8 @@ class OpenAIServer:
         self.config = config
         self.model_name = config.served_model_name or engine.model_name
         self.auth = APIKeyAuth(config.api_keys)
-        self.metrics = ServerMetrics(engine.stats)
+        self.metrics = ServerMetrics(engine.stats, engine.ledger)
+        self.usage_log = UsageLog(config.usage_log) if config.usage_log else None
         self.ready = False  # True between engine start and the first shutdown signal
         self.created = int(time.time())
 
@@ -102,7 +105,7 @@ class OpenAIServer:
         streams = self._submit(rid, [prompt], params, req.priority)
         if req.stream:
             return self._sse(self._chat_events(rid, req, streams), rid, len(streams))
-        choices = await self._collect(request, rid, streams)
+        choices = await self._collect(request, rid, streams, req.user)
         if choices is None:
             return Response(status_code=CLIENT_GONE)
         token_text = self.engine.tokenizer.token_text
@@ -120,7 +123,7 @@ class OpenAIServer:
         streams = self._submit(rid, req.prompt, params, req.priority)
         if req.stream:
             return self._sse(self._completion_events(rid, req, streams), rid, len(streams))
-        choices = await self._collect(request, rid, streams)
+        choices = await self._collect(request, rid, streams, req.user)
         if choices is None:
             return Response(status_code=CLIENT_GONE)
         token_text = self.engine.tokenizer.token_text
@@ -192,7 +195,7 @@ class OpenAIServer:
         for i in range(count):
             self.engine.abort(f"{rid}-{i}")
 
-    async def _outputs(self, streams: list):
+    async def _outputs(self, streams: list, user: str | None):
         """Yields (choice index, output) from all streams as they arrive; records finished ones."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -214,18 +217,26 @@ class OpenAIServer:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                if item.finished and item.finish_reason != "abort":
-                    self.metrics.observe(item)
+                if item.finished:
+                    self._finished(item, user)
                 yield i, item
         finally:
             for t in tasks:
                 t.cancel()
 
-    async def _collect(self, request: Request, rid: str, streams: list) -> list[Choice] | None:
+    def _finished(self, out: RequestOutput, user: str | None) -> None:
+        """Latency metrics (not of aborted sequences), energy totals and the usage log."""
+        if out.finish_reason != "abort":
+            self.metrics.observe(out)
+        self.metrics.energy.add(out.bill or Bill(), model=self.model_name, user=user or "")
+        if self.usage_log is not None:
+            self.usage_log.write(usage_record(out, self.model_name, user=user))
+
+    async def _collect(self, request: Request, rid: str, streams: list, user: str | None) -> list[Choice] | None:
         """Every choice, or None when the client disconnects first (its sequences are aborted)."""
         async def gather():
             choices = [Choice() for _ in streams]
-            async with contextlib.aclosing(self._outputs(streams)) as outputs:
+            async with contextlib.aclosing(self._outputs(streams, user)) as outputs:
                 async for i, out in outputs:
                     choices[i].add(out)
             return choices
@@ -252,7 +263,7 @@ class OpenAIServer:
         """Prompts are counted once per prompt, not once per choice."""
         outs = [c.last for c in choices]
         return p.usage(sum(o.num_prompt_tokens for o in outs[::n]), sum(o.num_output_tokens for o in outs),
-                       [o.metrics for o in outs])
+                       [o.metrics for o in outs], sum((o.bill for o in outs if o.bill), Bill()))
 
     async def _chat_events(self, rid: str, req: p.ChatCompletionRequest, streams: list):
         created = int(time.time())
@@ -264,7 +275,7 @@ class OpenAIServer:
         choices = [Choice() for _ in streams]
         for i in range(len(streams)):
             yield chunk([p.chat_chunk_choice(i, {"role": "assistant", "content": ""})])
-        async with contextlib.aclosing(self._outputs(streams)) as outputs:
+        async with contextlib.aclosing(self._outputs(streams, req.user)) as outputs:
             async for i, out in outputs:
                 choices[i].add(out)
                 logprobs = p.chat_logprobs(out.logprobs, token_text) if out.logprobs else None
@@ -279,7 +290,7 @@ class OpenAIServer:
         created = int(time.time())
         token_text = self.engine.tokenizer.token_text
         choices = [Choice() for _ in streams]
-        async with contextlib.aclosing(self._outputs(streams)) as outputs:
+        async with contextlib.aclosing(self._outputs(streams, req.user)) as outputs:
             async for i, out in outputs:
                 offset = len(choices[i].text)
                 choices[i].add(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
+from ..energy.metrics import EnergyMetrics, Utilisation
 from ..engine.sequence import CLASS_NAMES, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -11,7 +12,7 @@ PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 
 
 
 class ServerMetrics:
-    def __init__(self, engine_stats):
+    def __init__(self, engine_stats, ledger):
         """`engine_stats()` returns the engine's `stats()` dict; gauges read it at scrape time."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("leanserve_requests", "Finished HTTP API requests by status code",
@@ -39,7 +40,11 @@ class ServerMetrics:
             Gauge(name, doc, registry=r).set_function(lambda key=key: engine_stats()[key])
         Gauge("leanserve_kv_cache_used_blocks", "KV-cache blocks in use", registry=r).set_function(
             lambda: engine_stats()["kv_blocks_total"] - engine_stats()["kv_blocks_free"])
+        Gauge("leanserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r).set_function(
+            lambda: 1 - engine_stats()["kv_blocks_free"] / engine_stats()["kv_blocks_total"])
         r.register(_EngineCounters(engine_stats))
+        self.energy = EnergyMetrics(ledger, Utilisation())
+        r.register(self.energy)
 
     def count(self, status: int) -> None:
         self.requests.labels(status=str(status)).inc()

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
+from ..energy.ledger import Bill
 from ..engine.sequence import Logprob, RequestMetrics
 
 
@@ -188,10 +189,11 @@ class CompletionRequest(GenerateRequest):
 
 # -- responses ----------------------------------------------------------------------------
 
-def usage(prompt_tokens: int, completion_tokens: int, metrics: list[RequestMetrics]) -> dict:
-    """OpenAI's usage plus the request's latency split (the slowest choice's)."""
+def usage(prompt_tokens: int, completion_tokens: int, metrics: list[RequestMetrics], bill: Bill) -> dict:
+    """OpenAI's usage plus the request's latency split (the slowest choice's) and its bill
+    (all choices')."""
     split = {k: round(max((getattr(m, k) for m in metrics), default=0.0), 3)
-             for k in ("queue_ms", "prefill_ms", "decode_ms")}
+             for k in ("queue_ms", "prefill_ms", "decode_ms")} | bill.usage()
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "leanserve": split}
 
