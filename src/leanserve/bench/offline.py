@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -18,6 +17,7 @@ import torch
 
 from ..engine.engine import DTYPES
 from ..engine.llm import LLM
+from .loadgen import machine_info
 from ..engine.sequence import SamplingParams
 
 
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "command": "leanserve bench offline " + " ".join(argv if argv is not None else []),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": {**machine_info(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "config": vars(args),
         "output_tokens_per_s": {k: {"median": round(med[k], 1), "runs": [round(x, 1) for x in v]}
                                 for k, v in runs.items()},
