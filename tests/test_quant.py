@@ -158,7 +158,7 @@ def greedy_and_forced(method: str | None, prompts: list[list[int]], forced_on: l
     """Greedy 16 tokens per prompt, and the next token after each prefix of `forced_on`."""
     from leanserve import LLM, SamplingParams
 
-    llm = LLM(dtype="bfloat16", num_kv_blocks=512)
+    llm = LLM(dtype="bfloat16", num_kv_blocks=512, max_num_seqs=4)  # 4 decodes a step: auto's int8 side
     if method:
         quantize_model(llm.engine.model, method)
     greedy = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))]
@@ -174,13 +174,14 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
 
 @pytest.mark.slow
 def test_builtin_model_quantized_greedy_tokens_mostly_agree_with_bf16(builtin_prompts):
-    """Measured (8 prompts x 16 tokens, tokens before the first difference; next-token agreement
-    after the same prefixes): int8 66% / 96%, int4 67% / 98%, auto 87% / 99%. One different
-    token changes the rest of a greedy answer, hence the loose free-running bound."""
+    """Measured (8 prompts, 16 tokens; share of tokens before the first difference / share of
+    next tokens equal after the same prefixes): int8 59% / 95%, int4 83% / 97%, auto 77% / 99%.
+    One different token changes the rest of a greedy answer, so the free-running share moves a
+    lot with any rounding (bf16 against float32 itself: ~73%); the next-token share is stable."""
     ref, ref_forced = greedy_and_forced(None, builtin_prompts, None)
     for method in ("int8", "int4", "auto"):
         greedy, forced = greedy_and_forced(method, builtin_prompts, ref)
         free = sum(matching_prefix(a, b) for a, b in zip(greedy, ref)) / (16 * len(ref))
         teacher = sum(a == b for a, b in zip(forced, ref_forced)) / len(forced)
-        assert free >= 0.5, f"{method}: only {free:.0%} of the greedy tokens agree with bf16"
+        assert free >= 0.4, f"{method}: only {free:.0%} of the greedy tokens agree with bf16"
         assert teacher >= 0.85, f"{method}: next-token agreement {teacher:.0%}"
