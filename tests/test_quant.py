@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from leanserve.models.llama import AttnBatch, KVPool, PrefillChunk, build_model
+from leanserve.models.llama import AttnBatch, KVPool, build_model
 from leanserve.models.loader import _per_expert
 from leanserve.models.quant import AutoLinear, Int4Linear, Int8Linear, quantize_model
 
@@ -99,7 +99,7 @@ def all_logits(model, ids: list[int]) -> torch.Tensor:
     """Float32 logits after every position of one sequence, prefilled in one step."""
     n = len(ids)
     pool = KVPool(model.args, num_blocks=-(-n // 16), block_size=16, dtype=model.embed_tokens.weight.dtype)
-    batch = AttnBatch(slot_mapping=torch.arange(n), prefills=[PrefillChunk(0, n, None, None)])
+    batch = AttnBatch.prefill(n)
     return model(torch.tensor(ids), torch.arange(n), batch, pool, torch.arange(n))
 
 
@@ -158,9 +158,7 @@ def greedy_and_forced(method: str | None, prompts: list[list[int]], forced_on: l
     """Greedy 16 tokens per prompt, and the next token after each prefix of `forced_on`."""
     from leanserve import LLM, SamplingParams
 
-    llm = LLM(dtype="bfloat16", num_kv_blocks=512, max_num_seqs=4)  # 4 decodes a step: auto's int8 side
-    if method:
-        quantize_model(llm.engine.model, method)
+    llm = LLM(dtype="bfloat16", num_kv_blocks=512, max_num_seqs=4, quantization=method)  # 4 decodes: auto's int8 side
     greedy = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))]
     forced_on = forced_on or greedy
     prefixes = [p + t[:j] for p, t in zip(prompts, forced_on) for j in range(16)]

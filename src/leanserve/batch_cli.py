@@ -1,6 +1,7 @@
 """`leanserve batch`: hand a JSONL file to a server's Batch API and follow it.
 
-    leanserve batch submit requests.jsonl [--endpoint /v1/chat/completions] [--wait] [--base-url URL]
+    leanserve batch submit requests.jsonl [--endpoint /v1/chat/completions] [--completion-window 24h]
+                                          [--wait] [--base-url URL]
     leanserve batch status BATCH_ID [--base-url URL]
 
 It talks to the server through the official `openai` client, as any user of the API would,
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file", help="one request per line: {custom_id, method, url, body}")
     submit.add_argument("--endpoint", default="/v1/chat/completions",
                         choices=["/v1/chat/completions", "/v1/completions"])
+    submit.add_argument("--completion-window", default="24h",
+                        help="finish within this many hours, e.g. 24h (leanserve accepts 1h to 168h and may "
+                             "defer the batch to cleaner hours inside it)")
     submit.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     submit.add_argument("--poll-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
     status = actions.add_parser("status", parents=[server], help="show a batch")
@@ -63,6 +67,11 @@ def summary(batch) -> str:
         lines.append(f"errors: {batch.error_file_id}  ({base.format(batch.error_file_id)})")
     for error in (batch.errors.data if batch.errors and batch.errors.data else []):
         lines.append(f"error: {error.code}: {error.message}")
+    plan = (batch.model_extra or {}).get("leanserve")  # leanserve's extension; other servers lack it
+    if plan and plan.get("scheduled_start_at"):
+        start = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(plan["scheduled_start_at"]))
+        saved = plan.get("estimated_carbon_grams_saved")
+        lines.append(f"scheduled start: {start}" + ("" if saved is None else f"  (est. {saved:.3g} g CO2e saved)"))
     return "\n".join(lines)
 
 
@@ -94,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with open(args.file, "rb") as f:
             uploaded = client.files.create(file=f, purpose="batch")
-        batch = client.batches.create(input_file_id=uploaded.id, endpoint=args.endpoint, completion_window="24h")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint=args.endpoint,
+                                      completion_window=args.completion_window)
         print(batch.id)
         if not args.wait:
             return 0

@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import sys
 
-from .config import EngineConfig, ServerConfig
+from .config import EngineConfig, LoRAConfig, ServerConfig
 from .energy.config import add_energy_args, energy_config
 from .errors import LeanserveError
 from .jobs import JobsConfig
@@ -29,13 +29,33 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="do not share the KV blocks of common prompt prefixes")
     add_energy_args(parser)
+    lora = LoRAConfig()
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="serve the PEFT LoRA adapter in folder PATH as model NAME (repeatable)")
+    parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                        help="serve every adapter folder in DIR (by folder name); run-time loads may "
+                             "only read under these directories (repeatable)")
+    parser.add_argument("--max-loras", type=int, default=lora.max_loras,
+                        help="LoRA adapters resident at once; the least recently used idle one is evicted")
+    parser.add_argument("--max-lora-rank", type=int, default=lora.max_rank, help="largest LoRA rank accepted")
+
+
+def _lora_config(args) -> LoRAConfig:
+    adapters = {}
+    for item in args.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH, got {item!r}")
+        adapters[name] = path
+    return LoRAConfig(adapters=adapters, dirs=tuple(args.lora_dir), max_loras=args.max_loras,
+                      max_rank=args.max_lora_rank)
 
 
 def _engine_config(args, **extra) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
                         prefix_caching=args.prefix_caching, quantization=args.quantization,
-                        energy=energy_config(args), **extra)
+                        energy=energy_config(args), lora=_lora_config(args), **extra)
 
 
 def _load_engine(config: EngineConfig):
@@ -55,6 +75,12 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="queued requests beyond this get HTTP 429")
     parser.add_argument("--api-key", action="append", default=None,
                         help="require this bearer key (repeatable; also $LEANSERVE_API_KEY, comma-separated)")
+    parser.add_argument("--api-key-class", action="append", default=None, metavar="KEY=CLASS",
+                        help="accept KEY, and run its requests that set no `priority` in CLASS (realtime, "
+                             "standard or batch); repeatable; also $LEANSERVE_API_KEY_CLASSES, comma-separated")
+    parser.add_argument("--idle-unload-seconds", type=float, default=None, metavar="N",
+                        help="scale to zero: free the model weights and KV cache after N idle seconds "
+                             "(/ready then answers 503); the next request loads them again")
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
     parser.add_argument("--usage-log", default=None, metavar="PATH",
@@ -65,18 +91,24 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="Batch API lines in the engine at once")
     parser.add_argument("--max-file-bytes", type=int, default=jobs.max_file_bytes,
                         help="larger uploads to /v1/files get 413")
+    parser.add_argument("--carbon-forecast", default=None, metavar="FILE.csv",
+                        help="hourly `timestamp,gco2e_per_kwh` forecast: batches start in the cleanest hours "
+                             "that still meet their completion window")
 
 
 def _serve(args) -> int:
     from .serve.app import run_server
-    from .serve.auth import api_keys
+    from .serve.auth import api_key_classes, api_keys
 
+    if args.idle_unload_seconds is not None and not args.idle_unload_seconds > 0:
+        raise ValueError(f"--idle-unload-seconds must be > 0, got {args.idle_unload_seconds}")
     config = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
-                          api_keys=api_keys(args.api_key), max_body_bytes=args.max_body_bytes,
-                          usage_log=args.usage_log)
-    engine = _load_engine(_engine_config(args, max_waiting=args.max_waiting))
+                          api_keys=api_keys(args.api_key), api_key_classes=api_key_classes(args.api_key_class),
+                          max_body_bytes=args.max_body_bytes, usage_log=args.usage_log)
     jobs = JobsConfig(data_dir=args.data_dir, max_batch_concurrency=args.max_batch_concurrency,
-                      max_file_bytes=args.max_file_bytes)
+                      max_file_bytes=args.max_file_bytes, carbon_forecast=args.carbon_forecast)
+    engine = _load_engine(_engine_config(args, max_waiting=args.max_waiting,
+                                         idle_unload_seconds=args.idle_unload_seconds))
     run_server(engine, config, jobs)
     return 0
 
@@ -116,9 +148,10 @@ def _generate(args) -> int:
 # -- bench ------------------------------------------------------------------------------------
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["offline", "serve"],
+    parser.add_argument("kind", choices=["offline", "serve", "lora"],
                         help="offline: leanserve vs transformers in one process; "
-                             "serve: load on any OpenAI-compatible server")
+                             "serve: load on any OpenAI-compatible server; "
+                             "lora: many LoRA adapters vs none, adapter load times")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
 
 
@@ -127,6 +160,11 @@ def _bench(args) -> int:
         from .bench import loadgen
 
         return loadgen.main(args.rest)
+    if args.kind == "lora":
+        from .bench import lora
+
+        lora.main(args.rest)
+        return 0
     from .bench import offline
 
     offline.main(args.rest)
@@ -137,7 +175,8 @@ def _bench(args) -> int:
 
 def _add_batch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("rest", nargs=argparse.REMAINDER,
-                        help="submit FILE.jsonl [--wait] [--endpoint E] [--base-url URL] | status BATCH_ID")
+                        help="submit FILE.jsonl [--wait] [--endpoint E] [--completion-window 24h] [--base-url URL]"
+                             " | status BATCH_ID")
 
 
 def _batch(args) -> int:

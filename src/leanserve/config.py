@@ -7,6 +7,16 @@ from .energy.config import EnergyConfig
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters over the base model (engine/lora.py)."""
+
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder, registered at start
+    dirs: tuple[str, ...] = ()  # scanned for adapter folders; the only roots run-time loads may read
+    max_loras: int = 8  # adapters resident at once (slots); the least recently used idle one is evicted
+    max_rank: int = 16  # the largest adapter rank accepted; slots are sized for it
+
+
+@dataclass
 class EngineConfig:
     """How one engine process holds and runs one model.
 
@@ -28,7 +38,11 @@ class EngineConfig:
     priority_aging_seconds: float = 60.0  # a waiting request gains one priority class per this
     num_threads: int | None = None  # torch intra-op threads; default: all cores
     seed: int = 0  # seed of the sampler for requests that do not give one
+    # Scale to zero: after this many seconds with no request in the engine, free the weights
+    # and the KV pool; the next request loads them again (and waits for it). None: never.
+    idle_unload_seconds: float | None = None
     energy: EnergyConfig = field(default_factory=EnergyConfig)  # meter, carbon and cost factors
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -37,6 +51,9 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None
     api_keys: tuple[str, ...] = ()
+    # key -> service class ("realtime" | "standard" | "batch") of its requests that set no
+    # `priority`; keys not here default to realtime. An explicit `priority` always wins.
+    api_key_classes: dict[str, str] = field(default_factory=dict)
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_seconds: int = 1
     usage_log: str | None = None  # append one JSON line per finished request here

@@ -12,6 +12,12 @@ Prompts are runs of words that are one token each in the built-in model's tokeni
 prompt starts with a word of its own, so no two share a cached prefix, except the
 `--shared-prefix-len` tokens all of them share when asked. Each level gets fresh prompts, so
 a level never reuses what the previous one left in the server's prefix cache.
+
+Energy, per level, as joules per output token: a leanserve server's own figure, read from
+its /metrics counters before and after (found automatically); and, for any server on this
+machine, `--measure-pid PID`: the CPU time and memory of that process and its children,
+costed by leanserve's estimate meter (energy/meters.py), so that leanserve, llama-server
+and vLLM are compared on the same footing.
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ import time
 from datetime import datetime, timezone
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
+from ..energy.meters import DEFAULT_WATTS_PER_GB, ProcessesMeter
 from . import report
 from .report import RequestRecord
 
@@ -75,6 +83,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, metavar="PATH.png", help="plot tok/s, TTFT and TPOT against load")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                     help="print the ratios A/B of two saved runs per load level, and run nothing")
+    energy = ap.add_argument_group("energy (a leanserve server's /metrics are read without asking)")
+    energy.add_argument("--measure-pid", type=int, action="append", default=None, metavar="PID",
+                        help="estimate the energy of this server process (repeatable) from its CPU time and "
+                             "memory, as leanserve's estimate meter does; works for any server on this machine")
+    energy.add_argument("--no-measure-children", dest="measure_children", action="store_false",
+                        help="count only the given pids, not their child processes")
+    energy.add_argument("--watts-per-core", type=float, default=None,
+                        help="--measure-pid: W per busy core (default: the CPU model's TDP per core, else 10)")
+    energy.add_argument("--watts-per-gb", type=float, default=DEFAULT_WATTS_PER_GB,
+                        help="--measure-pid: W per GB of resident memory")
     args = ap.parse_args(argv)
     if args.request_rate is None and args.concurrency is None:
         args.concurrency = [1]
@@ -85,6 +103,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--shared-prefix-len must be >= 0 and smaller than --input-len")
     if args.token_ids and args.endpoint != "completions":
         ap.error("--token-ids needs --endpoint completions")
+    if (args.watts_per_core is not None and args.watts_per_core < 0) or args.watts_per_gb < 0:
+        ap.error("--watts-per-core and --watts-per-gb must be >= 0")
     return args
 
 
@@ -247,6 +267,63 @@ async def run_level(client: httpx.AsyncClient, url: str, bodies: list[dict], tim
     return sorted(records, key=lambda r: r.index), time.perf_counter() - t0
 
 
+# -- energy -----------------------------------------------------------------------------------
+
+async def server_energy(client: httpx.AsyncClient, base: str) -> dict | None:
+    """A leanserve server's energy counters from /metrics: `{"total_j", "idle_j",
+    "energy_source"}`; None for a server without them (not leanserve, or no /metrics)."""
+    try:
+        response = await client.get(f"{base}/metrics")
+        response.raise_for_status()
+        samples = {s.name: s for family in text_string_to_metric_families(response.text) for s in family.samples}
+    except (httpx.HTTPError, ValueError):
+        return None
+    if "leanserve_energy_joules_total" not in samples:
+        return None
+    source = samples.get("leanserve_energy_source_info")
+    return {"total_j": samples["leanserve_energy_joules_total"].value,
+            "idle_j": samples["leanserve_idle_energy_joules_total"].value,
+            "energy_source": source.labels.get("source", "unknown") if source else "unknown"}
+
+
+def pid_meter(args) -> ProcessesMeter | None:
+    """Starts measuring the --measure-pid processes; MeterUnavailable on a pid that is not there."""
+    if not args.measure_pid:
+        return None
+    return ProcessesMeter(args.measure_pid, args.measure_children, args.watts_per_core, args.watts_per_gb)
+
+
+async def _sample_memory(meter: ProcessesMeter, every: float = 1.0) -> None:
+    """The meter integrates memory between its reads: read it every second during a level."""
+    while True:
+        await asyncio.sleep(every)
+        meter.read_joules()
+
+
+async def measured_level(client: httpx.AsyncClient, base: str, url: str, bodies: list[dict], args, level: dict,
+                         seed: int, server: bool) -> tuple[list[RequestRecord], float, dict | None]:
+    """`run_level` with the server's energy counters (`server`) and the pid meter read around it."""
+    before = await server_energy(client, base) if server else None
+    meter = pid_meter(args)
+    sampler = asyncio.create_task(_sample_memory(meter)) if meter else None
+    try:
+        records, duration = await run_level(client, url, bodies, args.timeout, level["concurrency"],
+                                            level["request_rate"], seed)
+    finally:
+        if sampler:
+            sampler.cancel()
+    tokens = sum(r.output_tokens for r in records if r.ok)
+    energy = {}
+    if meter:
+        energy["pid"] = report.pid_energy(meter.read_joules(), meter.cpu_seconds(), tokens, pids=args.measure_pid,
+                                          children=args.measure_children, watts_per_core=meter.watts_per_core,
+                                          watts_per_gb=meter.watts_per_gb)
+    after = await server_energy(client, base) if before else None
+    if after:
+        energy["server"] = report.server_energy(before, after, tokens)
+    return records, duration, (dict(energy, output_tokens=tokens) if energy else None)
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 def machine_info() -> dict:
@@ -293,6 +370,7 @@ async def _run(args, payloads: list) -> dict | None:
             print(f"bench serve: the probe request to {url} failed: status {probe.status}: {probe.error}",
                   file=sys.stderr)
             return None
+        server = await server_energy(client, base) is not None
         levels = []
         loads = [("concurrency", c) for c in args.concurrency] if args.request_rate is None \
             else [("request_rate", r) for r in args.request_rate]
@@ -301,9 +379,11 @@ async def _run(args, payloads: list) -> dict | None:
             print(f"{report.level_name(level)}: {args.num_prompts} requests ...", file=sys.stderr, flush=True)
             prompts = payloads[k * args.num_prompts:(k + 1) * args.num_prompts]
             bodies = [request_body(args, model, p) for p in prompts]
-            records, duration = await run_level(client, url, bodies, args.timeout, level["concurrency"],
-                                                level["request_rate"], args.seed + k)
+            records, duration, energy = await measured_level(client, base, url, bodies, args, level,
+                                                             args.seed + k, server)
             level["summary"] = report.summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+            if energy:
+                level["summary"]["energy"] = energy
             level["requests"] = [dict(vars(r), tpot=r.tpot) for r in records]
             levels.append(level)
     return {"model": model, "url": url, "levels": levels}
@@ -317,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.plot:
         import matplotlib  # noqa: F401  (missing: fail now, not after the whole run)
+    pid_meter(args)  # a wrong --measure-pid fails now, not after the prompts are made
     num_levels = len(args.request_rate or args.concurrency)
     payloads = prompt_payloads(load_tokenizer(args.tokenizer), args, num_levels * args.num_prompts + 1)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -3,7 +3,10 @@ percentiles, throughput, goodput), the printed table, the plot, and the comparis
 saved runs (e.g. leanserve against llama-server on the same machine).
 
 A result file is the JSON `bench serve --json` writes: `{"label", "command", "machine",
-"config", "levels": [{"concurrency" | "request_rate", "summary", "requests"}]}`.
+"config", "levels": [{"concurrency" | "request_rate", "summary", "requests"}]}`. A level's
+`summary["energy"]`, when measured, holds the server's own figure (`server`: a leanserve
+server's /metrics counters) and the CPU-time estimate over given pids (`pid`), each with
+its joules and joules per output token of the level's completed requests.
 """
 from __future__ import annotations
 
@@ -83,6 +86,27 @@ def summarize(records: list[RequestRecord], duration: float, slo_ttft_ms: float,
     }
 
 
+def _per_token(joules: float, tokens: int) -> float | None:
+    return round(joules / tokens, 6) if tokens else None
+
+
+def server_energy(before: dict, after: dict, output_tokens: int) -> dict:
+    """A leanserve server's energy over a level, from its /metrics counters read before and
+    after: `{"total_j", "idle_j", "energy_source"}` each time (idle is energy between engine
+    steps, part of the total)."""
+    total, idle = after["total_j"] - before["total_j"], after["idle_j"] - before["idle_j"]
+    return {"energy_source": after["energy_source"], "active_j": round(total - idle, 4), "idle_j": round(idle, 4),
+            "total_j": round(total, 4), "j_per_output_token": _per_token(total, output_tokens),
+            "active_j_per_output_token": _per_token(total - idle, output_tokens)}
+
+
+def pid_energy(joules: float, cpu_seconds: float, output_tokens: int, **about) -> dict:
+    """The CPU-time estimate of the measured processes over a level: it cannot tell active
+    from idle time, so all of it is the total. `about`: pids, watts per core and per GB."""
+    return {"energy_source": "estimate", "active_j": None, "idle_j": None, "total_j": round(joules, 4),
+            "j_per_output_token": _per_token(joules, output_tokens), "cpu_s": round(cpu_seconds, 3), **about}
+
+
 def level_name(level: dict) -> str:
     return f"c={level['concurrency']}" if level.get("concurrency") else f"rate={level['request_rate']:g}/s"
 
@@ -106,7 +130,24 @@ def format_table(levels: list[dict]) -> str:
                     f" {_triple(s['ttft_ms']):>22} {_triple(s['tpot_ms']):>20} {_triple(s['e2e_ms']):>22}")
         if s["failures"]:
             rows.append(f"{'':>10} failures: {s['failures']}")
-    return "\n".join(rows)
+    energy = format_energy(levels)
+    return "\n".join(rows) + ("\n\n" + energy if energy else "")
+
+
+ENERGY_SOURCES = {"server": "server /metrics", "pid": "CPU time of pids"}
+
+
+def format_energy(levels: list[dict]) -> str:
+    """One row per level and way of measuring; empty when nothing was measured."""
+    rows = [f"{'level':>10} {'measured by':>18} {'source':>10} {'active J':>10} {'idle J':>10} {'total J':>10}"
+            f" {'J/out tok':>10}"]
+    for level in levels:
+        for key, what in ENERGY_SOURCES.items():
+            e = (level["summary"].get("energy") or {}).get(key)
+            if e:
+                rows.append(f"{level_name(level):>10} {what:>18} {e['energy_source']:>10} {_num(e['active_j']):>10}"
+                            f" {_num(e['idle_j']):>10} {_num(e['total_j']):>10} {_num(e['j_per_output_token'], 4):>10}")
+    return "\n".join(rows) if len(rows) > 1 else ""
 
 
 def plot(result: dict, path: str) -> None:
@@ -125,6 +166,10 @@ def plot(result: dict, path: str) -> None:
 
     panels = [("output tokens/s", [lv["summary"]["output_tokens_per_s"] for lv in levels]),
               ("TTFT p50 (ms)", p50("ttft_ms")), ("TPOT p50 (ms)", p50("tpot_ms"))]
+    for key, what in ENERGY_SOURCES.items():
+        joules = [_j_per_token(key)(lv["summary"]) for lv in levels]
+        if any(j is not None for j in joules):
+            panels.append((f"J / output token ({what})", joules))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), layout="constrained")
     for ax, (title, ys) in zip(axes, panels):
         ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=result.get("label") or None)
@@ -152,6 +197,13 @@ COMPARED = [("out tok/s", lambda s: s["output_tokens_per_s"]), ("req/s", lambda 
             ("E2E p50 ms", lambda s: s["e2e_ms"] and s["e2e_ms"]["p50"])]
 
 
+def _j_per_token(key: str):
+    return lambda s: ((s.get("energy") or {}).get(key) or {}).get("j_per_output_token")
+
+
+ENERGY_COMPARED = [("J/tok server", _j_per_token("server")), ("J/tok pid", _j_per_token("pid"))]
+
+
 def compare(a: dict, b: dict) -> str:
     """A's and B's metrics side by side with the ratio A/B, for each load level both ran."""
     name_a, name_b = a.get("label") or "A", b.get("label") or "B"
@@ -162,14 +214,18 @@ def compare(a: dict, b: dict) -> str:
         other = b_levels.get(level_name(level))
         if other is None:
             continue
-        for metric, get in COMPARED:
+        for metric, get in COMPARED + ENERGY_COMPARED:
             va, vb = get(level["summary"]), get(other["summary"])
+            energy = (metric, get) in ENERGY_COMPARED
+            if energy and va is None and vb is None:
+                continue  # neither run measured it that way
+            digits = 4 if energy else 2
             ratio = f"{va / vb:7.2f}" if va is not None and vb else f"{'-':>7}"
-            rows.append(f"{level_name(level):>10} {metric:>12} {_num(va):>12} {_num(vb):>12} {ratio}")
+            rows.append(f"{level_name(level):>10} {metric:>12} {_num(va, digits):>12} {_num(vb, digits):>12} {ratio}")
     if len(rows) == 3:
         rows.append("no load level in common")
     return "\n".join(rows)
 
 
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _num(v, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"

@@ -174,11 +174,83 @@ class EstimateMeter:
         t = self.process.cpu_times()
         return t.user + t.system
 
+    def _rss_bytes(self) -> int:
+        return self.process.memory_info().rss
+
     def read_joules(self) -> float:
         now = time.monotonic()
-        self._memory_j += self.process.memory_info().rss / GB * self.watts_per_gb * (now - self._t)
+        self._memory_j += self._rss_bytes() / GB * self.watts_per_gb * (now - self._t)
         self._t = now
         return (self._cpu_seconds() - self._cpu0) * self.watts_per_core + self._memory_j
+
+
+class ProcessesMeter(EstimateMeter):
+    """The estimate meter over given processes, e.g. a server under benchmark (leanserve,
+    llama-server, vLLM), so that every server is costed by the same formula.
+
+    A process's CPU time is utime + stime of /proc/PID/stat (all its threads). With
+    `children`, every live descendant is counted too, and so is the CPU time of the children
+    each has reaped (cutime + cstime): a worker that exits and is reaped mid-run moves from
+    its own count to its parent's, so it is neither lost nor counted twice.
+    """
+
+    def __init__(self, pids: list[int], children: bool = True, watts_per_core: float | None = None,
+                 watts_per_gb: float = DEFAULT_WATTS_PER_GB):
+        if not pids:
+            raise ValueError("no pid to measure")
+        self.roots = [_process(pid) for pid in pids]
+        self.children = children
+        super().__init__(watts_per_core, watts_per_gb, pids[0])
+
+    def _processes(self) -> list[psutil.Process]:
+        seen: dict[int, psutil.Process] = {}
+        for root in self.roots:
+            if not root.is_running():
+                raise MeterUnavailable(f"process {root.pid} exited during the measurement")
+            seen.setdefault(root.pid, root)
+            if self.children:
+                try:
+                    for child in root.children(recursive=True):
+                        seen.setdefault(child.pid, child)
+                except psutil.NoSuchProcess:
+                    raise MeterUnavailable(f"process {root.pid} exited during the measurement") from None
+        return list(seen.values())
+
+    def _cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self._processes():
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:  # a child that just exited: its parent will count it once reaped
+                continue
+            total += t.user + t.system + (t.children_user + t.children_system if self.children else 0.0)
+        return total
+
+    def _rss_bytes(self) -> int:
+        total = 0
+        for p in self._processes():
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the processes since the meter was made."""
+        return self._cpu_seconds() - self._cpu0
+
+
+def _process(pid: int) -> psutil.Process:
+    try:
+        if pid <= 0:
+            raise psutil.NoSuchProcess(pid)
+        process = psutil.Process(pid)
+        process.cpu_times()
+        return process
+    except psutil.NoSuchProcess:
+        raise MeterUnavailable(f"no process with pid {pid} to measure") from None
+    except psutil.AccessDenied:
+        raise MeterUnavailable(f"not allowed to read the CPU time of pid {pid}") from None
 
 
 class CompositeMeter:

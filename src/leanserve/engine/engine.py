@@ -7,6 +7,8 @@ releases the GIL inside its kernels, so the event loop keeps serving HTTP while 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import itertools
 import logging
 import queue
@@ -22,9 +24,10 @@ from ..energy.ledger import work_from_batch
 from ..errors import InvalidRequest, Overloaded
 from ..models.llama import KVPool, build_model
 from ..models.loader import load_model_files
-from ..models.quant import quantize_model
+from ..models.quant import pack_model, quantize_model
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager, num_blocks_for_budget
+from .lora import LoRAManager
 from .runner import ModelRunner
 from .sampling import Sampler
 from .scheduler import Scheduler
@@ -43,18 +46,17 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
+        started = time.perf_counter()
         files = load_model_files(config.model)
         self.model_name = files.name
         self.tokenizer = files.tokenizer
         self.eos_ids = set(files.tokenizer.eos_token_ids)
-        dtype = DTYPES[config.dtype]
+        self.dtype = dtype = DTYPES[config.dtype]
         context = files.config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
-        max_len = config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
-        self.model = build_model(files.config, files.weights, dtype, max_len)
+        self._max_len = max_len = config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
+        self.model = self._build_model(files)
         del files
-        if config.quantization:
-            quantize_model(self.model, config.quantization)
-        args = self.model.args
+        self.args = args = self.model.args
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
             config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype)
         # A sequence can never outgrow the pool: the pool bounds the context too (as in vLLM).
@@ -63,25 +65,73 @@ class LLMEngine:
         self.pool = KVPool(args, num_blocks, config.block_size, dtype)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, config.block_size)
+        self.lora = LoRAManager(args, config.lora, [self.model_name, config.model])
+        self.runner.lora = self.scheduler.lora = self.lora
         self.sampler = Sampler(config.seed)
         self.ledger = make_ledger(config.energy, args)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self._done_early: list[RequestOutput] = []
+        self.tokens_run = 0  # prompt and output tokens through the model, over all steps
+        self.load_seconds = [time.perf_counter() - started]  # each load of the weights, the first one too
+        self.num_unloads = 0
+
+    # -- weights in memory or not (scale to zero) ---------------------------------------------
+
+    def _build_model(self, files):
+        """The model of `files`, quantized if asked. Drops `files.weights` (copied into the
+        model) first, so the two are not in memory together longer than needed."""
+        model = build_model(files.config, files.weights, self.dtype, self._max_len)
+        files.weights = {}
+        if self.config.quantization:
+            quantize_model(model, self.config.quantization)
+        else:
+            pack_model(model)
+        return model
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def unload(self) -> None:
+        """Frees the weights and the KV pool; the next `step()` with work loads them again.
+        Tokenizer, scheduler, counters and the energy ledger stay."""
+        if self.seqs or self._done_early:
+            raise RuntimeError("cannot unload while requests are in the engine")
+        self.model = self.pool = self.runner = None
+        self.kv.forget_contents()  # the prefix cache named blocks of the pool just freed
+        self.num_unloads += 1
+        release_memory()
+
+    def load(self) -> None:
+        """Reads the model files again and rebuilds the model, KV pool and runner."""
+        if self.loaded:
+            return
+        started = time.perf_counter()
+        files = load_model_files(self.config.model)
+        model = self._build_model(files)
+        del files
+        self.pool = KVPool(model.args, self.kv.num_blocks, self.config.block_size, self.dtype)
+        self.runner = ModelRunner(model, self.pool, self.config.block_size)
+        self.runner.lora = self.lora
+        self.model = model
+        self.load_seconds.append(time.perf_counter() - started)
 
     # -- requests -------------------------------------------------------------------------
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                      priority: int = 0) -> Sequence:
-        """Validates a request and tokenizes it. Pure: safe to call from any thread."""
+                      priority: int = 0, adapter: str | None = None) -> Sequence:
+        """Validates a request and tokenizes it. Pure: safe to call from any thread.
+        `adapter`: the name of a registered LoRA adapter, or None for the base model."""
+        lora = self.lora.get(adapter) if adapter else None
         params.validate()
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt) if prompt else []
         else:
             ids = list(prompt)
-            if any(not isinstance(t, int) or not 0 <= t < self.model.args.vocab_size for t in ids):
-                raise InvalidRequest(f"prompt token ids must be integers in [0, {self.model.args.vocab_size})", "prompt")
+            if any(not isinstance(t, int) or not 0 <= t < self.args.vocab_size for t in ids):
+                raise InvalidRequest(f"prompt token ids must be integers in [0, {self.args.vocab_size})", "prompt")
         if not ids:
             raise InvalidRequest("prompt is empty", "prompt")
         room = self.max_model_len - len(ids)
@@ -91,7 +141,7 @@ class LLMEngine:
             raise InvalidRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                                  f"context of {self.max_model_len} tokens", "max_tokens")
         max_tokens = room if params.max_tokens is None else params.max_tokens
-        return Sequence(next(self._ids), request_id, ids, params, max_tokens, priority)
+        return Sequence(next(self._ids), request_id, ids, params, max_tokens, priority, lora)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -104,8 +154,8 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> Sequence:
-        seq = self.make_sequence(request_id, prompt, params or SamplingParams(), priority)
+                    priority: int = 0, adapter: str | None = None) -> Sequence:
+        seq = self.make_sequence(request_id, prompt, params or SamplingParams(), priority, adapter)
         self.add_sequence(seq)
         return seq
 
@@ -129,7 +179,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._done_early = self._done_early, []
         batch = self.scheduler.schedule()
+        outputs += [self._finish(s, "", [], None, "abort") for s in self.scheduler.failed]  # adapter load failed
+        self.scheduler.failed = []
         if batch:
+            self.load()  # after an unload; a no-op when loaded
+            self.tokens_run += sum(n for _, n in batch)
             with self.ledger.step(work_from_batch(batch)):
                 outputs += self._run(batch)
         for out in outputs:
@@ -189,7 +243,19 @@ class LLMEngine:
             logprobs=None if seq.params.logprobs is None else ([lp] if lp is not None else []),
             finished=finish is not None, finish_reason=finish, num_prompt_tokens=seq.prompt_len,
             num_output_tokens=seq.num_output, metrics=seq.metrics, stop_reason=seq.stop_reason,
-            priority=seq.priority)
+            priority=seq.priority, adapter=seq.adapter.name if seq.adapter is not None else None)
+
+
+def release_memory() -> None:
+    """Gives freed memory back to the OS. glibc keeps freed heap pages mapped for reuse, so
+    after dropping the weights the resident size only falls once `malloc_trim` returns them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing more to ask for
+        pass
 
 
 class AsyncEngine:
@@ -200,6 +266,7 @@ class AsyncEngine:
         self.config = config
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
+        self.lora = self.engine.lora
         self.max_model_len = self.engine.max_model_len
         self.ledger = self.engine.ledger
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
@@ -212,21 +279,28 @@ class AsyncEngine:
         # Requests handed to the step thread / taken in by it; each counter has one writer.
         self._sent = 0
         self._received = 0
+        self.loading = False  # the step thread is reading the weights back in
+        self._last_busy = time.monotonic()  # when the engine last had work (for idle unload)
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine.loaded
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._last_busy = time.monotonic()  # idle time counts from serving, not from loading
         self._thread = threading.Thread(target=self._run, name="leanserve-engine", daemon=True)
         self._thread.start()
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0) -> AsyncIterator[RequestOutput]:
+                    priority: int = 0, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         if self._stopping:
             raise Overloaded("the server is shutting down")
         if self.engine.num_waiting + self._sent - self._received >= self.config.max_waiting:
             raise Overloaded(f"too many waiting requests ({self.config.max_waiting}); retry later")
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        seq = self.engine.make_sequence(request_id, prompt, params, priority)
+        seq = self.engine.make_sequence(request_id, prompt, params, priority, adapter)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         self._sent += 1
@@ -255,7 +329,9 @@ class AsyncEngine:
         return {"num_running": len(e.scheduler.running), "num_waiting": e.num_waiting + self._sent - self._received,
                 "kv_blocks_total": e.kv.num_blocks, "kv_blocks_free": e.kv.num_free_blocks,
                 "num_preemptions": e.scheduler.num_preemptions,
-                "prefix_cache_queried_tokens": e.kv.queried_tokens, "prefix_cache_hit_tokens": e.kv.hit_tokens}
+                "prefix_cache_queried_tokens": e.kv.queried_tokens, "prefix_cache_hit_tokens": e.kv.hit_tokens,
+                "tokens_run": e.tokens_run, "model_loaded": e.loaded, "model_unloads": e.num_unloads,
+                "model_load_seconds": list(e.load_seconds)}
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stops admitting, lets running requests finish for `timeout` s, aborts the rest."""
@@ -303,6 +379,9 @@ class AsyncEngine:
         while not self._thread_stop:
             outs = self._drain_inbox()
             if self.engine.has_unfinished():
+                self._last_busy = time.monotonic()
+                if not self.engine.loaded:
+                    self._reload()
                 try:
                     outs += self.engine.step()
                 except Exception:  # a bug must not take every other request down silently
@@ -313,8 +392,29 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._deliver_all, outs)
             elif not self.engine.has_unfinished():
                 self.engine.ledger.poll()  # idle energy, and RAPL read at least once per wrap
+                self._unload_if_idle()
                 self._wake.wait(0.5)
                 self._wake.clear()
+
+    def _unload_if_idle(self) -> None:
+        """Scale to zero: no request in the engine or on its way for idle_unload_seconds."""
+        limit = self.config.idle_unload_seconds
+        if (limit is not None and self.engine.loaded and self._sent == self._received
+                and time.monotonic() - self._last_busy >= limit):
+            self.engine.unload()
+            log.info("model unloaded after %.0f idle seconds", limit)
+
+    def _reload(self) -> None:
+        """Loads the weights back for the requests that arrived; they (and any arriving
+        meanwhile) wait in the scheduler. A failed load fails them, not the server."""
+        self.loading = True
+        try:
+            self.engine.load()
+            log.info("model loaded again in %.2f s", self.engine.load_seconds[-1])
+        except Exception:
+            log.exception("reloading the model failed")  # step() tries again, and fails them
+        finally:
+            self.loading = False
 
     def _deliver_all(self, outs: list[RequestOutput]) -> None:
         for out in outs:

@@ -30,6 +30,11 @@ def num_blocks_for_budget(gib: float, num_layers: int, num_kv_heads: int, head_d
     return max(1, int(gib * GIB) // bytes_per_block)
 
 
+def root_hash(seq: Sequence) -> bytes:
+    """The chain's start: the adapter changes every key and value, so it is part of the name."""
+    return b"" if seq.adapter is None else b"lora:%d" % seq.adapter.id
+
+
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     """A collision-resistant name for a block's contents and everything before it."""
     h = hashlib.blake2b(parent, digest_size=16)
@@ -49,6 +54,15 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; oldest first
         self.queried_tokens = 0  # tokens of admitted sequences (the scheduler counts)
         self.hit_tokens = 0  # of which came from the prefix cache
+
+    def forget_contents(self) -> None:
+        """For a pool that was freed: every block empty, the prefix cache forgotten. Only
+        when no sequence holds a block."""
+        assert not any(self.refs), "blocks are still in use"
+        self.free_blocks = deque(range(self.num_blocks))
+        self.hash_of.clear()
+        self.cached.clear()
+        self.evictable.clear()
 
     @property
     def num_free_blocks(self) -> int:
@@ -96,7 +110,7 @@ class BlockManager:
         if not self.prefix_caching or seq.block_table:
             return
         usable = (len(seq) - 1) // self.block_size
-        parent = b""
+        parent = root_hash(seq)
         for i in range(usable):
             h = block_hash(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             block = self.cached.get(h)
@@ -116,7 +130,7 @@ class BlockManager:
             return
         full = seq.num_computed // self.block_size
         for i in range(len(seq.block_hashes), full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            parent = seq.block_hashes[-1] if seq.block_hashes else root_hash(seq)
             h = block_hash(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -6,6 +6,10 @@ long prompt), then running prefills take what budget is left in chunks, then wai
 requests join. Within each group the more urgent priority class goes first
 (realtime < standard < batch; lower is more urgent), then the older request.
 
+A request on a LoRA adapter joins only once its adapter holds a slot (`LoRAManager.acquire`);
+until then it waits without holding back the requests behind it. Its slot stays pinned while
+it runs.
+
 When the block pool runs dry, the least urgent, newest running sequence is preempted: its
 blocks are freed and it is recomputed later from its tokens (same result). A waiting
 request may also preempt running sequences of a strictly less urgent class when there is no
@@ -30,6 +34,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted at each step by (aged priority, arrival)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.lora = None  # the engine's LoRAManager
+        self.failed: list[Sequence] = []  # their adapter could not be loaded; the engine ends them
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -38,6 +44,7 @@ class Scheduler:
         """Takes a finished or aborted sequence out and returns its blocks."""
         if seq in self.running:
             self.running.remove(seq)
+            self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
@@ -57,11 +64,28 @@ class Scheduler:
     def _preempt(self, seq: Sequence, batch: dict[Sequence, int]) -> int:
         """Sends `seq` back to waiting; returns the budget it had taken in this step."""
         self.running.remove(seq)
+        self._release(seq)
         self.blocks.free(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
         self.num_preemptions += 1
         return batch.pop(seq, 0)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.lora.release(seq.adapter)
+
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        """Pins the adapter of a sequence about to run; False while it loads or has no slot."""
+        if seq.adapter is None:
+            return True
+        try:
+            return self.lora.acquire(seq.adapter)
+        except Exception as e:  # the file went bad after it was registered
+            seq.adapter.error = str(e)
+            self.waiting.remove(seq)
+            self.failed.append(seq)
+            return False
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Returns (sequence, number of new tokens to run) pairs for one step."""
@@ -87,8 +111,11 @@ class Scheduler:
                 batch[seq] = n
                 budget -= n
         self.waiting.sort(key=lambda s: (self._rank(s, now), s.seq_id))
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0:
+                break
+            if not self._adapter_ready(seq):
+                continue
             self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
 
@@ -102,8 +129,9 @@ class Scheduler:
             outranks = any(self._rank(r, now) > rank for r in self.running)
             if blocked() or (short and not outranks):
                 self.blocks.free(seq)  # hand back the prefix blocks it took
+                self._release(seq)
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
             self.blocks.queried_tokens += len(seq)
             self.blocks.hit_tokens += seq.num_computed
             seq.status = SeqStatus.RUNNING
@@ -111,4 +139,6 @@ class Scheduler:
             self.blocks.allocate(seq, n)
             batch[seq] = n
             budget -= n
+        if not batch and self.lora is not None and self.waiting:
+            self.lora.wait_for_loads(0.01)  # nothing to run but adapters loading: do not spin
         return list(batch.items())

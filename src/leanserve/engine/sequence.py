@@ -119,6 +119,7 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     priority: int = 0  # the request's service class (PRIORITY_CLASSES)
     bill: Bill | None = None  # energy, carbon and cost; set on the finished output
+    adapter: str | None = None  # the LoRA adapter's name; None: the base model
 
 
 # Service classes: a lower number is more urgent. Direct API calls are realtime by default,
@@ -143,7 +144,7 @@ class Sequence:
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 max_tokens: int, priority: int = 0):
+                 max_tokens: int, priority: int = 0, adapter=None):
         self.seq_id = seq_id
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -151,6 +152,7 @@ class Sequence:
         self.params = params
         self.max_tokens = max_tokens  # resolved against the context
         self.priority = priority
+        self.adapter = adapter  # engine.lora.Adapter, or None for the base model
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # prefix-cache names of its full, computed blocks

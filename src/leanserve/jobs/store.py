@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import LeanserveError
 
@@ -58,6 +58,14 @@ CREATE TABLE IF NOT EXISTS async_requests (
     created_at INTEGER NOT NULL, started_at INTEGER, completed_at INTEGER);
 CREATE INDEX IF NOT EXISTS async_by_status ON async_requests (status);
 """
+
+# Columns added after the first release, ADDed to older databases when they are opened.
+ADDED_COLUMNS = {
+    "batches": [
+        ("scheduled_start_at", "INTEGER"),  # the batch's lines run from then on (carbon-aware deferral)
+        ("plan", "TEXT"),  # JSON: jobs.carbon_schedule.Plan.as_dict(), the batch's `leanserve` field
+    ],
+}
 
 # Batch statuses the worker still has something to do for.
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
@@ -95,8 +103,16 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_columns()
         self._lock = threading.Lock()
         self._remove_orphans()
+
+    def _add_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:  # waits for a transaction still running in another thread
@@ -207,10 +223,12 @@ class JobStore:
         return bool(db.execute(f"UPDATE batches SET status = ?, {status}_at = ? WHERE id = ? AND status IN ({marks})",
                                (status, int(time.time()), batch_id, *sources)).rowcount)
 
-    def start_batch(self, batch_id: str, lines: Iterable[InputLine]) -> None:
+    def start_batch(self, batch_id: str, lines: Iterable[InputLine],
+                    schedule: Callable[[], dict] | None = None) -> None:
         """Stores a validated input's lines, the rejected ones already done as failures, and
         moves the batch to in_progress (unless it is being cancelled). An input without
-        lines fails the batch."""
+        lines fails the batch. `schedule()`, called once the lines are consumed, returns the
+        batch's plan (a dict with `scheduled_start_at`), stored in the same transaction."""
         with self._write() as db:
             db.executemany("INSERT INTO batch_lines (batch_id, line, custom_id, body, done, result) "
                            "VALUES (?, ?, ?, ?, ?, ?)",
@@ -222,6 +240,10 @@ class JobStore:
             if total == 0:
                 self._fail(db, batch_id, [{"code": "empty_file", "message": "The batch input file has no requests."}])
             else:
+                if schedule is not None:
+                    plan = schedule()
+                    db.execute("UPDATE batches SET scheduled_start_at = ?, plan = ? WHERE id = ?",
+                               (plan["scheduled_start_at"], json.dumps(plan), batch_id))
                 self._move(db, batch_id, "in_progress", ("validating",))
 
     def fail_batch(self, batch_id: str, errors: list[dict]) -> None:

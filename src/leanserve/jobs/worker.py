@@ -7,6 +7,10 @@ priority class, so batch work fills the capacity live traffic leaves instead of 
 thousands of sequences in the waiting queue ahead of it. Async requests run the same way
 at the standard class.
 
+When a batch's input is validated it is also planned (`carbon_schedule`): with a carbon
+forecast, its lines may be held back until a cleaner hour that still meets its completion
+window. The planned start is stored with the batch, so a restart keeps to it.
+
 The worker knows nothing of HTTP. It is given `answer(endpoint, body, service_class, stop)`,
 which returns what the live endpoint would answer, `(status, JSON body)`, or None when the
 request should be tried again later (engine overloaded or shutting down, or `stop` set).
@@ -17,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterable, Iterator, NamedTuple
 
 from . import JobsConfig
+from .carbon_schedule import load_forecast, plan_batch, window_seconds
 from .store import InputLine, JobStore
 
 log = logging.getLogger("leanserve.jobs")
@@ -34,6 +41,27 @@ ASYNC_CLASS, BATCH_CLASS = "standard", "batch"  # service classes (engine.sequen
 
 POLL_SECONDS = 1.0  # the worker looks for work at least this often
 RETRY_SECONDS = 1.0  # before asking again for an answer that was "try later"
+CHARS_PER_TOKEN = 4  # to estimate a prompt's tokens without tokenizing it
+DEFAULT_OUTPUT_TOKENS = 256  # assumed for a line that sets no max_tokens
+
+
+class EngineRates(NamedTuple):
+    """What the server has measured so far; None where it has not run enough to say."""
+
+    tokens_per_second: float | None = None
+    joules_per_token: float | None = None
+    pue: float = 1.0
+
+
+def estimated_tokens(body: str) -> int:
+    """A rough upper estimate of the tokens one request line costs: its prompt (by length)
+    plus max_tokens for each of its n choices."""
+    request = json.loads(body)
+    prompt = request.get("messages", request.get("prompt", ""))
+    output = request.get("max_completion_tokens") or request.get("max_tokens") or DEFAULT_OUTPUT_TOKENS
+    n = request.get("n") if isinstance(request.get("n"), int) and request["n"] > 0 else 1
+    prompt_tokens = len(json.dumps(prompt, ensure_ascii=False)) // CHARS_PER_TOKEN + 1
+    return prompt_tokens + n * (output if isinstance(output, int) and output > 0 else DEFAULT_OUTPUT_TOKENS)
 
 
 def response_line(custom_id: str, status: int, body: dict) -> dict:
@@ -87,6 +115,14 @@ def parse_input(path: Path, endpoint: str, model: str) -> Iterator[InputLine]:
                 yield InputLine(number, custom_id, error=error_line(custom_id, e.code, f"Line {number}: {e}"))
 
 
+def _count_tokens(lines: Iterable[InputLine], total: list[int]) -> Iterator[InputLine]:
+    """Passes `lines` through, adding the estimated tokens of those to run to total[0]."""
+    for x in lines:
+        if x.body is not None:
+            total[0] += estimated_tokens(x.body)
+        yield x
+
+
 def _check_request(request: dict, endpoint: str, model: str) -> dict:
     """What can be told wrong about a line before running it; returns its body."""
     if request.get("method") != "POST":
@@ -104,11 +140,13 @@ def _check_request(request: dict, endpoint: str, model: str) -> dict:
 
 
 class JobWorker:
-    def __init__(self, store: JobStore, answer: Answer, model: str, config: JobsConfig):
+    def __init__(self, store: JobStore, answer: Answer, model: str, config: JobsConfig,
+                 rates: Callable[[], EngineRates] = EngineRates):
         self.store = store
         self.answer = answer
         self.model = model
         self.config = config
+        self.rates = rates  # called from a worker thread when a batch is planned
         self._wake = asyncio.Event()
         self._lines: dict[tuple[str, int], asyncio.Event] = {}  # (batch, line) in the engine -> its stop
         self._cursor: dict[str, int] = {}  # batch -> the last line handed out
@@ -162,17 +200,37 @@ class JobWorker:
 
     async def _validate(self, batch: dict) -> None:
         path = self.store.file_path(batch["input_file_id"])
+        tokens = [0]
+        lines = _count_tokens(parse_input(path, batch["endpoint"], self.model), tokens)
         try:
-            await asyncio.to_thread(self.store.start_batch, batch["id"],
-                                    parse_input(path, batch["endpoint"], self.model))
+            await asyncio.to_thread(self.store.start_batch, batch["id"], lines,
+                                    functools.partial(self._plan, batch, tokens))
         except OSError as e:
             await asyncio.to_thread(self.store.fail_batch, batch["id"], [
                 {"code": "input_file_unreadable", "message": f"The input file cannot be read: {e.strerror}",
                  "param": "input_file_id"}])
         self.wake()  # dispatch its lines now, not at the next poll
 
+    def _plan(self, batch: dict, tokens: list[int]) -> dict:
+        """When the batch's `tokens[0]` tokens of work should start (see carbon_schedule).
+        An unreadable forecast is logged and the batch starts at once."""
+        forecast = None
+        if self.config.carbon_forecast is not None:
+            try:
+                forecast = load_forecast(self.config.carbon_forecast)
+            except (OSError, ValueError) as e:
+                log.error("carbon forecast unusable, batch %s starts at once: %s", batch["id"], e)
+        rates = self.rates()
+        tps = rates.tokens_per_second or self.config.default_tokens_per_second
+        jpt, source = ((rates.joules_per_token, "measured") if rates.joules_per_token
+                       else (self.config.default_joules_per_token, "default"))
+        deadline = batch["created_at"] + window_seconds(batch["completion_window"])
+        return plan_batch(forecast, time.time(), deadline, tokens[0], tps, jpt, source, rates.pue).as_dict()
+
     async def _dispatch(self, batch: dict) -> None:
         batch_id = batch["id"]
+        if (batch["scheduled_start_at"] or 0) > time.time():
+            return  # deferred to a cleaner hour; the next poll after the start dispatches it
         free = self.config.max_batch_concurrency - len(self._lines)
         rows = await asyncio.to_thread(self.store.pending_lines, batch_id, self._cursor.get(batch_id, 0),
                                        free) if free > 0 else []

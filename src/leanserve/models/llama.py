@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..kernels import native
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
 
@@ -110,37 +111,90 @@ def rope_inv_freq(args: ModelArgs, max_len: int) -> torch.Tensor:
 
 
 @dataclass
-class PrefillChunk:
-    """One sequence's run of new tokens: rows [start, start+length) of the flat batch."""
-
-    start: int
-    length: int
-    ctx_blocks: torch.Tensor | None  # blocks holding all its keys (context + chunk); None: chunk alone
-    mask: torch.Tensor | None  # [1, 1, length, blocks * block_size] bool; None: plain causal
-
-
-@dataclass
 class AttnBatch:
-    """Where one step's tokens read and write keys and values in the paged pool.
+    """Where one step's tokens read and write keys and values in the paged pool, as tensors
+    built once per step by the runner and shared by every layer.
 
-    Decodes come first in the flat batch: rows [0, num_decodes) are one token each.
-    Keys are read a whole block at a time (a contiguous copy) and padding is masked out.
+    Decodes come first in the flat batch: rows [0, B) are one token each. Prefill chunks
+    follow; chunk i covers rows [start, start + length) and, when it continues a sequence
+    (or the model has a sliding window), reads its keys from `ctx` whole blocks of the pool.
     """
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    num_decodes: int = 0
-    decode_blocks: torch.Tensor | None = None  # [B, max_blocks] block table of each decode
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] real keys
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_blocks: torch.Tensor  # [B, W] block table of each decode, padded with block 0
+    decode_mask: torch.Tensor  # [B, 1, 1, W * block_size] bool: the keys each decode sees
+    prefill_meta: torch.Tensor  # [P, 3] int64: start row, length, context blocks (0: chunk alone)
+    prefill_blocks: torch.Tensor  # the context blocks of all chunks, concatenated
+
+    @classmethod
+    def prefill(cls, n: int) -> "AttnBatch":
+        """One fresh sequence of n tokens written to slots [0, n)."""
+        return cls(torch.arange(n), torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, 1, 1, dtype=torch.bool),
+                   torch.tensor([[0, n, 0]]), torch.zeros(0, dtype=torch.long))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                    decode_blocks: torch.Tensor, decode_mask: torch.Tensor, prefill_meta: torch.Tensor,
+                    prefill_blocks: torch.Tensor, window: int) -> torch.Tensor:
+    """Writes the step's keys/values into one layer's cache, then attends. q: [T, H, D];
+    k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
+    nkv, hd = k.shape[1], k.shape[2]
+    bs = k_cache.shape[1]
+    k_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, v)
+    out = torch.empty_like(q)
+    if (B := decode_blocks.shape[0]) and (kernels := native()) is not None:
+        lens = positions[:B] + 1
+        out[:B] = kernels.paged_decode_attention(q[:B], k_cache, v_cache, decode_blocks, lens, window, hd ** -0.5)
+    elif B:
+        qd = q[:B].unsqueeze(2)  # [B, H, 1, D]
+        blocks = decode_blocks.view(-1)  # index_select copies whole blocks: far faster than kc[blocks]
+        kd = k_cache.index_select(0, blocks).view(B, -1, nkv, hd).transpose(1, 2)  # [B, Hkv, K, D]
+        vd = v_cache.index_select(0, blocks).view(B, -1, nkv, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask, enable_gqa=True)
+        out[:B] = o.squeeze(2)
+    offset = 0
+    for start, length, ctx in prefill_meta.tolist():
+        rows = slice(start, start + length)
+        mask = None
+        if ctx == 0 and not window:
+            ks, vs = k[rows], v[rows]
+        else:
+            if ctx:
+                blocks = prefill_blocks[offset:offset + ctx]
+                offset += ctx
+                ks = k_cache.index_select(0, blocks).view(-1, nkv, hd)
+                vs = v_cache.index_select(0, blocks).view(-1, nkv, hd)
+                k_pos = torch.arange(ctx * bs)
+            else:
+                ks, vs = k[rows], v[rows]
+                k_pos = positions[rows]
+            q_pos = positions[rows, None]
+            mask = visible(q_pos, k_pos[None, :], window)[None, None]
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
+            vs.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        out[rows] = o[0].transpose(0, 1)
+    return out
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[q, k] bool: causal, and inside the sliding window when the model has one."""
+    ok = k_pos <= q_pos
+    if window:
+        ok &= q_pos - k_pos < window
+    return ok
 
 
 class KVPool:
-    """Keys and values of every layer, preallocated: [layers, blocks, block_size, kv_heads, head_dim]."""
+    """Keys and values, preallocated: per layer one [blocks, block_size, kv_heads, head_dim]
+    tensor each, so a layer's cache is one plain contiguous tensor for the native kernels."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype):
-        shape = (args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        shape = (num_blocks, block_size, args.num_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(args.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.num_layers)]
 
 
 class RMSNorm(nn.Module):
@@ -149,11 +203,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """Normalises x; with `residual`, first adds x into it in place and normalises the sum."""
+        if (kernels := native()) is not None:
+            return kernels.rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual.add_(x)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+@dataclass
+class Rope:
+    """Rotary tables: float32 [max_len, head_dim] for the native kernel; the torch fallback
+    also gets this step's rows, [T, 1, head_dim] in the model dtype."""
+
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
 
 
 def rotate(x, cos, sin):
@@ -167,37 +237,21 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.nh, self.nkv, self.hd = args.num_heads, args.num_kv_heads, args.head_dim
+        self.window = args.sliding_window or 0
         self.qkv_proj = nn.Linear(args.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, args.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, batch: AttnBatch, pool: KVPool):
+    def forward(self, x, rope: "Rope", positions, batch: AttnBatch, k_cache, v_cache):
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = rotate(q.view(T, self.nh, self.hd), cos, sin)
-        k = rotate(k.view(T, self.nkv, self.hd), cos, sin)
-        v = v.view(T, self.nkv, self.hd)
-        kc, vc = pool.k[self.layer], pool.v[self.layer]
-        kc.view(-1, self.nkv, self.hd).index_copy_(0, batch.slot_mapping, k)
-        vc.view(-1, self.nkv, self.hd).index_copy_(0, batch.slot_mapping, v)
-        out = torch.empty_like(q)
-        if B := batch.num_decodes:
-            qd = q[:B].unsqueeze(2)  # [B, H, 1, D]
-            blocks = batch.decode_blocks.view(-1)  # index_select copies whole blocks: far faster than kc[blocks]
-            kd = kc.index_select(0, blocks).view(B, -1, self.nkv, self.hd).transpose(1, 2)  # [B, Hkv, K, D]
-            vd = vc.index_select(0, blocks).view(B, -1, self.nkv, self.hd).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, enable_gqa=True)
-            out[:B] = o.squeeze(2)
-        for p in batch.prefills:
-            rows = slice(p.start, p.start + p.length)
-            if p.ctx_blocks is None:
-                ks, vs = k[rows], v[rows]
-            else:
-                ks = kc.index_select(0, p.ctx_blocks).view(-1, self.nkv, self.hd)
-                vs = vc.index_select(0, p.ctx_blocks).view(-1, self.nkv, self.hd)
-            o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0), attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True)
-            out[rows] = o[0].transpose(0, 1)
+        qkv = self.qkv_proj(x)
+        if (kernels := native()) is not None:
+            kernels.rope_(qkv, positions, rope.cos_table, rope.sin_table, self.nh + self.nkv, self.hd)
+        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
+        if kernels is None:
+            q, k = rotate(q, rope.cos, rope.sin), rotate(k, rope.cos, rope.sin)
+        out = paged_attention(q, k, v, k_cache, v_cache, positions, batch.slot_mapping, batch.decode_blocks,
+                              batch.decode_mask, batch.prefill_meta, batch.prefill_blocks, self.window)
         return self.o_proj(out.view(T, self.nh * self.hd))
 
 
@@ -210,7 +264,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (kernels := native()) is not None:
+            return self.down_proj(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -242,9 +299,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = SparseMoE(args) if args.num_experts else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x, cos, sin, batch, pool):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, pool)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, positions, batch, k_cache, v_cache):
+        """x: the previous layer's output (or the embeddings); residual: the stream x is added
+        into, in place (None in the first layer: x starts it). Returns this layer's output
+        and the residual stream, as vLLM does, so each add fuses into the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, positions, batch, k_cache, v_cache)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -268,11 +333,14 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions, batch: AttnBatch, pool: KVPool, logit_rows):
         """Runs the step's tokens; returns float32 logits of the rows in `logit_rows` only."""
         x = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
-        for layer in self.layers:
-            x = layer(x, cos, sin, batch, pool)
-        return self.lm_head(self.norm(x[logit_rows])).float()
+        rope = Rope(self.rope_cos, self.rope_sin)
+        if native() is None:  # the torch fallback rotates with per-token rows in the model dtype
+            rope.cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)
+            rope.sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, rope, positions, batch, pool.k[i], pool.v[i])
+        return self.lm_head(self.norm(x[logit_rows], residual[logit_rows])).float()
 
 
 def _fuse(weights: dict, prefix: str, names: list[str]):

@@ -113,6 +113,34 @@ class AutoLinear(Int8Linear):
         return f"{super().extra_repr()}, max_rows={self.max_rows}"
 
 
+class PackedLinear(nn.Module):
+    """bf16 weights reordered once, at load, into oneDNN's blocked layout.
+
+    A plain `F.linear` in bf16 hands oneDNN a row-major weight, which it reorders on every
+    call; on SmolLM2-135M's shapes that reorder is ~35% of a step's projection time at any
+    batch size (1 thread: 13.1 ms packed vs 21.5 ms plain per step at 32 rows, 13.0 vs 18.4
+    at one row). The packed weight is opaque, so this module has no `.weight`: a tied
+    lm_head keeps the embedding's tensor untouched and gets its own packed copy.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @staticmethod
+    def available(dtype: torch.dtype) -> bool:
+        return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 def _quantized(linear: nn.Linear, method: str) -> nn.Module:
     """A layer whose shape the int4 kernel cannot take gets int8 instead."""
     if method == "int4" and Int4Linear.fits(linear):
@@ -120,13 +148,27 @@ def _quantized(linear: nn.Linear, method: str) -> nn.Module:
     return AutoLinear(linear) if method == "auto" else Int8Linear(linear)
 
 
-@torch.no_grad()
-def quantize_model(model: CausalLM, method: str) -> None:
+def _replace_linears(model: CausalLM, make, make_head) -> None:
     """Replaces, in place, the linear layers of the decoder layers (not Mixtral's router) and the lm_head."""
-    if method not in METHODS:
-        raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
     for parent in list(model.layers.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not (isinstance(parent, SparseMoE) and name == "gate"):
-                setattr(parent, name, _quantized(child, method))
-    model.lm_head = _quantized(model.lm_head, "int8" if method == "int4" else method)
+                setattr(parent, name, make(child))
+    model.lm_head = make_head(model.lm_head)
+
+
+@torch.no_grad()
+def quantize_model(model: CausalLM, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
+    _replace_linears(model, lambda lin: _quantized(lin, method),
+                     lambda lin: _quantized(lin, "int8" if method == "int4" else method))
+
+
+@torch.no_grad()
+def pack_model(model: CausalLM) -> bool:
+    """Packs the bf16 linear layers for oneDNN (see PackedLinear); False if this CPU cannot."""
+    if not PackedLinear.available(model.embed_tokens.weight.dtype):
+        return False
+    _replace_linears(model, PackedLinear, PackedLinear)
+    return True

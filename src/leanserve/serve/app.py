@@ -30,7 +30,7 @@ from ..energy.report import UsageLog, usage_record
 from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
 from ..jobs import JobsConfig
 from ..errors import InvalidRequest, LeanserveError, Overloaded
-from . import protocol as p
+from . import adapters, protocol as p
 from .auth import APIKeyAuth
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -68,7 +68,7 @@ class OpenAIServer:
         self.engine = engine
         self.config = config
         self.model_name = config.served_model_name or engine.model_name
-        self.auth = APIKeyAuth(config.api_keys)
+        self.auth = APIKeyAuth(config.api_keys, config.api_key_classes)
         self.metrics = ServerMetrics(engine.stats, engine.ledger)
         self.usage_log = UsageLog(config.usage_log) if config.usage_log else None
         self.ready = False  # True between engine start and the first shutdown signal
@@ -80,19 +80,31 @@ class OpenAIServer:
         return {"status": "ok"}
 
     async def readiness(self) -> JSONResponse:
+        """503 also while the model is unloaded (scale to zero) or loading again; requests are
+        still accepted then, and wait for the load."""
         if not self.ready:
             return JSONResponse({"status": "unavailable"}, status_code=503)
+        if getattr(self.engine, "loading", False):
+            return JSONResponse({"status": "loading", "message": "The model is being loaded again; "
+                                 "requests are accepted and wait for it."}, status_code=503)
+        if not getattr(self.engine, "loaded", True):
+            return JSONResponse({"status": "unloaded", "message": "The model was unloaded after "
+                                 f"{self.engine.config.idle_unload_seconds:g} idle seconds; the next "
+                                 "request loads it again and waits for it."}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def authorize(self, request: Request) -> None:
-        self.auth.check(request.headers.get("authorization"))
+        """Also notes the key's default service class for `_priority`."""
+        request.state.service_class = self.auth.check(request.headers.get("authorization"))
 
     async def models(self) -> JSONResponse:
         self.metrics.count(200)
-        return JSONResponse(p.model_list([self.model_name], self.created))
+        body = p.model_list([self.model_name], self.created)
+        body["data"] += adapters.model_entries(self)
+        return JSONResponse(body)
 
     # -- generation -------------------------------------------------------------------------
 
@@ -102,7 +114,7 @@ class OpenAIServer:
         prompt = chat_prompt_ids(self.engine.tokenizer, messages)
         params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs())
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, [prompt], params, req.priority)
+        streams = self._submit(rid, [prompt], params, self._priority(request, req), request.state.adapter)
         if req.stream:
             return self._sse(self._chat_events(rid, req, streams), rid, len(streams))
         choices = await self._collect(request, rid, streams, req.user)
@@ -120,7 +132,7 @@ class OpenAIServer:
         req = await self._parse(request, p.CompletionRequest)
         params = self._sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, req.prompt, params, req.priority)
+        streams = self._submit(rid, req.prompt, params, self._priority(request, req), request.state.adapter)
         if req.stream:
             return self._sse(self._completion_events(rid, req, streams), rid, len(streams))
         choices = await self._collect(request, rid, streams, req.user)
@@ -141,8 +153,7 @@ class OpenAIServer:
             req = model.model_validate_json(await self._body(request))
         except ValidationError as e:
             raise p.validation_error(e) from None
-        if req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        request.state.adapter = adapters.resolve(self, req.model)  # 404 for an unknown model or adapter
         return req
 
     async def _body(self, request: Request) -> bytes:
@@ -178,14 +189,22 @@ class OpenAIServer:
                 raise APIError(400, str(e), param=str(e).split()[0]) from None
         return out
 
-    def _submit(self, rid: str, prompts: list, params: list[SamplingParams], priority: str) -> list:
+    @staticmethod
+    def _priority(request: Request, req: p.GenerateRequest) -> str:
+        """The body's `priority` if it sets one, else its API key's class, else the field's default."""
+        if "priority" in req.model_fields_set:
+            return req.priority
+        return getattr(request.state, "service_class", None) or req.priority
+
+    def _submit(self, rid: str, prompts: list, params: list[SamplingParams], priority: str,
+                adapter: str | None = None) -> list:
         """Adds n sequences per prompt; if one is refused, the ones already added are aborted."""
         streams = []
         try:
             for prompt in prompts:
                 for sp in params:
                     streams.append(self.engine.add_request(f"{rid}-{len(streams)}", prompt, sp,
-                                                           PRIORITY_CLASSES[priority]))
+                                                           PRIORITY_CLASSES[priority], adapter=adapter))
         except LeanserveError:
             self._abort(rid, len(streams))
             raise
@@ -228,9 +247,9 @@ class OpenAIServer:
         """Latency metrics (not of aborted sequences), energy totals and the usage log."""
         if out.finish_reason != "abort":
             self.metrics.observe(out)
-        self.metrics.energy.add(out.bill or Bill(), model=self.model_name, user=user or "")
+        self.metrics.energy.add(out.bill or Bill(), model=self.model_name, adapter=out.adapter or "", user=user or "")
         if self.usage_log is not None:
-            self.usage_log.write(usage_record(out, self.model_name, user=user))
+            self.usage_log.write(usage_record(out, self.model_name, adapter=out.adapter, user=user))
 
     async def _collect(self, request: Request, rid: str, streams: list, user: str | None) -> list[Choice] | None:
         """Every choice, or None when the client disconnects first (its sequences are aborted)."""
@@ -386,6 +405,7 @@ def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | No
     api.post("/chat/completions")(server.chat_completions)
     api.post("/completions")(server.completions)
     app.include_router(api)
+    app.include_router(adapters.adapter_router(server))
     if jobs is not None:
         from .batch_api import batch_router  # it imports this module
         app.include_router(batch_router(server, jobs))

@@ -18,15 +18,16 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from ..errors import LeanserveError
 from ..jobs import JobsConfig
+from ..jobs.carbon_schedule import window_seconds
 from ..jobs.store import JobStore
-from ..jobs.worker import JobWorker
+from ..jobs.worker import EngineRates, JobWorker
 from . import protocol as p
 from .app import CLIENT_GONE, OpenAIServer
 from .protocol import APIError
@@ -36,7 +37,7 @@ log = logging.getLogger("leanserve.serve")
 HANDLERS = {"/v1/chat/completions": OpenAIServer.chat_completions, "/v1/completions": OpenAIServer.completions}
 TRY_LATER = {429, 503, CLIENT_GONE}  # overloaded, shutting down, stopped: not an answer to store
 FORM_OVERHEAD = 64 * 1024  # multipart headers and the purpose field, on top of the file
-BATCH_WINDOW_SECONDS = 24 * 3600
+MIN_MEASURED_TOKENS = 512  # the engine's own rates are trusted after it has run this many
 
 
 # -- replaying a request through the live handler ---------------------------------------------
@@ -97,11 +98,15 @@ def batch_object(row: dict) -> dict:
         "input_file_id": row["input_file_id"], "completion_window": row["completion_window"],
         "status": row["status"], "output_file_id": row["output_file_id"], "error_file_id": row["error_file_id"],
         "created_at": row["created_at"], "in_progress_at": row["in_progress_at"],
-        "expires_at": row["created_at"] + BATCH_WINDOW_SECONDS, "finalizing_at": row["finalizing_at"],
+        "expires_at": row["created_at"] + window_seconds(row["completion_window"]),
+        "finalizing_at": row["finalizing_at"],
         "completed_at": row["completed_at"], "failed_at": row["failed_at"], "expired_at": None,
         "cancelling_at": row["cancelling_at"], "cancelled_at": row["cancelled_at"],
         "request_counts": {"total": row["total"], "completed": row["completed"], "failed": row["failed"]},
         "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+        # extension: when its lines run and the carbon that saves (jobs.carbon_schedule.Plan);
+        # null until its input is validated
+        "leanserve": json.loads(row["plan"]) if row["plan"] else None,
     }
 
 
@@ -124,8 +129,14 @@ class BatchCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     input_file_id: str
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
-    completion_window: Literal["24h"]
+    completion_window: str  # "24h" as OpenAI's; also any "Nh" up to a week (jobs.carbon_schedule)
     metadata: dict[str, str] | None = None
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        window_seconds(value)
+        return value
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -135,7 +146,19 @@ class BatchAPI:
         self.server = server
         self.config = config
         self.store = JobStore(config.data_dir)
-        self.worker = JobWorker(self.store, functools.partial(answer, server), server.model_name, config)
+        self.worker = JobWorker(self.store, functools.partial(answer, server), server.model_name, config,
+                                self.rates)
+
+    def rates(self) -> EngineRates:
+        """Tokens per second of engine time and joules per token, from this server's energy
+        bill: both over every token the engine has run (prefill and decode)."""
+        engine = self.server.engine
+        billed, _, _ = engine.ledger.totals()
+        tokens = engine.stats().get("tokens_run", 0)
+        pue = engine.ledger.carbon.pue
+        if tokens < MIN_MEASURED_TOKENS or billed.active_seconds <= 0:
+            return EngineRates(pue=pue)
+        return EngineRates(tokens / billed.active_seconds, billed.energy_joules / tokens or None, pue)
 
     def _ok(self, body: dict, status: int = 200, headers: dict | None = None) -> JSONResponse:
         self.server.metrics.count(status)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from ..energy.metrics import EnergyMetrics, Utilisation
 from ..engine.sequence import CLASS_NAMES, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
@@ -43,6 +44,7 @@ class ServerMetrics:
         Gauge("leanserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r).set_function(
             lambda: 1 - engine_stats()["kv_blocks_free"] / engine_stats()["kv_blocks_total"])
         r.register(_EngineCounters(engine_stats))
+        r.register(_ModelResidency(engine_stats))
         self.energy = EnergyMetrics(ledger, Utilisation())
         r.register(self.energy)
 
@@ -85,3 +87,48 @@ class _EngineCounters:
         stats = self.engine_stats()
         for name, (doc, key) in self.COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=stats[key])
+
+
+class _ModelResidency:
+    """Scale to zero: whether the weights are in memory, how often they were dropped, and
+    how long each load took (the first one at startup too). Engines without these stats
+    (tests' fakes) report nothing."""
+
+    def __init__(self, engine_stats):
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = self.engine_stats()
+        if "model_loaded" not in stats:
+            return
+        yield GaugeMetricFamily("leanserve_model_loaded", "1 while the model weights are in memory, else 0",
+                                value=float(stats["model_loaded"]))
+        yield CounterMetricFamily("leanserve_model_unloads", "Times the model was unloaded after idling",
+                                  value=stats["model_unloads"])
+        loads = stats["model_load_seconds"]
+        buckets = [(str(float(le)), sum(x <= le for x in loads)) for le in LOAD_BUCKETS]
+        yield HistogramMetricFamily("leanserve_model_load_seconds", "Time to load the model weights",
+                                    buckets=[*buckets, ("+Inf", len(loads))], sum_value=sum(loads))
+
+
+class LoRAMetrics:
+    """Adapters registered and resident (read at scrape time), loads, and requests per adapter."""
+
+    def __init__(self, registry: CollectorRegistry, lora):
+        r = registry
+        Gauge("leanserve_lora_adapters_registered", "LoRA adapters that requests may name",
+              registry=r).set_function(lambda: len(lora.adapters) if lora else 0)
+        Gauge("leanserve_lora_adapters_resident", "LoRA adapters in compute slots (at most --max-loras)",
+              registry=r).set_function(lambda: lora.num_resident if lora else 0)
+        self.loads = Counter("leanserve_lora_loads", "LoRA adapter reads from disk (registration and reloads "
+                             "after eviction)", registry=r)
+        self.load_time = Histogram("leanserve_lora_load_seconds", "Time to read and check one LoRA adapter",
+                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+                                   registry=r)
+        self.requests = Counter("leanserve_lora_requests", "Generation requests by the adapter they name",
+                                ["adapter"], registry=r)
+
+    def loaded(self, name: str, seconds: float) -> None:
+        """Called by the adapter store from its loader threads (prometheus_client is thread-safe)."""
+        self.loads.inc()
+        self.load_time.observe(seconds)

@@ -1,0 +1,45 @@
+"""Native CPU kernels, compiled on first use by the local C++ compiler and cached.
+
+`torch.utils.cpp_extension.load` builds `paged_attention.cpp` against the installed torch
+(needs g++ and ninja; about a minute once, then cached under `TORCH_EXTENSIONS_DIR`, by
+default `~/.cache/torch_extensions`). When the build is impossible (no compiler, or
+`LEANSERVE_NATIVE_KERNELS=0`), callers fall back to plain torch ops: slower, same results.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
+# -ffast-math lets the vectorizer reorder float sums and use glibc's vector expf (the kernel
+# never forms an infinity or a NaN on valid input); AMX is off because some VMs advertise it
+# yet fault on its instructions.
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-ffast-math"]
+
+
+def _cpu_tag() -> str:
+    """The build is tuned for this CPU (-march=native): name it by the CPU's feature flags,
+    so a cache shared with another machine never loads code this CPU cannot run."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return hashlib.blake2b(flags.encode(), digest_size=4).hexdigest()
+
+
+@functools.cache
+def native():
+    """The compiled module, or None when it cannot be built here."""
+    if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        return load(name=f"leanserve_kernels_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=CFLAGS)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
+        log.warning("native kernels unavailable, using torch ops instead: %s", e)
+        return None

@@ -1,0 +1,370 @@
+// Decode attention straight over the paged KV cache, for CPUs.
+//
+// Each decode row is one new query token of one sequence. Its keys and values live in
+// whole blocks of the pool ([blocks, block_size, kv_heads, head_dim]) named by the row's
+// block table. Gathering those blocks into a padded batch and calling SDPA copies every
+// key and value once more per layer and pays the kernel's per-call overheads for a query
+// of length one; here each sequence's task reads its blocks in place, once, and computes
+// all query heads from each token's row of keys (grouped-query heads share a kv head).
+// Every task only reads its own sequence's cache, so a row's result does not depend on
+// which other sequences share the step (batch-invariant by construction).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+// A row to float32. c10::BFloat16's own conversion has a branch that keeps GCC from
+// vectorizing the loop; bf16 is the top half of a float32, so shift the bits instead.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <>
+inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = static_cast<uint32_t>(bits[j]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    dst[j] = f;
+  }
+}
+
+template <typename scalar_t>
+void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
+                   const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                   int64_t bs, int64_t W, int64_t window, float scale) {
+  const int64_t g = H / Hkv;
+  const int64_t row = Hkv * D;  // one token's keys (or values) of all kv heads, contiguous
+  const int64_t blk_stride = bs * row;
+  // One task per sequence: each token's row of all kv heads is read once, whole.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), acc(H * D), rowf(row), scores;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      scores.resize(H * n);
+      for (int64_t j = 0; j < H * D; ++j) qf[j] = to_f(q[b * H * D + j]) * scale;
+      const int64_t* table = tables + b * W;
+      for (int64_t t = first; t < len; ++t) {  // scores: one pass over the keys
+        const scalar_t* k = kc + table[t / bs] * blk_stride + (t % bs) * row;
+        load_row(k, rowf.data(), row);
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qh = qf.data() + h * D;
+          const float* kh = rowf.data() + (h / g) * D;
+          float s = 0.f;
+          for (int64_t d = 0; d < D; ++d) s += qh[d] * kh[d];
+          scores[h * n + (t - first)] = s;
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {  // softmax per query head
+        float* s = scores.data() + h * n;
+        float m = -std::numeric_limits<float>::max();  // built with -ffast-math: no infinities
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = first; t < len; ++t) {  // weighted values: one pass over the values
+        const scalar_t* v = vc + table[t / bs] * blk_stride + (t % bs) * row;
+        load_row(v, rowf.data(), row);
+        for (int64_t h = 0; h < H; ++h) {
+          const float p = scores[h * n + (t - first)];
+          const float* vh = rowf.data() + (h / g) * D;
+          float* a = acc.data() + h * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
+        }
+      }
+      for (int64_t j = 0; j < H * D; ++j) out[b * H * D + j] = static_cast<scalar_t>(acc[j]);
+    }
+  });
+}
+
+
+#if defined(__AVX512F__)
+// The hot case, hand-vectorised: bf16 caches, head_dim = 16 * NV, G query heads per kv head.
+// Each sequence streams its keys, then its values, once each.
+inline __m512 load_bf16x16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int NV, int G>
+void decode_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                        const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
+                        int64_t bs, int64_t W, int64_t window, float scale) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t H = Hkv * G;
+  const int64_t row = Hkv * D;  // one token's keys of all kv heads: contiguous
+  const int64_t blk_stride = bs * row;
+  // One task per sequence, so each block (bs tokens x all kv heads) is read front to back
+  // in one stream: reading one kv head's slice per task ran at a third of the bandwidth.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<__m512> qv(H * NV), ov(H * NV);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      scores.resize(H * n);
+      const int64_t* table = tables + b * W;
+      const int64_t last_blk = (len - 1) / bs;
+      // Blocks are scattered over the pool, so the hardware prefetcher cannot guess the
+      // next one: ask for it while this one is in use (decode attention is bound by reads).
+      auto prefetch = [&](const c10::BFloat16* cache, int64_t blk) {
+        if (blk > last_blk) return;
+        const char* base = reinterpret_cast<const char*>(cache + table[blk] * blk_stride);
+        for (int64_t c = 0; c < blk_stride * 2; c += 64) _mm_prefetch(base + c, _MM_HINT_T0);
+      };
+      const __m512 sc = _mm512_set1_ps(scale);
+      for (int64_t h = 0; h < H; ++h)
+        for (int v = 0; v < NV; ++v) qv[h * NV + v] = _mm512_mul_ps(load_bf16x16(q + (b * H + h) * D + v * 16), sc);
+      std::vector<float> mx(H, -std::numeric_limits<float>::max());  // -ffast-math: no infinities
+      prefetch(kc, first / bs);
+      // Walk whole blocks rather than dividing each position by the block size.
+      for (int64_t t = first, blk = first / bs, off = first % bs; t < len; ++t) {
+        if (t == first || off == 0) prefetch(kc, blk + 1);
+        const c10::BFloat16* k = kc + table[blk] * blk_stride + off * row;
+        if (++off == bs) off = 0, ++blk;
+        for (int64_t kh = 0; kh < Hkv; ++kh) {
+          __m512 kv[NV];
+          for (int v = 0; v < NV; ++v) kv[v] = load_bf16x16(k + kh * D + v * 16);
+          for (int i = 0; i < G; ++i) {
+            const int64_t h = kh * G + i;
+            __m512 acc = _mm512_mul_ps(qv[h * NV], kv[0]);
+            for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[h * NV + v], kv[v], acc);
+            const float sv = _mm512_reduce_add_ps(acc);
+            scores[h * n + (t - first)] = sv;
+            mx[h] = std::max(mx[h], sv);
+          }
+        }
+      }
+      std::vector<float> inv(H);
+      for (int64_t h = 0; h < H; ++h) {
+        float* sp = scores.data() + h * n;
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) { sp[j] = std::exp(sp[j] - mx[h]); sum += sp[j]; }
+        inv[h] = 1.f / sum;
+      }
+      std::fill(ov.begin(), ov.end(), _mm512_setzero_ps());
+      prefetch(vc, first / bs);
+      for (int64_t t = first, blk = first / bs, off = first % bs; t < len; ++t) {
+        if (t == first || off == 0) prefetch(vc, blk + 1);
+        const c10::BFloat16* vp = vc + table[blk] * blk_stride + off * row;
+        if (++off == bs) off = 0, ++blk;
+        for (int64_t kh = 0; kh < Hkv; ++kh) {
+          __m512 vv[NV];
+          for (int v = 0; v < NV; ++v) vv[v] = load_bf16x16(vp + kh * D + v * 16);
+          for (int i = 0; i < G; ++i) {
+            const int64_t h = kh * G + i;
+            const __m512 pv = _mm512_set1_ps(scores[h * n + (t - first)]);
+            for (int v = 0; v < NV; ++v) ov[h * NV + v] = _mm512_fmadd_ps(pv, vv[v], ov[h * NV + v]);
+          }
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const __m512 iv = _mm512_set1_ps(inv[h]);
+        c10::BFloat16* o = out + (b * H + h) * D;
+        for (int v = 0; v < NV; ++v) {
+          float tmp[16];
+          _mm512_storeu_ps(tmp, _mm512_mul_ps(ov[h * NV + v], iv));
+          for (int j = 0; j < 16; ++j) o[v * 16 + j] = c10::BFloat16(tmp[j]);
+        }
+      }
+    }
+  });
+}
+
+template <int NV>
+bool dispatch_groups(int64_t g, const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                     const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
+                     int64_t bs, int64_t W, int64_t window, float scale) {
+  switch (g) {
+#define LEANSERVE_G(N) case N: decode_bf16_avx512<NV, N>(q, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
+    LEANSERVE_G(1) LEANSERVE_G(2) LEANSERVE_G(3) LEANSERVE_G(4) LEANSERVE_G(5) LEANSERVE_G(6) LEANSERVE_G(7) LEANSERVE_G(8)
+#undef LEANSERVE_G
+    default: return false;
+  }
+}
+
+// True if the hand-vectorised path took the call (bf16, head_dim 64 or 128, <= 8 groups).
+bool decode_bf16_fast(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const int64_t* tables,
+                      const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                      int64_t bs, int64_t W, int64_t window, float scale) {
+  const int64_t g = H / Hkv;
+  if (D == 64) return dispatch_groups<4>(g, q, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
+  if (D == 128) return dispatch_groups<8>(g, q, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
+  return false;
+}
+#endif
+
+}  // namespace
+
+// q: [B, H, D]; k_cache, v_cache: [blocks, block_size, Hkv, D]; block_tables: [B, W] int64;
+// seq_lens: [B] int64 (keys per sequence, the new token's included); window: 0 for none.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, int64_t window,
+                                     double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtypes differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "tables must be int64");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "head sizes do not match");
+  TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "one table and length per row");
+  auto qc = q.contiguous();
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  auto out = torch::empty_like(qc);
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kBFloat16 &&
+      decode_bf16_fast(qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
+                       tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H, Hkv,
+                       D, bs, tables.size(1), window, static_cast<float>(scale)))
+    return out;
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                            B, H, Hkv, D, bs, tables.size(1), window, static_cast<float>(scale));
+  });
+  return out;
+}
+
+// ---- Fused elementwise work around the projections ----------------------------------
+// Eager torch spends ~8 small kernel calls on an RMSNorm and ~12 on a rotary embedding,
+// each paying dispatch and a pass over memory; at decode sizes those calls, not the
+// arithmetic, are the cost. These do each in one pass, in float32, rounding once.
+
+namespace {
+
+template <typename T>
+inline T from_f(float x) { return static_cast<T>(x); }
+
+template <typename scalar_t>
+void rms_norm_kernel(scalar_t* x, scalar_t* residual, const scalar_t* w, scalar_t* out, int64_t rows, int64_t n,
+                     float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* xr = x + r * n;
+      if (residual != nullptr) {  // residual += x; normalise the sum
+        scalar_t* rr = residual + r * n;
+        for (int64_t j = 0; j < n; ++j) rr[j] = from_f<scalar_t>(to_f(rr[j]) + to_f(xr[j]));
+        xr = rr;
+      }
+      load_row(xr, buf.data(), n);
+      float ss = 0.f;
+      for (int64_t j = 0; j < n; ++j) ss += buf[j] * buf[j];
+      const float inv = 1.f / std::sqrt(ss / n + eps);
+      scalar_t* o = out + r * n;
+      // As transformers: normalise in float32, round to the model dtype, then scale by the weight.
+      for (int64_t j = 0; j < n; ++j) o[j] = from_f<scalar_t>(to_f(w[j]) * to_f(from_f<scalar_t>(buf[j] * inv)));
+    }
+  });
+}
+
+template <typename scalar_t>
+void rope_kernel(scalar_t* qkv, const int64_t* pos, const float* cos, const float* sin, int64_t T, int64_t width,
+                 int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + pos[t] * D;
+      const float* s = sin + pos[t] * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        scalar_t* x = qkv + t * width + h * D;
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = to_f(x[j]), x2 = to_f(x[j + half]);
+          x[j] = from_f<scalar_t>(x1 * c[j] - x2 * s[j]);
+          x[j + half] = from_f<scalar_t>(x2 * c[j + half] + x1 * s[j + half]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void silu_mul_kernel(const scalar_t* gate_up, scalar_t* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* g = gate_up + r * 2 * n;
+      const scalar_t* u = g + n;
+      scalar_t* o = out + r * n;
+      for (int64_t j = 0; j < n; ++j) {
+        const float gv = to_f(g[j]);
+        o[j] = from_f<scalar_t>(gv / (1.f + std::exp(-gv)) * to_f(u[j]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// RMSNorm of each row of x ([rows, n]); with `residual`, first residual += x (in place) and
+// normalise the sum. Returns a new tensor.
+torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.size(-1) == weight.size(0), "bad rms_norm input");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: dtypes differ");
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  if (residual) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "bad residual");
+  auto out = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_kernel<scalar_t>(x.data_ptr<scalar_t>(), residual ? residual->data_ptr<scalar_t>() : nullptr,
+                              weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// Rotary embedding (half-split layout) in place on the first `heads` heads of each row of
+// qkv ([T, width]): the query and key heads. cos, sin: float32 [max_len, D].
+void rope_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+           int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, width] with contiguous rows");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.size(1) == head_dim, "cos/sin must be float32 [max_len, head_dim]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.size(0) == qkv.size(0), "one position per row");
+  auto pos = positions.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_", [&] {
+    rope_kernel<scalar_t>(qkv.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), cos.data_ptr<float>(),
+                          sin.data_ptr<float>(), qkv.size(0), qkv.stride(0), heads, head_dim);
+  });
+}
+
+// SwiGLU: silu(gate) * up for gate_up = [rows, 2n] (gate first). Returns [rows, n].
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0, "bad gate_up");
+  const int64_t n = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * n);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = n;
+  auto out = torch::empty(sizes, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
+    silu_mul_kernel<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding x into a residual in place");
+  m.def("rope_", &rope_, "rotary embedding in place on the query and key heads of qkv rows");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+}

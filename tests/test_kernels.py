@@ -1,0 +1,84 @@
+"""The native decode-attention kernel and packed bf16 linears against plain torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanserve.kernels import native
+from leanserve.models import llama
+from leanserve.models.quant import PackedLinear
+
+
+def reference(q, kc, vc, tables, lens, window):
+    """SDPA over the gathered blocks with an explicit mask: the textbook computation."""
+    B, _, D = q.shape
+    bs, hkv = kc.shape[1], kc.shape[2]
+    k = kc[tables].reshape(B, -1, hkv, D).transpose(1, 2).float()
+    v = vc[tables].reshape(B, -1, hkv, D).transpose(1, 2).float()
+    pos = torch.arange(tables.shape[1] * bs)
+    mask = pos[None, :] < lens[:, None]
+    if window:
+        mask &= pos[None, :] >= lens[:, None] - window
+    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
+    return out.squeeze(2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+@pytest.mark.parametrize("window", [0, 20])
+def test_native_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim, window):
+    kernels = native()
+    assert kernels is not None, "the native kernels must build on this machine (g++ and ninja)"
+    gen = torch.Generator().manual_seed(heads * head_dim + window)
+    B, bs, nblocks = 6, 16, 50
+    kc = torch.randn(nblocks, bs, kv_heads, head_dim, generator=gen).to(dtype)
+    vc = torch.randn(nblocks, bs, kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(B, heads, head_dim, generator=gen).to(dtype)
+    tables = torch.randperm(nblocks, generator=gen)[:B * 5].view(B, 5)
+    lens = torch.tensor([1, 16, 17, 40, 63, 80])
+    out = kernels.paged_decode_attention(q, kc, vc, tables, lens, window, head_dim ** -0.5)
+    torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, window), atol=tol, rtol=tol)
+
+
+def test_native_decode_row_does_not_depend_on_its_batch():
+    kernels = native()
+    gen = torch.Generator().manual_seed(0)
+    kc = torch.randn(40, 16, 3, 64, generator=gen).to(torch.bfloat16)
+    vc = torch.randn(40, 16, 3, 64, generator=gen).to(torch.bfloat16)
+    q = torch.randn(8, 9, 64, generator=gen).to(torch.bfloat16)
+    tables = torch.arange(40).view(8, 5)
+    lens = torch.tensor([5, 80, 33, 17, 64, 2, 49, 71])
+    batched = kernels.paged_decode_attention(q, kc, vc, tables, lens, 0, 0.125)
+    for i in range(8):
+        alone = kernels.paged_decode_attention(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], 0, 0.125)
+        assert torch.equal(alone, batched[i:i + 1])
+
+
+def test_model_gives_the_same_logits_with_and_without_the_native_kernel(monkeypatch):
+    """The whole paged_attention op (cache writes, decodes, prefill chunks) both ways."""
+    from leanserve import LLM, SamplingParams
+
+    prompts = [[5, 6, 7, 8, 9] * 7, [11, 12, 13] * 5, [20, 21] * 20]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
+    runs = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(llama, "native", lambda: None)
+        llm = LLM(dtype="float32", num_kv_blocks=64, max_num_batched_tokens=32)
+        outs = llm.generate(prompts, params)
+        runs.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs])
+    for (tok_a, lp_a), (tok_b, lp_b) in zip(*runs):
+        assert tok_a == tok_b
+        assert max(abs(a - b) for a, b in zip(lp_a, lp_b)) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_linear_matches_plain_linear(rows):
+    if not PackedLinear.available(torch.bfloat16):
+        pytest.skip("oneDNN bf16 is not available on this CPU")
+    torch.manual_seed(rows)
+    linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x).float(), linear(x).float(), atol=2e-2, rtol=2e-2)
