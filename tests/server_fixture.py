@@ -76,3 +76,10 @@ class ServerProcess:
         self.log.close()
         os.unlink(self.log.name)
         return self.proc.returncode
+
+
+def openai_client(server: "ServerProcess", api_key: str = "none", timeout: float = 120) -> "openai.OpenAI":
+    """The official client pointed at a test server, without retries (a retry would hide errors)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=timeout)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from server_fixture import ServerProcess, small_engine
+from server_fixture import ServerProcess, small_engine, openai_client
 
 from leanserve import batch_cli
 
@@ -33,7 +33,7 @@ def start_server(data_dir) -> ServerProcess:
 
 
 def client_of(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def chat_body(model: str, prompt: str, max_tokens: int = 16, **extra) -> dict:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from server_fixture import ServerProcess, small_engine
+from server_fixture import ServerProcess, small_engine, openai_client
 
 from leanserve import LLM, SamplingParams
 from leanserve.bench.lora import write_random_adapter
@@ -68,7 +68,7 @@ def server(lora_root):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 import pytest
-from server_fixture import ServerProcess, small_engine
+from server_fixture import ServerProcess, small_engine, openai_client
 
 from leanserve import LLM, SamplingParams
 
@@ -43,7 +43,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

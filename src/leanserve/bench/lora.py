@@ -23,8 +23,7 @@ from ..engine import lora as lora_mod
 from ..engine.llm import LLM
 from ..engine.lora import TARGETS, module_shapes
 from ..engine.sequence import SamplingParams
-from .loadgen import machine_info
-from .offline import make_prompts
+from .offline import make_prompts, throughput_result
 
 
 def write_random_adapter(folder: str, args, rank: int, seed: int, targets=tuple(TARGETS), alpha: float | None = None,
@@ -116,11 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     slot_bytes = sum(s.a[0].nbytes + sum(bt[0].nbytes for bt in s.bts) for s in stack.values())
     file_bytes = os.path.getsize(os.path.join(root, names[0], "adapter_model.safetensors"))
     result = {
-        "command": "leanserve bench lora " + " ".join(argv if argv is not None else []),
-        "machine": {**machine_info(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "config": vars(args),
-        "output_tokens_per_s": {k: {"median": round(med[k], 1), "runs": [round(x, 1) for x in v]}
-                                for k, v in runs.items()},
+        **throughput_result("lora", argv, args, runs, med),
         "ratios": {f"{k}/no_adapter": round(med[k] / med["no_adapter"], 3) for k in med if k != "no_adapter"},
         "first_token_ms": {"new_adapter_from_file": round(statistics.median(cold), 1),
                            "resident_adapter": round(statistics.median(warm), 1),

@@ -67,6 +67,19 @@ def run_hf(hf, prompts, output_len: int, batched: bool) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def throughput_result(bench: str, argv: list[str] | None, args, runs: dict[str, list[float]],
+                      med: dict[str, float]) -> dict:
+    """What every throughput benchmark's JSON starts with: the command, the machine, the
+    configuration, and output tokens/s per system (median and every run)."""
+    return {
+        "command": f"leanserve bench {bench} " + " ".join(argv if argv is not None else []),
+        "machine": {**machine_info(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "config": vars(args),
+        "output_tokens_per_s": {k: {"median": round(med[k], 1), "runs": [round(x, 1) for x in v]}
+                                for k, v in runs.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="leanserve bench offline", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: built-in)")
@@ -103,11 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs["transformers_static_batch"].append(run_hf(hf, prompts, args.output_len, True))
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
-        "command": "leanserve bench offline " + " ".join(argv if argv is not None else []),
-        "machine": {**machine_info(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "config": vars(args),
-        "output_tokens_per_s": {k: {"median": round(med[k], 1), "runs": [round(x, 1) for x in v]}
-                                for k, v in runs.items()},
+        **throughput_result("offline", argv, args, runs, med),
         "ratios": {f"leanserve/{k}": round(med["leanserve"] / med[k], 2) for k in med if k != "leanserve"},
     }
     print(f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, {args.dtype}, "
