@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.llama import AttnBatch, CausalLM, KVPool, visible
+from ..models.llama import AttnBatch, CausalLM, KVPool
 from .sequence import Sequence
 
 
@@ -13,7 +13,6 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.block_size = block_size
-        self.window = model.args.sliding_window
 
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Runs the scheduled tokens. Returns logits [S, vocab] for the S sequences that
@@ -42,12 +41,10 @@ class ModelRunner:
         if decodes:
             width = max(len(s.block_table) for s, _ in decodes)
             decode_blocks = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes])
-            k_pos = torch.arange(width * bs)[None, :]
-            decode_mask = visible(positions[:len(decodes), None], k_pos, self.window)[:, None, None, :]
         else:
             decode_blocks = torch.zeros(0, 1, dtype=torch.long)
-            decode_mask = torch.zeros(0, 1, 1, bs, dtype=torch.bool)
-        attn = AttnBatch(slot_mapping=torch.tensor(slots), decode_blocks=decode_blocks, decode_mask=decode_mask,
+        attn = AttnBatch(slot_mapping=torch.tensor(slots), decode_blocks=decode_blocks,
+                         decode_lens=positions[:len(decodes)] + 1,
                          prefill_meta=torch.tensor(meta, dtype=torch.long).view(-1, 3),
                          prefill_blocks=torch.tensor(ctx_blocks, dtype=torch.long))
         if self.lora is not None:  # which rows run which LoRA adapter (engine/lora.py)

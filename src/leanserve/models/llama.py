@@ -122,40 +122,47 @@ class AttnBatch:
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     decode_blocks: torch.Tensor  # [B, W] block table of each decode, padded with block 0
-    decode_mask: torch.Tensor  # [B, 1, 1, W * block_size] bool: the keys each decode sees
+    decode_lens: torch.Tensor  # [B] keys of each decode, its new token included
     prefill_meta: torch.Tensor  # [P, 3] int64: start row, length, context blocks (0: chunk alone)
     prefill_blocks: torch.Tensor  # the context blocks of all chunks, concatenated
+    decode_mask: torch.Tensor | None = None  # torch fallback only, made at its first use in a step
 
     @classmethod
     def prefill(cls, n: int) -> "AttnBatch":
         """One fresh sequence of n tokens written to slots [0, n)."""
-        return cls(torch.arange(n), torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, 1, 1, dtype=torch.bool),
-                   torch.tensor([[0, n, 0]]), torch.zeros(0, dtype=torch.long))
+        none = torch.zeros(0, dtype=torch.long)
+        return cls(torch.arange(n), none.view(0, 1), none, torch.tensor([[0, n, 0]]), none)
+
+    def decode_visible(self, block_size: int, window: int) -> torch.Tensor:
+        """[B, 1, 1, W * block_size] bool: the padded keys each decode may see (for SDPA)."""
+        if self.decode_mask is None:
+            k_pos = torch.arange(self.decode_blocks.shape[1] * block_size)[None, :]
+            self.decode_mask = visible(self.decode_lens[:, None] - 1, k_pos, window)[:, None, None, :]
+        return self.decode_mask
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                    decode_blocks: torch.Tensor, decode_mask: torch.Tensor, prefill_meta: torch.Tensor,
-                    prefill_blocks: torch.Tensor, window: int) -> torch.Tensor:
+                    v_cache: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, window: int) -> torch.Tensor:
     """Writes the step's keys/values into one layer's cache, then attends. q: [T, H, D];
     k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
     nkv, hd = k.shape[1], k.shape[2]
     bs = k_cache.shape[1]
-    k_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, nkv, hd).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, nkv, hd).index_copy_(0, batch.slot_mapping, k)
+    v_cache.view(-1, nkv, hd).index_copy_(0, batch.slot_mapping, v)
+    decode_blocks, prefill_blocks = batch.decode_blocks, batch.prefill_blocks
     out = torch.empty_like(q)
     if (B := decode_blocks.shape[0]) and (kernels := native()) is not None:
-        lens = positions[:B] + 1
-        out[:B] = kernels.paged_decode_attention(q[:B], k_cache, v_cache, decode_blocks, lens, window, hd ** -0.5)
+        out[:B] = kernels.paged_decode_attention(q[:B], k_cache, v_cache, decode_blocks, batch.decode_lens, window,
+                                                 hd ** -0.5)
     elif B:
         qd = q[:B].unsqueeze(2)  # [B, H, 1, D]
         blocks = decode_blocks.view(-1)  # index_select copies whole blocks: far faster than kc[blocks]
         kd = k_cache.index_select(0, blocks).view(B, -1, nkv, hd).transpose(1, 2)  # [B, Hkv, K, D]
         vd = v_cache.index_select(0, blocks).view(B, -1, nkv, hd).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode_mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_visible(bs, window), enable_gqa=True)
         out[:B] = o.squeeze(2)
     offset = 0
-    for start, length, ctx in prefill_meta.tolist():
+    for start, length, ctx in batch.prefill_meta.tolist():
         rows = slice(start, start + length)
         mask = None
         if ctx == 0 and not window:
@@ -250,8 +257,7 @@ class Attention(nn.Module):
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         if kernels is None:
             q, k = rotate(q, rope.cos, rope.sin), rotate(k, rope.cos, rope.sin)
-        out = paged_attention(q, k, v, k_cache, v_cache, positions, batch.slot_mapping, batch.decode_blocks,
-                              batch.decode_mask, batch.prefill_meta, batch.prefill_blocks, self.window)
+        out = paged_attention(q, k, v, k_cache, v_cache, positions, batch, self.window)
         return self.o_proj(out.view(T, self.nh * self.hd))
 
 
