@@ -9,7 +9,7 @@ import time
 
 import openai
 import pytest
-from server_fixture import ServerProcess, small_engine
+from server_fixture import ServerProcess, small_engine, openai_client
 
 from leanserve import batch_cli
 from leanserve.serve.auth import APIKeyAuth, api_key_classes, api_keys
@@ -50,7 +50,7 @@ def server(forecast_path):
 
 
 def client_of(server, key: str = REALTIME_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+    return openai_client(server, key)
 
 
 @pytest.fixture(scope="module")
