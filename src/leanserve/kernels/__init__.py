@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use by the local C++ compiler and cached.
 
-`torch.utils.cpp_extension.load` builds `paged_attention.cpp` against the installed torch
-(needs g++ and ninja; about a minute once, then cached under `TORCH_EXTENSIONS_DIR`, by
-default `~/.cache/torch_extensions`). When the build is impossible (no compiler, or
+`torch.utils.cpp_extension.load` builds each `<name>.cpp` of this folder as its own module
+against the installed torch (needs g++ and ninja; under a minute each, once, then cached
+under `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). When the build is impossible (no compiler, or
 `LEANSERVE_NATIVE_KERNELS=0`), callers fall back to plain torch ops: slower, same results.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+HERE = Path(__file__).parent
 # -ffast-math lets the vectorizer reorder float sums and use glibc's vector expf (the kernel
 # never forms an infinity or a NaN on valid input); AMX is off because some VMs advertise it
 # yet fault on its instructions.
@@ -32,14 +32,20 @@ def _cpu_tag() -> str:
     return hashlib.blake2b(flags.encode(), digest_size=4).hexdigest()
 
 
+def names() -> list[str]:
+    """The kernel modules there are: one per .cpp file here."""
+    return sorted(p.stem for p in HERE.glob("*.cpp"))
+
+
 @functools.cache
-def native():
-    """The compiled module, or None when it cannot be built here."""
+def native(name: str = "paged_attention"):
+    """The compiled module `name` (a .cpp file here), or None when it cannot be built here."""
     if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
-        return load(name=f"leanserve_kernels_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=CFLAGS)
+        tag = "kernels" if name == "paged_attention" else name
+        return load(name=f"leanserve_{tag}_{_cpu_tag()}", sources=[str(HERE / f"{name}.cpp")], extra_cflags=CFLAGS)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
-        log.warning("native kernels unavailable, using torch ops instead: %s", e)
+        log.warning("native kernels %s unavailable, using torch ops instead: %s", name, e)
         return None
