@@ -300,7 +300,7 @@ def test_step_lora_equals_per_row_reference(row_slots):
         a[s, :, r:] = 0
         for bt in bts:
             bt[s, r:] = 0
-    stack = Stack(a, bts, ranks)
+    stack = Stack(a, bts, ranks, torch.tensor(ranks, dtype=torch.int32))
     x = torch.randn(len(row_slots), d_in)
     y = torch.randn(len(row_slots), sum(outs))
     expected = y.clone()

@@ -80,11 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--segment-min-rows", type=int, default=None,
                     help="override engine.lora.SEGMENT_MIN_ROWS (1: every run of rows its own matmuls; "
                          "a large number: every row gathered)")
+    ap.add_argument("--no-native", action="store_true",
+                    help="the torch ops instead of the native LoRA kernel (float32 factors)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
     if args.segment_min_rows is not None:
         lora_mod.SEGMENT_MIN_ROWS = args.segment_min_rows
+    lora_mod.NATIVE = not args.no_native
 
     n = args.concurrency
     root = tempfile.mkdtemp(prefix="leanserve-bench-lora-")

@@ -65,7 +65,7 @@ class LLMEngine:
         self.pool = KVPool(args, num_blocks, config.block_size, dtype)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, config.block_size)
-        self.lora = LoRAManager(args, config.lora, [self.model_name, config.model])
+        self.lora = LoRAManager(args, config.lora, [self.model_name, config.model], dtype)
         self.runner.lora = self.scheduler.lora = self.lora
         self.sampler = Sampler(config.seed)
         self.ledger = make_ledger(config.energy, args)

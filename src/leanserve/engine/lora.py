@@ -53,13 +53,18 @@ MODULES = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"),
            "gate_up": ("mlp", "gate_up_proj"), "down": ("mlp", "down_proj")}
 KEY_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
-# Runs of at least this many rows of one adapter get their own matmuls; shorter runs are
-# gathered. A decode is one row; a prefill chunk is usually longer.
+# Torch fallback: runs of at least this many rows of one adapter get their own matmuls;
+# shorter runs are gathered. A decode is one row; a prefill chunk is usually longer.
 SEGMENT_MIN_ROWS = 4
-# The low-rank factors are kept and multiplied in float32: on this CPU (Xeon, AVX-512/AMX)
-# the small matmuls ran ~3x faster in float32 than in bfloat16, and float32 keeps the
-# deltas exact enough to compare with peft.
+# The native kernel's tile: rows of one adapter that share one read of its factors.
+TILE = 4
+# Torch fallback: the low-rank factors are kept and multiplied in float32: on this CPU
+# (Xeon, AVX-512) torch's small matmuls ran ~3x faster in float32 than in bfloat16. The
+# native kernel keeps them in the model's dtype when that is bfloat16 (half the bytes to
+# read each step), else in float32.
 LORA_DTYPE = torch.float32
+# False: the torch ops even where the native kernel builds (to compare them, bench lora).
+NATIVE = True
 
 
 def module_shapes(args) -> dict[str, tuple[int, list[int]]]:
@@ -236,6 +241,7 @@ class Stack:
     a: torch.Tensor
     bts: list[torch.Tensor]
     ranks: list[int]  # each slot's rank in this module (0: the adapter does not touch it)
+    rank_t: torch.Tensor  # the same as int32, for the native kernel
 
     def delta(self, h: torch.Tensor, bts: list[torch.Tensor]) -> torch.Tensor:
         """h [..., parts, k, r] (each part's low-rank activations) @ each part's B^T -> [..., k, out]."""
@@ -247,17 +253,34 @@ class Stack:
 class StepLoRA:
     """Rows -> adapter slots of one step, in the form the projections use.
 
-    Long runs of one adapter's rows (prefill chunks) are `segments`: plain matmuls on a
-    slice. The other rows (decodes) are grouped by slot into a [slots, rows per slot, in]
-    batch for batched matmuls straight on the stacked factors of a window of slots, with
-    no copy of the factors; reading each used adapter's factors once is the floor of the
-    cost. When the used slots are scattered (the window would be over twice their number),
-    the used slots' factors are gathered first instead.
+    With the native kernel (kernels/lora.cpp), the adapter rows are grouped by slot into
+    tiles of at most TILE rows and one call per projection adds every row's delta, reading
+    each used slot's factors once per tile.
+
+    The torch fallback: long runs of one adapter's rows (prefill chunks) are `segments`:
+    plain matmuls on a slice. The other rows (decodes) are grouped by slot into a [slots,
+    rows per slot, in] batch for batched matmuls straight on the stacked factors of a window
+    of slots, with no copy of the factors. When the used slots are scattered (the window
+    would be over twice their number), the used slots' factors are gathered first instead.
     """
 
-    def __init__(self, row_slots: list[int]):
+    def __init__(self, row_slots: list[int], kernel=None):
+        self.kernel = kernel
         self.segments: list[tuple[int, int, int]] = []  # (start, end, slot) of long runs
+        self.rows = None
         groups: dict[int, list[int]] = {}
+        if kernel is not None:
+            for row, slot in enumerate(row_slots):
+                if slot >= 0:
+                    groups.setdefault(slot, []).append(row)
+            rows, tiles = [], []
+            for slot, g in groups.items():
+                for i in range(0, len(g), TILE):
+                    tiles.append((len(rows), len(rows) + len(g[i:i + TILE]), slot))
+                    rows.extend(g[i:i + TILE])
+            self.native_rows = torch.tensor(rows, dtype=torch.long)
+            self.tiles = torch.tensor(tiles, dtype=torch.long).view(-1, 3)
+            return
         start = 0
         while start < len(row_slots):
             slot, end = row_slots[start], start + 1
@@ -270,7 +293,6 @@ class StepLoRA:
                     groups.setdefault(slot, []).extend(range(start, end))
             start = end
         self.used = sorted(groups)
-        self.rows = None
         if not groups:
             return
         lo, hi = self.used[0], self.used[-1]
@@ -286,12 +308,21 @@ class StepLoRA:
         self.index = torch.tensor([position[s] * self.per_slot + j for s in self.used for j in range(len(groups[s]))])
 
     def apply(self, stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d_in = x.shape[1]
+        if self.kernel is not None:
+            if y.dtype != stack.a.dtype or not y.is_contiguous():  # e.g. a quantized projection's output
+                out = y.to(stack.a.dtype, memory_format=torch.contiguous_format)
+                self.kernel.apply(x.to(stack.a.dtype).contiguous(), out, stack.a, stack.bts, stack.rank_t,
+                                  self.native_rows, self.tiles)
+                return out.to(y.dtype)
+            self.kernel.apply(x.to(stack.a.dtype).contiguous(), y, stack.a, stack.bts, stack.rank_t,
+                              self.native_rows, self.tiles)
+            return y
+        d_in, dtype = x.shape[1], stack.a.dtype
         for start, end, slot in self.segments:
             r = stack.ranks[slot]
             if r:
                 a = stack.a[slot, :, :r]  # [parts, r, in]
-                h = (x[start:end].to(LORA_DTYPE) @ a.reshape(-1, d_in).t()).view(end - start, len(a), r)
+                h = (x[start:end].to(dtype) @ a.reshape(-1, d_in).t()).view(end - start, len(a), r)
                 y[start:end] += stack.delta(h.transpose(0, 1), [bt[slot, :r] for bt in stack.bts]).to(y.dtype)
         if self.rows is not None:
             r = max(stack.ranks[s] for s in self.used)
@@ -303,8 +334,8 @@ class StepLoRA:
                     a = stack.a[:, :, :r].index_select(0, self.gather)
                     bts = [bt[:, :r].index_select(0, self.gather) for bt in stack.bts]
                 # rows as [slot, k-th row of it], zeros where a slot has fewer rows
-                xs = x.new_zeros(span * k, d_in, dtype=LORA_DTYPE)
-                xs.index_copy_(0, self.index, x.index_select(0, self.rows).to(LORA_DTYPE))
+                xs = x.new_zeros(span * k, d_in, dtype=dtype)
+                xs.index_copy_(0, self.index, x.index_select(0, self.rows).to(dtype))
                 xs = xs.view(span, 1, k, d_in).expand(span, parts, k, d_in).reshape(span * parts, k, d_in)
                 h = torch.bmm(xs, a.reshape(span * parts, r, d_in).transpose(1, 2))  # (a view: no copy)
                 delta = stack.delta(h.view(span, parts, k, r), bts).view(span * k, -1).index_select(0, self.index)
@@ -315,8 +346,10 @@ class StepLoRA:
 class LoRAManager:
     """The adapter registry, the resident slots and the per-step row mapping."""
 
-    def __init__(self, args, config: LoRAConfig, base_names: list[str]):
+    def __init__(self, args, config: LoRAConfig, base_names: list[str], dtype: torch.dtype = torch.float32):
         self.args = args
+        self.model_dtype = dtype
+        self.kernel = None  # kernels/lora.cpp, or None: torch ops (set with the stacks)
         self.config = config
         self.base_names = _base_names(base_names)
         self.adapters: dict[str, Adapter] = {}
@@ -472,6 +505,7 @@ class LoRAManager:
             parts = adapter.weights.factors.get((layer, module)) or []
             stack.a[slot].zero_()
             stack.ranks[slot] = max((f[0].shape[0] for f in parts if f is not None), default=0)
+            stack.rank_t[slot] = stack.ranks[slot]
             for p, bt in enumerate(stack.bts):
                 bt[slot].zero_()
                 if p < len(parts) and parts[p] is not None:
@@ -483,13 +517,18 @@ class LoRAManager:
         adapter.weights = None  # the slot holds them now; an eviction reads the file again
 
     def _allocate(self) -> None:
+        from ..kernels import native
+
+        self.kernel = native("lora") if NATIVE else None
+        dtype = torch.bfloat16 if self.kernel is not None and self.model_dtype == torch.bfloat16 else LORA_DTYPE
         n, r = self.config.max_loras, self.config.max_rank
         for module, (d_in, outs) in module_shapes(self.args).items():
             if self.args.num_experts and module in ("gate_up", "down"):
                 continue  # Mixtral's experts take no LoRA
             for layer in range(self.args.num_layers):
-                self.stacks[layer, module] = Stack(torch.zeros(n, len(outs), r, d_in, dtype=LORA_DTYPE),
-                                                   [torch.zeros(n, r, o, dtype=LORA_DTYPE) for o in outs], [0] * n)
+                self.stacks[layer, module] = Stack(torch.zeros(n, len(outs), r, d_in, dtype=dtype),
+                                                   [torch.zeros(n, r, o, dtype=dtype) for o in outs], [0] * n,
+                                                   torch.zeros(n, dtype=torch.int32))
 
     def attach(self, model: nn.Module) -> None:
         """Wraps the model's projections (once per model object)."""
@@ -516,4 +555,4 @@ class LoRAManager:
         for seq, n in batch:
             slot = -1 if seq.adapter is None else seq.adapter.slot
             row_slots.extend([slot] * n)
-        self.step = StepLoRA(row_slots)
+        self.step = StepLoRA(row_slots, self.kernel)

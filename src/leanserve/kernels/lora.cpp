@@ -1,0 +1,244 @@
+// Low-rank adapter deltas of many adapters in one call ("BGMV", as in Punica and S-LoRA).
+//
+// One call per fused projection (qkv, o, gate_up, down) adds, for every row that runs an
+// adapter, y[row, part p's columns] += (x[row] @ A[slot, p]^T) @ B^T[slot, p] for all parts
+// at once. The factors of every resident adapter are stacked in slots; each row names its
+// slot. Rows are grouped by slot into tiles of at most TILE rows (the caller sorts them):
+// a tile reads its slot's factors once for all its rows, and tiles run in parallel. Only the
+// slot's own rank in this module is read, not the zero padding up to the stack's rank.
+//
+// Types: x and y float32 with float32 factors, or x and y bfloat16 with bfloat16 factors
+// (AVX-512 BF16 dot products for x @ A^T). Sums are in float32; y is rounded once.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TILE = 4;    // rows of one slot sharing one read of its factors
+constexpr int64_t CHUNK = 64;  // output columns summed in registers at a time
+
+inline float bf16_to_f(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round to nearest even (no NaNs reach here: built with -ffast-math, inputs are finite).
+inline uint16_t f_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  u += 0x7fff + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float load_f(const float* p, int64_t i) { return p[i]; }
+inline float load_f(const uint16_t* p, int64_t i) { return bf16_to_f(p[i]); }
+inline void add_store(float* p, int64_t i, float v) { p[i] += v; }
+inline void add_store(uint16_t* p, int64_t i, float v) { p[i] = f_to_bf16(bf16_to_f(p[i]) + v); }
+
+// h[k][j] = x[rows[k]] . a[j] for j < n (a: n rows of d_in).
+inline void shrink(const float* x, const int64_t* rows, int64_t nk, const float* a, int64_t n, int64_t d_in,
+                   float* h, int64_t h_stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* aj = a + j * d_in;
+    for (int64_t k = 0; k < nk; ++k) {
+      const float* xk = x + rows[k] * d_in;
+      float s = 0.f;
+      for (int64_t i = 0; i < d_in; ++i) s += xk[i] * aj[i];
+      h[k * h_stride + j] = s;
+    }
+  }
+}
+
+inline void shrink(const uint16_t* x, const int64_t* rows, int64_t nk, const uint16_t* a, int64_t n, int64_t d_in,
+                   float* h, int64_t h_stride) {
+#if defined(__AVX512BF16__)
+  // Four rows of A at a time against every x row of the tile: 4 x nk independent sums keep
+  // the dot-product units busy (one sum alone would wait on its own latency).
+  const int64_t full = d_in / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (d_in - full)) - 1);
+  const uint16_t* xs[TILE];
+  for (int64_t k = 0; k < nk; ++k) xs[k] = x + rows[k] * d_in;
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const int64_t nj = std::min<int64_t>(4, n - j0);
+    __m512 acc[4][TILE];
+    for (int64_t j = 0; j < 4; ++j)
+      for (int64_t k = 0; k < TILE; ++k) acc[j][k] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d_in; i += 32) {
+      const __mmask32 m = i < full ? static_cast<__mmask32>(~0u) : tail;
+      __m512bh xv[TILE];
+      for (int64_t k = 0; k < nk; ++k) xv[k] = (__m512bh)_mm512_maskz_loadu_epi16(m, xs[k] + i);
+      for (int64_t j = 0; j < nj; ++j) {
+        // the next four rows, one block ahead: the hardware prefetcher stops at each 4 KiB page
+        if (j0 + 4 + j < n) _mm_prefetch(reinterpret_cast<const char*>(a + (j0 + 4 + j) * d_in + i), _MM_HINT_T0);
+        const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a + (j0 + j) * d_in + i);
+        for (int64_t k = 0; k < nk; ++k) acc[j][k] = _mm512_dpbf16_ps(acc[j][k], xv[k], av);
+      }
+    }
+    for (int64_t j = 0; j < nj; ++j)
+      for (int64_t k = 0; k < nk; ++k) h[k * h_stride + j0 + j] = _mm512_reduce_add_ps(acc[j][k]);
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* aj = a + j * d_in;
+    for (int64_t k = 0; k < nk; ++k) {
+      const uint16_t* xk = x + rows[k] * d_in;
+      float s = 0.f;
+      for (int64_t i = 0; i < d_in; ++i) s += bf16_to_f(xk[i]) * bf16_to_f(aj[i]);
+      h[k * h_stride + j] = s;
+    }
+  }
+#endif
+}
+
+// y[rows[k], col + o] += sum_r h[k][r] * bt[r, o] for o < out (bt: r rows of `out`).
+template <typename T, typename F>
+inline void expand(const float* h, int64_t h_stride, int64_t nk, const F* bt, int64_t r, int64_t out,
+                   T* y, const int64_t* rows, int64_t y_stride, int64_t col) {
+  float acc[TILE][CHUNK];
+  float b[CHUNK];
+  for (int64_t o0 = 0; o0 < out; o0 += CHUNK) {
+    const int64_t w = std::min(CHUNK, out - o0);
+    for (int64_t k = 0; k < nk; ++k) std::fill(acc[k], acc[k] + CHUNK, 0.f);
+    for (int64_t j = 0; j < r; ++j) {
+      const F* row = bt + j * out + o0;
+      for (int64_t o = 0; o < w; ++o) b[o] = load_f(row, o);
+      for (int64_t k = 0; k < nk; ++k) {
+        const float hk = h[k * h_stride + j];
+        for (int64_t o = 0; o < w; ++o) acc[k][o] += hk * b[o];
+      }
+    }
+    for (int64_t k = 0; k < nk; ++k) {
+      T* yk = y + rows[k] * y_stride + col + o0;
+      for (int64_t o = 0; o < w; ++o) add_store(yk, o, acc[k][o]);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// The bfloat16 expand with the sums in registers: 64 output columns x up to TILE rows.
+template <>
+inline void expand<uint16_t, uint16_t>(const float* h, int64_t h_stride, int64_t nk, const uint16_t* bt, int64_t r,
+                                       int64_t out, uint16_t* y, const int64_t* rows, int64_t y_stride, int64_t col) {
+  constexpr int V = CHUNK / 16;
+  for (int64_t o0 = 0; o0 < out; o0 += CHUNK) {
+    __mmask16 m[V];
+    for (int v = 0; v < V; ++v) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, out - o0 - 16 * v));
+      m[v] = static_cast<__mmask16>((1u << left) - 1);
+    }
+    __m512 acc[TILE][V];
+    for (int64_t k = 0; k < TILE; ++k)
+      for (int v = 0; v < V; ++v) acc[k][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < r; ++j) {
+      const uint16_t* row = bt + j * out + o0;
+      if (o0 + 4 * CHUNK < out) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + 4 * CHUNK), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row + 4 * CHUNK + 32), _MM_HINT_T0);
+      }
+      __m512 b[V];
+      for (int v = 0; v < V; ++v) b[v] = load_bf16(row + 16 * v, m[v]);
+      for (int64_t k = 0; k < nk; ++k) {
+        const __m512 hk = _mm512_set1_ps(h[k * h_stride + j]);
+        for (int v = 0; v < V; ++v) acc[k][v] = _mm512_fmadd_ps(hk, b[v], acc[k][v]);
+      }
+    }
+    for (int64_t k = 0; k < nk; ++k) {
+      uint16_t* yk = y + rows[k] * y_stride + col + o0;
+      for (int v = 0; v < V; ++v) {
+        if (!m[v]) break;
+        const __m512 sum = _mm512_add_ps(load_bf16(yk + 16 * v, m[v]), acc[k][v]);
+        _mm256_mask_storeu_epi16(yk + 16 * v, m[v], (__m256i)_mm512_cvtneps_pbh(sum));
+      }
+    }
+  }
+}
+#endif
+
+template <typename T>
+void lora_kernel(const T* x, T* y, const T* a, const std::vector<const T*>& bts, const std::vector<int64_t>& outs,
+                 const int32_t* ranks, const int64_t* rows, const int64_t* tiles, int64_t n_tiles, int64_t d_in,
+                 int64_t y_stride, int64_t R, int64_t slot_stride_a) {
+  const int64_t parts = static_cast<int64_t>(bts.size());
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(TILE * parts * R);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t start = tiles[3 * t], stop = tiles[3 * t + 1], slot = tiles[3 * t + 2];
+      const int64_t r = ranks[slot], nk = stop - start;
+      if (r == 0) continue;
+      const int64_t* tr = rows + start;
+      const T* as = a + slot * slot_stride_a;
+      // every part's low-rank activations: rows p*R .. p*R+r of the slot's A
+      for (int64_t p = 0; p < parts; ++p) shrink(x, tr, nk, as + p * R * d_in, r, d_in, h.data() + p * R, parts * R);
+      int64_t col = 0;
+      for (int64_t p = 0; p < parts; ++p) {
+        const T* bt = bts[p] + slot * R * outs[p];
+        expand(h.data() + p * R, parts * R, nk, bt, r, outs[p], y, tr, y_stride, col);
+        col += outs[p];
+      }
+    }
+  });
+}
+
+// x [T, in], y [T, sum of outs] (in place), a [slots, parts, R, in], bts: per part [slots, R, out_p],
+// ranks int32 [slots], rows int64 [n] (row indices grouped by slot), tiles int64 [tiles, 3]:
+// (start, end) into rows and the slot, at most TILE rows each.
+void apply(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const std::vector<at::Tensor>& bts,
+           const at::Tensor& ranks, const at::Tensor& rows, const at::Tensor& tiles) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x [T, in] and y [T, out]");
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && a.is_contiguous(), "x, y and a must be contiguous");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.scalar_type() == a.scalar_type(), "x, y and a dtypes differ");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
+  TORCH_CHECK(a.dim() == 4 && a.size(1) == static_cast<int64_t>(bts.size()) && a.size(3) == x.size(1), "bad a");
+  TORCH_CHECK(ranks.scalar_type() == at::kInt && ranks.is_contiguous() && ranks.size(0) == a.size(0), "bad ranks");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && tiles.scalar_type() == at::kLong && rows.is_contiguous() &&
+              tiles.is_contiguous() && (tiles.numel() == 0 || tiles.size(-1) == 3), "bad rows or tiles");
+  const int64_t R = a.size(2);
+  std::vector<int64_t> outs;
+  int64_t total = 0;
+  for (const auto& bt : bts) {
+    TORCH_CHECK(bt.is_contiguous() && bt.scalar_type() == a.scalar_type() && bt.dim() == 3 &&
+                bt.size(0) == a.size(0) && bt.size(1) == R, "bad b^t");
+    outs.push_back(bt.size(2));
+    total += bt.size(2);
+  }
+  TORCH_CHECK(total == y.size(1), "the parts' outputs do not add up to y's width");
+  const int64_t n_tiles = tiles.numel() / 3;
+  const int64_t* t = tiles.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_tiles; ++i)
+    TORCH_CHECK(t[3 * i] >= 0 && t[3 * i] < t[3 * i + 1] && t[3 * i + 1] - t[3 * i] <= TILE &&
+                t[3 * i + 1] <= rows.numel() && t[3 * i + 2] >= 0 && t[3 * i + 2] < a.size(0), "bad tile");
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(rw[i] >= 0 && rw[i] < x.size(0), "row out of range");
+  if (x.scalar_type() == at::kFloat) {
+    std::vector<const float*> b;
+    for (const auto& bt : bts) b.push_back(bt.data_ptr<float>());
+    lora_kernel<float>(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), b, outs,
+                       ranks.data_ptr<int32_t>(), rw, t, n_tiles, x.size(1), y.size(1), R, a.stride(0));
+  } else {
+    auto u16 = [](const at::Tensor& v) { return reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>()); };
+    std::vector<const uint16_t*> b;
+    for (const auto& bt : bts) b.push_back(u16(bt));
+    lora_kernel<uint16_t>(u16(x), reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), u16(a), b, outs,
+                          ranks.data_ptr<int32_t>(), rw, t, n_tiles, x.size(1), y.size(1), R, a.stride(0));
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("apply", &apply, "y[rows] += LoRA deltas of each row's adapter slot, all parts of a fused projection");
+}

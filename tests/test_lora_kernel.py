@@ -1,0 +1,85 @@
+"""The native LoRA kernel (kernels/lora.cpp) against the torch fallback and a per-row reference."""
+import pytest
+import torch
+
+from leanserve.engine.lora import Stack, StepLoRA
+from leanserve.kernels import native
+
+kernel = native("lora")
+needs_kernel = pytest.mark.skipif(kernel is None, reason="native kernels cannot be built here")
+
+ROW_SLOTS = [
+    [0, 1, 2, 3],  # decodes, each on its own slot
+    [3, -1, 0, 3, 3, -1, 1],  # base rows between, a slot several times
+    [0, 7, 7],
+    [-1, 2, 2, 2, 2, 2, 5, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2],  # long runs: several tiles of one slot
+    [-1, -1],
+    [6],
+]
+
+
+def make_stack(dtype, d_in=40, outs=(48, 16, 16), rank=4, ranks=(4, 2, 3, 4, 1, 0, 4, 2), seed=0):
+    """Random factors of 8 slots, zero beyond each slot's rank, as _install leaves them. d_in 40
+    and an output of 16 exercise the kernel's partial vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    slots, parts = len(ranks), len(outs)
+    a = torch.randn(slots, parts, rank, d_in, generator=gen)
+    bts = [torch.randn(slots, rank, o, generator=gen) for o in outs]
+    for s, r in enumerate(ranks):
+        a[s, :, r:] = 0
+        for bt in bts:
+            bt[s, r:] = 0
+    return Stack(a.to(dtype), [bt.to(dtype) for bt in bts], list(ranks), torch.tensor(ranks, dtype=torch.int32))
+
+
+def reference(stack, x, y, row_slots):
+    """Each row's delta computed alone in float64."""
+    out = y.double().clone()
+    for i, s in enumerate(row_slots):
+        if s >= 0:
+            xi = x[i].double()
+            out[i] += torch.cat([(xi @ stack.a[s, p].double().t()) @ bt[s].double() for p, bt in enumerate(stack.bts)])
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("row_slots", ROW_SLOTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_torch_fallback_and_reference(row_slots, dtype):
+    stack = make_stack(dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(len(row_slots), stack.a.shape[-1], generator=gen).to(dtype)
+    y = torch.randn(len(row_slots), sum(bt.shape[-1] for bt in stack.bts), generator=gen).to(dtype)
+    got = StepLoRA(row_slots, kernel).apply(stack, x, y.clone())
+    fallback = StepLoRA(row_slots).apply(stack, x, y.clone())
+    expected = reference(stack, x, y, row_slots)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(got.double(), expected, **tol)
+    # torch's bfloat16 matmuls round the low-rank activations and the delta to bfloat16 too
+    torch.testing.assert_close(got, fallback, **(tol if dtype == torch.float32 else {"rtol": 2e-2, "atol": 0.15}))
+    base_rows = [i for i, s in enumerate(row_slots) if s < 0 or stack.ranks[s] == 0]
+    assert torch.equal(got[base_rows], y[base_rows])  # rows without an adapter are not touched
+
+
+@needs_kernel
+def test_kernel_on_model_shapes_and_mismatched_output_dtype():
+    """SmolLM2's qkv shapes (576 in, 576/192/192 out), rank 8 in a rank-16 stack; a float32
+    output (as a quantized projection may give) with bfloat16 factors goes through a copy."""
+    stack = make_stack(torch.bfloat16, d_in=576, outs=(576, 192, 192), rank=16, ranks=(8,) * 8)
+    row_slots = [5, 0, 1, -1, 2, 3, 4, 5, 6, 7, 7]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(len(row_slots), 576, generator=gen).to(torch.bfloat16)
+    y = torch.randn(len(row_slots), 960, generator=gen)
+    got = StepLoRA(row_slots, kernel).apply(stack, x, y.clone())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference(stack, x, y, row_slots), rtol=2e-2, atol=5e-2)
+
+
+@needs_kernel
+def test_kernel_refuses_bad_tiles():
+    stack = make_stack(torch.float32)
+    x, y = torch.randn(2, 40), torch.zeros(2, 80)
+    with pytest.raises(RuntimeError, match="bad tile"):
+        kernel.apply(x, y, stack.a, stack.bts, stack.rank_t, torch.tensor([0, 1]), torch.tensor([[0, 2, 99]]))
+    with pytest.raises(RuntimeError, match="row out of range"):
+        kernel.apply(x, y, stack.a, stack.bts, stack.rank_t, torch.tensor([0, 5]), torch.tensor([[0, 2, 1]]))
