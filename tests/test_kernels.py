@@ -82,3 +82,29 @@ def test_packed_linear_matches_plain_linear(rows):
     packed = PackedLinear(linear)
     with torch.inference_mode():
         torch.testing.assert_close(packed(x).float(), linear(x).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
+                                                ("bfloat16", "int4"), ("bfloat16", "auto")])
+def test_fused_decode_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtype, quantization):
+    """Decode-only steps run every layer in one native call (models/fused.py); the module
+    path runs the same kernels one by one. Six sequences, so `auto` takes both of its kernels
+    (int8 up to 4 rows, dense above) as sequences finish at different lengths. No prefix
+    cache: the second run would start from the first run's cached blocks, another path."""
+    from leanserve import LLM, SamplingParams
+
+    if native() is None:
+        pytest.skip("native kernels could not be built here")
+    prompts = [[5 + i, 6, 7, 8, 9] * (2 + i) for i in range(6)]
+    params = [SamplingParams(max_tokens=6 + 2 * i, temperature=0.0, ignore_eos=True, logprobs=3) for i in range(6)]
+    llm = LLM(str(tiny_models[arch]), dtype=dtype, quantization=quantization, num_kv_blocks=64, prefix_caching=False)
+    model = llm.engine.runner.model
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(llama.CausalLM, "fused_decode", fused)
+        outs = llm.generate(prompts, params)
+        runs.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs])
+        if fused:  # Mixtral's experts have no plan and take the module path
+            assert (model._plan[1] is None) == (arch == "mixtral")
+    assert runs[0] == runs[1]  # bitwise: the same kernels on the same inputs

@@ -319,6 +319,11 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
+    # Decode-only steps run all layers in one native call when the kernels are built
+    # (models/fused.py); False forces the module path (tests compare the two).
+    fused_decode = True
+    _plan = None  # (pool, plan)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -334,11 +339,27 @@ class CausalLM(nn.Module):
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float), rope_inv_freq(self.args, max_len))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        self._plan = None
+
+    def decode_plan(self, pool: KVPool):
+        """The native plan of this model over `pool` (built at first use), or None."""
+        if not self.fused_decode or native() is None:
+            return None
+        if getattr(getattr(self, "_lora_manager", None), "step", None) is not None:
+            return None  # a step with LoRA adapters runs the wrapped modules
+        if self._plan is None or self._plan[0] is not pool:
+            from .fused import build_decode_plan
+
+            self._plan = (pool, build_decode_plan(self, pool))
+        return self._plan[1]
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, batch: AttnBatch, pool: KVPool, logit_rows):
         """Runs the step's tokens; returns float32 logits of the rows in `logit_rows` only."""
         x = self.embed_tokens(input_ids)
+        if not batch.prefill_meta.shape[0] and (plan := self.decode_plan(pool)) is not None:
+            x, residual = plan.run(x, positions, batch.slot_mapping, batch.decode_blocks, batch.decode_lens)
+            return self.lm_head(self.norm(x[logit_rows], residual[logit_rows])).float()
         rope = Rope(self.rope_cos, self.rope_sin)
         if native() is None:  # the torch fallback rotates with per-token rows in the model dtype
             rope.cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)

@@ -1,0 +1,58 @@
+"""A decode-only step's layers in one native call (`DecodePlan` in kernels/paged_attention.cpp).
+
+The plan is built once per (model, KV pool) from the model's own modules and holds
+references to their weights and to the pool's caches, so it runs exactly the kernels the
+module path runs, in the same order. A model or layer the plan cannot express (Mixtral's
+experts, a projection of another kind) simply has no plan and takes the module path; so do
+steps with prefill chunks and steps that apply LoRA adapters.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..kernels import native
+from .llama import MLP, CausalLM, KVPool
+from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear
+
+# LinearKind in paged_attention.cpp
+DENSE, PACKED, INT8, INT4, AUTO = range(5)
+
+
+def linear_spec(m: nn.Module) -> tuple | None:
+    """(kind, weight, extra, bias, param, dense) for the native plan, None if it cannot run `m`."""
+    if type(m) is nn.Linear:
+        return DENSE, m.weight, None, m.bias, 0, None
+    if type(m) is PackedLinear:
+        return PACKED, m.packed, None, m.bias, 0, None
+    if type(m) is Int8Linear:
+        return INT8, m.weight, m.scales, m.bias, 0, None
+    if type(m) is AutoLinear:
+        return AUTO, m.weight, m.scales, m.bias, m.max_rows, m.dense
+    if type(m) is Int4Linear:
+        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, None
+    return None
+
+
+def _base(m: nn.Module) -> nn.Module:
+    """The projection under a LoRA wrapper (the plan only runs steps without adapters)."""
+    return getattr(m, "base", m)
+
+
+def build_decode_plan(model: CausalLM, pool: KVPool):
+    """The native plan for this model and pool, or None."""
+    kernels = native()
+    if kernels is None:
+        return None
+    args = model.args
+    plan = kernels.DecodePlan(args.num_heads, args.num_kv_heads, args.head_dim, args.sliding_window or 0,
+                              args.rms_norm_eps, model.rope_cos, model.rope_sin)
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer.mlp, MLP):
+            return None
+        attn, mlp = layer.self_attn, layer.mlp
+        specs = [linear_spec(_base(m)) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if any(s is None for s in specs) or layer.input_layernorm.eps != args.rms_norm_eps:
+            return None
+        plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, pool.k[i], pool.v[i],
+                       *specs)
+    return plan
