@@ -126,12 +126,36 @@ class AttnBatch:
     prefill_meta: torch.Tensor  # [P, 3] int64: start row, length, context blocks (0: chunk alone)
     prefill_blocks: torch.Tensor  # the context blocks of all chunks, concatenated
     decode_mask: torch.Tensor | None = None  # torch fallback only, made at its first use in a step
+    chunks: list | None = None  # prefill_meta as Python ints, made at first use in a step
+    masks: dict | None = None  # prefill chunk -> its attention mask, made at the first layer
 
     @classmethod
     def prefill(cls, n: int) -> "AttnBatch":
         """One fresh sequence of n tokens written to slots [0, n)."""
         none = torch.zeros(0, dtype=torch.long)
         return cls(torch.arange(n), none.view(0, 1), none, torch.tensor([[0, n, 0]]), none)
+
+    def prefill_chunks(self) -> list[tuple[int, int, int]]:
+        """(start row, length, context blocks) of each prefill chunk, as Python ints (once per step)."""
+        if self.chunks is None:
+            self.chunks = self.prefill_meta.tolist()
+        return self.chunks
+
+    def prefill_mask(self, i: int, positions: torch.Tensor, block_size: int, window: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """[1, 1, length, keys] additive mask (0 or -inf) of chunk i over its context blocks (or
+        itself, under a sliding window), built at the first layer and reused by the others:
+        rebuilding it and SDPA converting a bool mask were ~8% of a cached-prefix prefill."""
+        if self.masks is None:
+            self.masks = {}
+        if (mask := self.masks.get(i)) is None:
+            start, length, ctx = self.prefill_chunks()[i]
+            q_pos = positions[start:start + length, None]
+            k_pos = torch.arange(ctx * block_size) if ctx else positions[start:start + length]
+            mask = torch.zeros(len(q_pos), len(k_pos), dtype=dtype)
+            mask.masked_fill_(~visible(q_pos, k_pos[None, :], window), float("-inf"))
+            self.masks[i] = mask = mask[None, None]
+        return mask
 
     def decode_visible(self, block_size: int, window: int) -> torch.Tensor:
         """[B, 1, 1, W * block_size] bool: the padded keys each decode may see (for SDPA)."""
@@ -162,7 +186,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_visible(bs, window), enable_gqa=True)
         out[:B] = o.squeeze(2)
     offset = 0
-    for start, length, ctx in batch.prefill_meta.tolist():
+    for i, (start, length, ctx) in enumerate(batch.prefill_chunks()):
         rows = slice(start, start + length)
         mask = None
         if ctx == 0 and not window:
@@ -173,12 +197,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                 offset += ctx
                 ks = k_cache.index_select(0, blocks).view(-1, nkv, hd)
                 vs = v_cache.index_select(0, blocks).view(-1, nkv, hd)
-                k_pos = torch.arange(ctx * bs)
             else:
                 ks, vs = k[rows], v[rows]
-                k_pos = positions[rows]
-            q_pos = positions[rows, None]
-            mask = visible(q_pos, k_pos[None, :], window)[None, None]
+            mask = batch.prefill_mask(i, positions, bs, window, q.dtype)
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
             vs.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
