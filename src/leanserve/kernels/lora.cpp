@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -59,34 +60,62 @@ inline void shrink(const float* x, const int64_t* rows, int64_t nk, const float*
   }
 }
 
+#if defined(__AVX512BF16__)
+// Lane i of the result is the sum of v[i]'s lanes: 16 sums in 45 instructions, not 160.
+inline __m512 reduce16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+}
+
+// NK x rows (NK = 1, 2 or 4) against 16 / NK rows of A at a time: 16 independent sums keep
+// the dot-product units busy, and one transposing reduction finishes all 16.
+template <int NK>
+inline void shrink_bf16(const uint16_t* const* xs, const uint16_t* a, int64_t n, int64_t d_in, float* h,
+                        int64_t h_stride) {
+  constexpr int JB = 16 / NK;
+  const int64_t full = d_in / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (d_in - full)) - 1);
+  alignas(64) float sums[16];
+  for (int64_t j0 = 0; j0 < n; j0 += JB) {
+    const int64_t nj = std::min<int64_t>(JB, n - j0);
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d_in; i += 32) {
+      const __mmask32 m = i < full ? static_cast<__mmask32>(~0u) : tail;
+      __m512bh xv[NK];
+      for (int k = 0; k < NK; ++k) xv[k] = (__m512bh)_mm512_maskz_loadu_epi16(m, xs[k] + i);
+      for (int j = 0; j < JB; ++j) {
+        if (j < nj) {
+          // the next block's rows, ahead: the hardware prefetcher stops at each 4 KiB page
+          if (j0 + JB + j < n) _mm_prefetch(reinterpret_cast<const char*>(a + (j0 + JB + j) * d_in + i), _MM_HINT_T0);
+          const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a + (j0 + j) * d_in + i);
+          for (int k = 0; k < NK; ++k) acc[j * NK + k] = _mm512_dpbf16_ps(acc[j * NK + k], xv[k], av);
+        }
+      }
+    }
+    _mm512_store_ps(sums, reduce16(acc));
+    for (int64_t j = 0; j < nj; ++j)
+      for (int k = 0; k < NK; ++k) h[k * h_stride + j0 + j] = sums[j * NK + k];
+  }
+}
+#endif
+
 inline void shrink(const uint16_t* x, const int64_t* rows, int64_t nk, const uint16_t* a, int64_t n, int64_t d_in,
                    float* h, int64_t h_stride) {
 #if defined(__AVX512BF16__)
-  // Four rows of A at a time against every x row of the tile: 4 x nk independent sums keep
-  // the dot-product units busy (one sum alone would wait on its own latency).
-  const int64_t full = d_in / 32 * 32;
-  const __mmask32 tail = static_cast<__mmask32>((1ull << (d_in - full)) - 1);
   const uint16_t* xs[TILE];
-  for (int64_t k = 0; k < nk; ++k) xs[k] = x + rows[k] * d_in;
-  for (int64_t j0 = 0; j0 < n; j0 += 4) {
-    const int64_t nj = std::min<int64_t>(4, n - j0);
-    __m512 acc[4][TILE];
-    for (int64_t j = 0; j < 4; ++j)
-      for (int64_t k = 0; k < TILE; ++k) acc[j][k] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d_in; i += 32) {
-      const __mmask32 m = i < full ? static_cast<__mmask32>(~0u) : tail;
-      __m512bh xv[TILE];
-      for (int64_t k = 0; k < nk; ++k) xv[k] = (__m512bh)_mm512_maskz_loadu_epi16(m, xs[k] + i);
-      for (int64_t j = 0; j < nj; ++j) {
-        // the next four rows, one block ahead: the hardware prefetcher stops at each 4 KiB page
-        if (j0 + 4 + j < n) _mm_prefetch(reinterpret_cast<const char*>(a + (j0 + 4 + j) * d_in + i), _MM_HINT_T0);
-        const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a + (j0 + j) * d_in + i);
-        for (int64_t k = 0; k < nk; ++k) acc[j][k] = _mm512_dpbf16_ps(acc[j][k], xv[k], av);
-      }
-    }
-    for (int64_t j = 0; j < nj; ++j)
-      for (int64_t k = 0; k < nk; ++k) h[k * h_stride + j0 + j] = _mm512_reduce_add_ps(acc[j][k]);
-  }
+  for (int64_t k = 0; k < TILE; ++k) xs[k] = x + rows[std::min(k, nk - 1)] * d_in;  // 3 rows: the last twice (h has TILE rows)
+  if (nk == 1) return shrink_bf16<1>(xs, a, n, d_in, h, h_stride);
+  if (nk == 2) return shrink_bf16<2>(xs, a, n, d_in, h, h_stride);
+  return shrink_bf16<4>(xs, a, n, d_in, h, h_stride);
 #else
   for (int64_t j = 0; j < n; ++j) {
     const uint16_t* aj = a + j * d_in;
@@ -237,8 +266,84 @@ void apply(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const std::v
   }
 }
 
+// dst[j, o] = src[o, j] * scale for a B [out, r] (float32) into B^T [r, out].
+template <typename T>
+void transpose_scaled(const float* src, T* dst, int64_t out, int64_t r, float scale) {
+  int64_t o0 = 0;
+#if defined(__AVX512F__)
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(r)));
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (; o0 + 16 <= out; o0 += 16)
+    for (int64_t j = 0; j < r; ++j) {
+      const __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(idx, src + o0 * r + j, 4), sv);
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_storeu_ps(dst + j * out + o0, v);
+      } else {
+#if defined(__AVX512BF16__)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j * out + o0), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, v);
+        for (int e = 0; e < 16; ++e) dst[j * out + o0 + e] = f_to_bf16(tmp[e]);
+#endif
+      }
+    }
+#endif
+  for (; o0 < out; ++o0)
+    for (int64_t j = 0; j < r; ++j) {
+      const float v = src[o0 * r + j] * scale;
+      if constexpr (std::is_same_v<T, float>) dst[j * out + o0] = v; else dst[j * out + o0] = f_to_bf16(v);
+    }
+}
+
+template <typename T>
+void convert(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<T, float>) dst[i] = src[i]; else dst[i] = f_to_bf16(src[i]);
+  }
+}
+
+// An adapter into its slot in one call: a_dst[i] = a_src[i] ([r, in]) and
+// b_dst[i] = b_src[i]^T * scales[i] ([out, r] -> [r, out]), float32 sources, destinations in
+// the slots' dtype (float32 or bfloat16), all contiguous.
+void pack(const std::vector<at::Tensor>& a_dst, const std::vector<at::Tensor>& a_src,
+          const std::vector<at::Tensor>& b_dst, const std::vector<at::Tensor>& b_src, const std::vector<double>& scales) {
+  const int64_t n = static_cast<int64_t>(a_dst.size());
+  TORCH_CHECK(a_src.size() == a_dst.size() && b_dst.size() == a_dst.size() && b_src.size() == a_dst.size() &&
+              scales.size() == a_dst.size(), "one source, destination and scale per factor");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(a_src[i].scalar_type() == at::kFloat && b_src[i].scalar_type() == at::kFloat, "sources are float32");
+    TORCH_CHECK(a_dst[i].scalar_type() == b_dst[i].scalar_type() &&
+                (a_dst[i].scalar_type() == at::kFloat || a_dst[i].scalar_type() == at::kBFloat16), "bad destination dtype");
+    TORCH_CHECK(a_src[i].is_contiguous() && b_src[i].is_contiguous() && a_dst[i].is_contiguous() &&
+                b_dst[i].is_contiguous(), "contiguous tensors only");
+    TORCH_CHECK(a_src[i].dim() == 2 && b_src[i].dim() == 2 && a_dst[i].sizes() == a_src[i].sizes() &&
+                b_dst[i].dim() == 2 && b_dst[i].size(0) == b_src[i].size(1) && b_dst[i].size(1) == b_src[i].size(0),
+                "shapes do not match");
+  }
+  at::parallel_for(0, 2 * n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / 2;
+      const bool bf = a_dst[i].scalar_type() == at::kBFloat16;
+      if (t % 2 == 0) {
+        const float* src = a_src[i].data_ptr<float>();
+        if (bf) convert(src, reinterpret_cast<uint16_t*>(a_dst[i].data_ptr<at::BFloat16>()), a_src[i].numel());
+        else convert(src, a_dst[i].data_ptr<float>(), a_src[i].numel());
+      } else {
+        const float* src = b_src[i].data_ptr<float>();
+        const int64_t out = b_src[i].size(0), r = b_src[i].size(1);
+        const float sc = static_cast<float>(scales[i]);
+        if (bf) transpose_scaled(src, reinterpret_cast<uint16_t*>(b_dst[i].data_ptr<at::BFloat16>()), out, r, sc);
+        else transpose_scaled(src, b_dst[i].data_ptr<float>(), out, r, sc);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply", &apply, "y[rows] += LoRA deltas of each row's adapter slot, all parts of a fused projection");
+  m.def("pack", &pack, "an adapter's factors into its slot: A converted, B transposed, scaled and converted");
 }
