@@ -375,32 +375,34 @@ namespace {
 
 enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3, kAuto = 4 };
 
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, w, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 struct LinearSpec {
   int64_t kind;
   at::Tensor w;                       // dense, packed, int8 or int4-packed weight
   std::optional<at::Tensor> extra;    // int8 scales, int4 scales_and_zeros
   std::optional<at::Tensor> bias;
-  int64_t param;                      // int4 group size, auto's max rows
-  std::optional<at::Tensor> dense;    // auto: the dense weight for more rows than `param`
+  int64_t param;                      // int4 group size, auto's max rows for the int8 kernel
+  std::optional<at::Tensor> dense;    // auto: the weight for more rows (packed if dense_packed)
+  bool dense_packed;
 
   at::Tensor operator()(const at::Tensor& x) const {
     at::Tensor y;
     switch (kind) {
-      case kPacked: {
-        static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-        torch::jit::Stack stack{x, w, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
-                                c10::IValue()};
-        op.callBoxed(&stack);
-        return stack[0].toTensor();
-      }
+      case kPacked: return packed_linear(x, w, bias);
       case kInt8: y = at::_weight_int8pack_mm(x, w, *extra); break;
       case kInt4: y = at::_weight_int4pack_mm_for_cpu(x, w, param, *extra); break;
       case kAuto:
         if (x.size(0) <= param) { y = at::_weight_int8pack_mm(x, w, *extra); break; }
-        return at::linear(x, *dense, bias);
+        return dense_packed ? packed_linear(x, *dense, bias) : at::linear(x, *dense, bias);
       default: return at::linear(x, w, bias);
     }
-    return bias ? y.add_(*bias) : y;
+    return bias ? y.add(*bias) : y;
   }
 };
 
@@ -464,9 +466,10 @@ class DecodePlan {
 
  private:
   static LinearSpec spec(const py::tuple& t) {
-    TORCH_CHECK(t.size() == 6, "a linear spec is (kind, weight, extra, bias, param, dense)");
+    TORCH_CHECK(t.size() == 7, "a linear spec is (kind, weight, extra, bias, param, dense, dense_packed)");
     return {t[0].cast<int64_t>(), t[1].cast<at::Tensor>(), t[2].cast<std::optional<at::Tensor>>(),
-            t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<std::optional<at::Tensor>>()};
+            t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<std::optional<at::Tensor>>(),
+            t[6].cast<bool>()};
   }
 
   int64_t nh_, nkv_, hd_, window_;

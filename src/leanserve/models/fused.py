@@ -19,17 +19,19 @@ DENSE, PACKED, INT8, INT4, AUTO = range(5)
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
-    """(kind, weight, extra, bias, param, dense) for the native plan, None if it cannot run `m`."""
+    """(kind, weight, extra, bias, param, dense, dense_packed) for the native plan, None if
+    it cannot run `m` (LinearSpec in paged_attention.cpp)."""
     if type(m) is nn.Linear:
-        return DENSE, m.weight, None, m.bias, 0, None
+        return DENSE, m.weight, None, m.bias, 0, None, False
     if type(m) is PackedLinear:
-        return PACKED, m.packed, None, m.bias, 0, None
+        return PACKED, m.packed, None, m.bias, 0, None, False
     if type(m) is Int8Linear:
-        return INT8, m.weight, m.scales, m.bias, 0, None
+        return INT8, m.weight, m.scales, m.bias, 0, None, False
     if type(m) is AutoLinear:
-        return AUTO, m.weight, m.scales, m.bias, m.max_rows, m.dense
+        packed = type(m.dense) is PackedLinear
+        return AUTO, m.weight, m.scales, m.bias, m.max_rows, m.dense.packed if packed else m.dense.weight, packed
     if type(m) is Int4Linear:
-        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, None
+        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, None, False
     return None
 
 

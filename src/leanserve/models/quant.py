@@ -92,7 +92,8 @@ class Int4Linear(nn.Module):
 
 
 class AutoLinear(Int8Linear):
-    """Both formats: the int8 kernel for up to `max_rows` rows, the dense matmul above.
+    """Both formats: the int8 kernel for up to `max_rows` rows, the dense bf16 matmul above
+    (oneDNN-packed when the CPU has bf16 support, see PackedLinear).
 
     Costs the int8 copy on top of the dense weights. Which kernel a row goes through then
     depends on how many rows share its step, and the dense matmul is not batch-invariant,
@@ -101,13 +102,14 @@ class AutoLinear(Int8Linear):
 
     def __init__(self, linear: nn.Linear, max_rows: int = AUTO_MAX_ROWS):
         super().__init__(linear)
-        self.dense = linear.weight  # shared with the embedding when the lm_head is tied
+        # shares the embedding's tensor when the lm_head is tied (unless packed: a copy)
+        self.dense = PackedLinear(linear) if PackedLinear.available(linear.weight.dtype) else linear
         self.max_rows = max_rows
 
     def forward(self, x):
         if x.numel() <= self.max_rows * x.shape[-1]:
             return super().forward(x)
-        return F.linear(x, self.dense, self.bias)
+        return self.dense(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_rows={self.max_rows}"
