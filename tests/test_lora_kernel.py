@@ -53,10 +53,12 @@ def test_kernel_equals_torch_fallback_and_reference(row_slots, dtype):
     got = StepLoRA(row_slots, kernel).apply(stack, x, y.clone())
     fallback = StepLoRA(row_slots).apply(stack, x, y.clone())
     expected = reference(stack, x, y, row_slots)
-    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    # bfloat16: the low-rank activations are rounded to bfloat16 (as torch's and peft's
+    # bfloat16 matmuls do) and y once; errors scale with the largest delta
+    scale = (expected - y.double()).abs().max().item()
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-2 * scale}
     torch.testing.assert_close(got.double(), expected, **tol)
-    # torch's bfloat16 matmuls round the low-rank activations and the delta to bfloat16 too
-    torch.testing.assert_close(got, fallback, **(tol if dtype == torch.float32 else {"rtol": 2e-2, "atol": 0.15}))
+    torch.testing.assert_close(got.double(), fallback.double(), **tol)
     base_rows = [i for i, s in enumerate(row_slots) if s < 0 or stack.ranks[s] == 0]
     assert torch.equal(got[base_rows], y[base_rows])  # rows without an adapter are not touched
 
@@ -72,7 +74,9 @@ def test_kernel_on_model_shapes_and_mismatched_output_dtype():
     y = torch.randn(len(row_slots), 960, generator=gen)
     got = StepLoRA(row_slots, kernel).apply(stack, x, y.clone())
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), reference(stack, x, y, row_slots), rtol=2e-2, atol=5e-2)
+    expected = reference(stack, x, y, row_slots)
+    scale = (expected - y.double()).abs().max().item()
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=1e-2 * scale)
 
 
 @needs_kernel
@@ -83,3 +87,36 @@ def test_kernel_refuses_bad_tiles():
         kernel.apply(x, y, stack.a, stack.bts, stack.rank_t, torch.tensor([0, 1]), torch.tensor([[0, 2, 99]]))
     with pytest.raises(RuntimeError, match="row out of range"):
         kernel.apply(x, y, stack.a, stack.bts, stack.rank_t, torch.tensor([0, 5]), torch.tensor([[0, 2, 1]]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_entry_equals_apply(dtype):
+    """The C entry a fused decode plan calls (leanserve_lora_step_apply, by address) adds the
+    same deltas as the per-projection call; an index with no stack is a no-op."""
+    import ctypes
+
+    from leanserve.engine.lora import MODULE_INDEX
+
+    stacks = {(layer, m): make_stack(dtype, seed=layer * 4 + MODULE_INDEX[m]) for layer in range(2) for m in ("qkv", "o")}
+    slots = kernel.Slots()
+    for (layer, m), st in stacks.items():
+        slots.add(layer * 4 + MODULE_INDEX[m], st.a, st.bts, st.rank_t)
+    row_slots = [3, -1, 0, 3, 3, 7, 1, 1]
+    step = StepLoRA(row_slots, kernel, slots)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)(
+        kernel.step_apply_address())
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(len(row_slots), 40, generator=gen).to(dtype)
+    for (layer, m), st in stacks.items():
+        y = torch.randn(len(row_slots), 80, generator=gen).to(dtype)
+        expected = step.apply(st, x, y.clone())
+        via_c = y.clone()
+        fn(step.native_step.address(), layer * 4 + MODULE_INDEX[m], x.data_ptr(), via_c.data_ptr())
+        assert torch.equal(via_c, expected)
+        via_py = y.clone()
+        step.native_step.apply(layer * 4 + MODULE_INDEX[m], x, via_py)
+        assert torch.equal(via_py, expected)
+    untouched = y.clone()
+    fn(step.native_step.address(), 2, x.data_ptr(), untouched.data_ptr())  # layer 0's gate_up: no stack
+    assert torch.equal(untouched, y)

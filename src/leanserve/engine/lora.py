@@ -51,6 +51,8 @@ TARGETS = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_
            "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
 MODULES = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"),
            "gate_up": ("mlp", "gate_up_proj"), "down": ("mlp", "down_proj")}
+# native code names a (layer, module) by layer * 4 + this (kernels/lora.cpp, Slots)
+MODULE_INDEX = {m: i for i, m in enumerate(MODULES)}
 KEY_RE = re.compile(r"(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 # Torch fallback: runs of at least this many rows of one adapter get their own matmuls;
@@ -265,8 +267,9 @@ class StepLoRA:
     would be over twice their number), the used slots' factors are gathered first instead.
     """
 
-    def __init__(self, row_slots: list[int], kernel=None):
+    def __init__(self, row_slots: list[int], kernel=None, slots=None):
         self.kernel = kernel
+        self.native_step = None  # kernel.Step over `slots`, for native callers (native_hook)
         self.segments: list[tuple[int, int, int]] = []  # (start, end, slot) of long runs
         self.rows = None
         groups: dict[int, list[int]] = {}
@@ -281,6 +284,8 @@ class StepLoRA:
                     rows.extend(g[i:i + TILE])
             self.native_rows = torch.tensor(rows, dtype=torch.long)
             self.tiles = torch.tensor(tiles, dtype=torch.long).view(-1, 3)
+            if slots is not None:
+                self.native_step = kernel.Step(slots, self.native_rows, self.tiles)
             return
         start = 0
         while start < len(row_slots):
@@ -351,6 +356,8 @@ class LoRAManager:
         self.args = args
         self.model_dtype = dtype
         self.kernel = None  # kernels/lora.cpp, or None: torch ops (set with the stacks)
+        self.native_slots = None  # kernel.Slots: every stack, for native callers
+        self.factor_dtype = None  # the stacks' dtype
         self.config = config
         self.base_names = _base_names(base_names)
         self.adapters: dict[str, Adapter] = {}
@@ -538,7 +545,8 @@ class LoRAManager:
         from ..kernels import native
 
         self.kernel = native("lora") if NATIVE else None
-        dtype = torch.bfloat16 if self.kernel is not None and self.model_dtype == torch.bfloat16 else LORA_DTYPE
+        self.factor_dtype = dtype = torch.bfloat16 if self.kernel is not None and self.model_dtype == torch.bfloat16 \
+            else LORA_DTYPE
         n, r = self.config.max_loras, self.config.max_rank
         for module, (d_in, outs) in module_shapes(self.args).items():
             if self.args.num_experts and module in ("gate_up", "down"):
@@ -547,6 +555,10 @@ class LoRAManager:
                 self.stacks[layer, module] = Stack(torch.zeros(n, len(outs), r, d_in, dtype=dtype),
                                                    [torch.zeros(n, r, o, dtype=dtype) for o in outs], [0] * n,
                                                    torch.zeros(n, dtype=torch.int32))
+        if self.kernel is not None:
+            self.native_slots = self.kernel.Slots()
+            for (layer, module), st in self.stacks.items():
+                self.native_slots.add(layer * 4 + MODULE_INDEX[module], st.a, st.bts, st.rank_t)
 
     def attach(self, model: nn.Module) -> None:
         """Wraps the model's projections (once per model object)."""
@@ -573,4 +585,14 @@ class LoRAManager:
         for seq, n in batch:
             slot = -1 if seq.adapter is None else seq.adapter.slot
             row_slots.extend([slot] * n)
-        self.step = StepLoRA(row_slots, self.kernel)
+        self.step = StepLoRA(row_slots, self.kernel, self.native_slots)
+
+    def native_hook(self) -> tuple[int, int] | None:
+        """For native code that runs the projections itself (a fused decode plan): (address of
+        `void leanserve_lora_step_apply(const void* step, int64_t index, const void* x, void* y)`,
+        address of this step), to call after each projection of layer l with index
+        l * 4 + MODULE_INDEX[module], its contiguous input x and output y in the factors'
+        dtype. None: no adapter rows in this step, or no native kernel."""
+        if self.step is None or self.step.native_step is None or self.factor_dtype != self.model_dtype:
+            return None
+        return self.kernel.step_apply_address(), self.step.native_step.address()

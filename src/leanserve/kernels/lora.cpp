@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -154,43 +156,61 @@ inline void expand(const float* h, int64_t h_stride, int64_t nk, const F* bt, in
 }
 
 #if defined(__AVX512BF16__)
-inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-// The bfloat16 expand with the sums in registers: 64 output columns x up to TILE rows.
+// The bfloat16 expand on the dot-product units: rows j and j+1 of B^T interleaved (two
+// unpacks) against the pair (h[j], h[j+1]) rounded to bfloat16, 32 products per
+// instruction. The unpacks order columns within 128-bit lanes; a permute restores them
+// once per 32 columns at the end. Sums stay in float32 registers: 64 columns x TILE rows.
 template <>
 inline void expand<uint16_t, uint16_t>(const float* h, int64_t h_stride, int64_t nk, const uint16_t* bt, int64_t r,
                                        int64_t out, uint16_t* y, const int64_t* rows, int64_t y_stride, int64_t col) {
-  constexpr int V = CHUNK / 16;
-  for (int64_t o0 = 0; o0 < out; o0 += CHUNK) {
-    __mmask16 m[V];
-    for (int v = 0; v < V; ++v) {
-      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, out - o0 - 16 * v));
-      m[v] = static_cast<__mmask16>((1u << left) - 1);
+  constexpr int64_t MAX_PAIRS = 128;  // ranks up to 256
+  TORCH_CHECK(r <= 2 * MAX_PAIRS, "LoRA rank above 256");
+  const int64_t pairs = (r + 1) / 2;
+  alignas(64) uint32_t hp[TILE][MAX_PAIRS];
+  for (int64_t k = 0; k < nk; ++k)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float lo = h[k * h_stride + 2 * p], hi = 2 * p + 1 < r ? h[k * h_stride + 2 * p + 1] : 0.f;
+      hp[k][p] = static_cast<uint32_t>(f_to_bf16(lo)) | (static_cast<uint32_t>(f_to_bf16(hi)) << 16);
     }
-    __m512 acc[TILE][V];
+  // lane c of a 16-column result: column c = 8L + u of the unpacked pair (lo: u < 4, hi: u >= 4)
+  const __m512i idx_a = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i idx_b = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t o0 = 0; o0 < out; o0 += CHUNK) {
+    __mmask32 m[2];
+    for (int v = 0; v < 2; ++v) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(32, out - o0 - 32 * v));
+      m[v] = static_cast<__mmask32>(left == 32 ? ~0u : (1u << left) - 1);
+    }
+    __m512 acc[TILE][4];
     for (int64_t k = 0; k < TILE; ++k)
-      for (int v = 0; v < V; ++v) acc[k][v] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < r; ++j) {
-      const uint16_t* row = bt + j * out + o0;
-      if (o0 + 4 * CHUNK < out) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + 4 * CHUNK), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(row + 4 * CHUNK + 32), _MM_HINT_T0);
+      for (int v = 0; v < 4; ++v) acc[k][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* r0 = bt + 2 * p * out + o0;
+      const bool odd = 2 * p + 1 >= r;
+      __m512bh b[4];
+      for (int v = 0; v < 2; ++v) {
+        const __m512i a0 = _mm512_maskz_loadu_epi16(m[v], r0 + 32 * v);
+        const __m512i a1 = odd ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(m[v], r0 + out + 32 * v);
+        b[2 * v] = (__m512bh)_mm512_unpacklo_epi16(a0, a1);
+        b[2 * v + 1] = (__m512bh)_mm512_unpackhi_epi16(a0, a1);
       }
-      __m512 b[V];
-      for (int v = 0; v < V; ++v) b[v] = load_bf16(row + 16 * v, m[v]);
       for (int64_t k = 0; k < nk; ++k) {
-        const __m512 hk = _mm512_set1_ps(h[k * h_stride + j]);
-        for (int v = 0; v < V; ++v) acc[k][v] = _mm512_fmadd_ps(hk, b[v], acc[k][v]);
+        const __m512bh hv = (__m512bh)_mm512_set1_epi32(static_cast<int>(hp[k][p]));
+        for (int v = 0; v < 4; ++v) acc[k][v] = _mm512_dpbf16_ps(acc[k][v], hv, b[v]);
       }
     }
     for (int64_t k = 0; k < nk; ++k) {
       uint16_t* yk = y + rows[k] * y_stride + col + o0;
-      for (int v = 0; v < V; ++v) {
-        if (!m[v]) break;
-        const __m512 sum = _mm512_add_ps(load_bf16(yk + 16 * v, m[v]), acc[k][v]);
-        _mm256_mask_storeu_epi16(yk + 16 * v, m[v], (__m256i)_mm512_cvtneps_pbh(sum));
+      for (int v = 0; v < 2; ++v) {
+        const __m512 sums[2] = {_mm512_permutex2var_ps(acc[k][2 * v], idx_a, acc[k][2 * v + 1]),
+                                _mm512_permutex2var_ps(acc[k][2 * v], idx_b, acc[k][2 * v + 1])};
+        for (int half = 0; half < 2; ++half) {
+          const __mmask16 mh = static_cast<__mmask16>(m[v] >> (16 * half));
+          if (!mh) continue;
+          uint16_t* dst = yk + 32 * v + 16 * half;
+          const __m512 cur = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mh, dst)), 16));
+          _mm256_mask_storeu_epi16(dst, mh, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(cur, sums[half])));
+        }
       }
     }
   }
@@ -341,9 +361,82 @@ void pack(const std::vector<at::Tensor>& a_dst, const std::vector<at::Tensor>& a
   });
 }
 
+// Every (layer, module)'s stacked factors, registered once (index: layer * 4 + module, the
+// modules in the order qkv, o, gate_up, down), for steps driven from native code.
+struct Slots {
+  struct Ref { at::Tensor a; std::vector<at::Tensor> bts; std::vector<int64_t> outs; at::Tensor ranks; };
+  std::vector<std::optional<Ref>> refs;
+
+  void add(int64_t index, const at::Tensor& a, const std::vector<at::Tensor>& bts, const at::Tensor& ranks) {
+    TORCH_CHECK(index >= 0 && a.is_contiguous() && ranks.scalar_type() == at::kInt && ranks.is_contiguous(), "bad stack");
+    TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16, "float32 or bfloat16 factors");
+    std::vector<int64_t> outs;
+    for (const auto& bt : bts) {
+      TORCH_CHECK(bt.is_contiguous() && bt.scalar_type() == a.scalar_type() && bt.size(1) == a.size(2), "bad b^t");
+      outs.push_back(bt.size(2));
+    }
+    if (static_cast<int64_t>(refs.size()) <= index) refs.resize(index + 1);
+    refs[index] = Ref{a, bts, outs, ranks};
+  }
+};
+
+// One step's row map over Slots. Native code (the fused decode plan) calls
+// leanserve_lora_step_apply(step.address(), index, x, y) after each projection: y [T, out]
+// += the deltas of x [T, in] (both contiguous, in the factors' dtype).
+struct Step {
+  std::shared_ptr<Slots> slots;
+  at::Tensor rows, tiles;
+
+  Step(std::shared_ptr<Slots> s, at::Tensor r, at::Tensor t) : slots(std::move(s)), rows(r), tiles(t) {
+    TORCH_CHECK(rows.scalar_type() == at::kLong && tiles.scalar_type() == at::kLong && rows.is_contiguous() &&
+                tiles.is_contiguous(), "bad rows or tiles");
+  }
+
+  void run(int64_t index, const void* x, void* y) const {
+    if (index < 0 || index >= static_cast<int64_t>(slots->refs.size()) || !slots->refs[index]) return;
+    const Slots::Ref& s = *slots->refs[index];
+    int64_t width = 0;
+    for (int64_t o : s.outs) width += o;
+    const int64_t n_tiles = tiles.numel() / 3;
+    if (s.a.scalar_type() == at::kFloat) {
+      std::vector<const float*> b;
+      for (const auto& bt : s.bts) b.push_back(bt.data_ptr<float>());
+      lora_kernel<float>(static_cast<const float*>(x), static_cast<float*>(y), s.a.data_ptr<float>(), b, s.outs,
+                         s.ranks.data_ptr<int32_t>(), rows.data_ptr<int64_t>(), tiles.data_ptr<int64_t>(), n_tiles,
+                         s.a.size(3), width, s.a.size(2), s.a.stride(0));
+    } else {
+      std::vector<const uint16_t*> b;
+      for (const auto& bt : s.bts) b.push_back(reinterpret_cast<const uint16_t*>(bt.data_ptr<at::BFloat16>()));
+      lora_kernel<uint16_t>(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y),
+                            reinterpret_cast<const uint16_t*>(s.a.data_ptr<at::BFloat16>()), b, s.outs,
+                            s.ranks.data_ptr<int32_t>(), rows.data_ptr<int64_t>(), tiles.data_ptr<int64_t>(), n_tiles,
+                            s.a.size(3), width, s.a.size(2), s.a.stride(0));
+    }
+  }
+
+  // from Python (tests): the same entry as native callers, on tensors
+  void apply(int64_t index, const at::Tensor& x, at::Tensor& y) const {
+    TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && x.size(0) == y.size(0), "contiguous x [T, in], y [T, out]");
+    const int64_t* rw = rows.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(rw[i] >= 0 && rw[i] < x.size(0), "row out of range");
+    run(index, x.data_ptr(), y.data_ptr());
+  }
+};
+
 }  // namespace
 
+extern "C" void leanserve_lora_step_apply(const void* step, int64_t index, const void* x, void* y) {
+  static_cast<const Step*>(step)->run(index, x, y);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Slots, std::shared_ptr<Slots>>(m, "Slots").def(py::init<>()).def("add", &Slots::add);
+  py::class_<Step>(m, "Step")
+      .def(py::init<std::shared_ptr<Slots>, at::Tensor, at::Tensor>())
+      .def("apply", &Step::apply)
+      .def("address", [](const Step& s) { return reinterpret_cast<uintptr_t>(&s); });
+  // void leanserve_lora_step_apply(const void* step, int64_t index, const void* x, void* y)
+  m.def("step_apply_address", [] { return reinterpret_cast<uintptr_t>(&leanserve_lora_step_apply); });
   m.def("apply", &apply, "y[rows] += LoRA deltas of each row's adapter slot, all parts of a fused projection");
   m.def("pack", &pack, "an adapter's factors into its slot: A converted, B transposed, scaled and converted");
 }
