@@ -87,22 +87,24 @@ def test_packed_linear_matches_plain_linear(rows):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
                                                 ("bfloat16", "int4"), ("bfloat16", "auto")])
-def test_fused_decode_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtype, quantization):
-    """Decode-only steps run every layer in one native call (models/fused.py); the module
-    path runs the same kernels one by one. Six sequences, so `auto` takes both of its kernels
-    (int8 up to 4 rows, dense above) as sequences finish at different lengths. No prefix
-    cache: the second run would start from the first run's cached blocks, another path."""
+def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtype, quantization):
+    """Steps run every layer in one native call (models/fused.py); the module path runs the
+    same kernels one by one. Six sequences and a 24-token step budget, so steps mix decodes
+    with prefill chunks that start fresh or continue over cached blocks, and `auto` takes
+    both of its kernels (int8 up to 4 rows, dense above). No prefix cache: the second run
+    would start from the first run's cached blocks, another path."""
     from leanserve import LLM, SamplingParams
 
     if native() is None:
         pytest.skip("native kernels could not be built here")
     prompts = [[5 + i, 6, 7, 8, 9] * (2 + i) for i in range(6)]
     params = [SamplingParams(max_tokens=6 + 2 * i, temperature=0.0, ignore_eos=True, logprobs=3) for i in range(6)]
-    llm = LLM(str(tiny_models[arch]), dtype=dtype, quantization=quantization, num_kv_blocks=64, prefix_caching=False)
+    llm = LLM(str(tiny_models[arch]), dtype=dtype, quantization=quantization, num_kv_blocks=64, prefix_caching=False,
+              max_num_batched_tokens=24)
     model = llm.engine.runner.model
     runs = []
     for fused in (True, False):
-        monkeypatch.setattr(llama.CausalLM, "fused_decode", fused)
+        monkeypatch.setattr(llama.CausalLM, "fused", fused)
         outs = llm.generate(prompts, params)
         runs.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs])
         if fused:  # Mixtral's experts have no plan and take the module path

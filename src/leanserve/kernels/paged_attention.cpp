@@ -364,12 +364,13 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-// ---- A whole decode step's layers in one call -------------------------------------------
+// ---- A whole step's layers in one call ---------------------------------------------------
 // At decode sizes a layer is ~12 small operations. Run from Python, each pays the module
 // call, the argument parsing and the dispatcher (together ~5 ms of a ~20 ms step for one
 // sequence on SmolLM2-135M); here the same kernels run from one C++ loop. The projections
 // are the same torch operations the modules call (oneDNN's packed bf16 linear, the int8 /
-// int4 weight-only kernels, or a plain linear), so results match the module path.
+// int4 weight-only kernels, or a plain linear), and prefill chunks go through the same SDPA
+// calls with the same masks as `paged_attention` in llama.py, so results match the module path.
 
 namespace {
 
@@ -406,6 +407,12 @@ struct LinearSpec {
   }
 };
 
+struct Chunk {
+  int64_t start, length;
+  std::optional<at::Tensor> blocks;  // context blocks to attend over, else the chunk's own keys
+  std::optional<at::Tensor> mask;    // additive mask; none: plain causal
+};
+
 struct LayerSpec {
   at::Tensor ln1, ln2, k_cache, v_cache;
   LinearSpec qkv, o, gate_up, down;
@@ -413,9 +420,9 @@ struct LayerSpec {
 
 }  // namespace
 
-class DecodePlan {
+class ForwardPlan {
  public:
-  DecodePlan(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t window, double eps, at::Tensor cos,
+  ForwardPlan(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t window, double eps, at::Tensor cos,
              at::Tensor sin)
       : nh_(heads), nkv_(kv_heads), hd_(head_dim), window_(window), eps_(eps), cos_(cos), sin_(sin) {}
 
@@ -425,12 +432,23 @@ class DecodePlan {
     layers_.push_back({ln1, ln2, k_cache, v_cache, spec(qkv), spec(o), spec(gate_up), spec(down)});
   }
 
-  // x: [B, hidden] embeddings of B decode tokens. Returns (x, residual) after the last layer,
-  // as the module path does (the final norm and the lm_head stay in Python).
+  // x: [T, hidden] embeddings of the step's tokens: B decodes first, then prefill chunks,
+  // each (start row, length, context blocks or None, additive mask or None: causal alone).
+  // Returns (x, residual) after the last layer, as the module path does (the final norm and
+  // the lm_head stay in Python).
   std::tuple<at::Tensor, at::Tensor> run(at::Tensor x, at::Tensor positions, at::Tensor slot_mapping,
-                                         at::Tensor block_tables, at::Tensor seq_lens) {
+                                         at::Tensor block_tables, at::Tensor seq_lens, const py::list& chunk_list) {
+    std::vector<Chunk> chunks;
+    {
+      py::gil_scoped_acquire gil;
+      for (auto item : chunk_list) {
+        auto t = item.cast<py::tuple>();
+        chunks.push_back({t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<std::optional<at::Tensor>>(),
+                          t[3].cast<std::optional<at::Tensor>>()});
+      }
+    }
     c10::InferenceMode guard;
-    const int64_t B = x.size(0), q_width = nh_ * hd_, kv_width = nkv_ * hd_;
+    const int64_t T = x.size(0), B = block_tables.size(0), q_width = nh_ * hd_, kv_width = nkv_ * hd_;
     const int64_t width = q_width + 2 * kv_width;
     auto slots = slot_mapping.contiguous();
     const int64_t* sl = slots.data_ptr<int64_t>();
@@ -451,14 +469,37 @@ class DecodePlan {
       const char* src = static_cast<const char*>(qkv.data_ptr());
       char* kc = static_cast<char*>(L.k_cache.data_ptr());
       char* vc = static_cast<char*>(L.v_cache.data_ptr());
-      for (int64_t b = 0; b < B; ++b) {
-        const char* r = src + b * width * esz;
-        std::memcpy(kc + sl[b] * row_bytes, r + q_width * esz, row_bytes);
-        std::memcpy(vc + sl[b] * row_bytes, r + (q_width + kv_width) * esz, row_bytes);
+      for (int64_t t = 0; t < T; ++t) {
+        const char* r = src + t * width * esz;
+        std::memcpy(kc + sl[t] * row_bytes, r + q_width * esz, row_bytes);
+        std::memcpy(vc + sl[t] * row_bytes, r + (q_width + kv_width) * esz, row_bytes);
       }
-      at::Tensor q = qkv.narrow(1, 0, q_width).view({B, nh_, hd_});
-      at::Tensor attn = paged_decode_attention(q, L.k_cache, L.v_cache, block_tables, seq_lens, window_, scale);
-      h = rms_norm(L.o(attn.view({B, q_width})), residual, L.ln2, eps_);
+      at::Tensor q = qkv.narrow(1, 0, q_width).view({T, nh_, hd_});
+      at::Tensor attn;
+      if (chunks.empty()) {
+        attn = paged_decode_attention(q, L.k_cache, L.v_cache, block_tables, seq_lens, window_, scale);
+      } else {
+        attn = at::empty({T, nh_, hd_}, qkv.options());
+        if (B) attn.narrow(0, 0, B).copy_(paged_decode_attention(q.narrow(0, 0, B), L.k_cache, L.v_cache, block_tables,
+                                                                 seq_lens, window_, scale));
+        at::Tensor k = qkv.narrow(1, q_width, kv_width).view({T, nkv_, hd_});
+        at::Tensor v = qkv.narrow(1, q_width + kv_width, kv_width).view({T, nkv_, hd_});
+        for (const Chunk& c : chunks) {
+          at::Tensor ks, vs;
+          if (c.blocks) {
+            ks = L.k_cache.index_select(0, *c.blocks).view({-1, nkv_, hd_});
+            vs = L.v_cache.index_select(0, *c.blocks).view({-1, nkv_, hd_});
+          } else {
+            ks = k.narrow(0, c.start, c.length);
+            vs = v.narrow(0, c.start, c.length);
+          }
+          at::Tensor o = at::scaled_dot_product_attention(
+              q.narrow(0, c.start, c.length).transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
+              vs.transpose(0, 1).unsqueeze(0), c.mask, 0.0, !c.mask.has_value(), std::nullopt, true);
+          attn.narrow(0, c.start, c.length).copy_(o[0].transpose(0, 1));
+        }
+      }
+      h = rms_norm(L.o(attn.view({T, q_width})), residual, L.ln2, eps_);
       x = L.down(silu_mul(L.gate_up(h)));
     }
     return {x, residual};
@@ -483,8 +524,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding x into a residual in place");
   m.def("rope_", &rope_, "rotary embedding in place on the query and key heads of qkv rows");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
-  py::class_<DecodePlan>(m, "DecodePlan")
+  py::class_<ForwardPlan>(m, "ForwardPlan")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor>())
-      .def("add_layer", &DecodePlan::add_layer)
-      .def("run", &DecodePlan::run, py::call_guard<py::gil_scoped_release>());
+      .def("add_layer", &ForwardPlan::add_layer)
+      .def("run", &ForwardPlan::run, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,10 +1,10 @@
-"""A decode-only step's layers in one native call (`DecodePlan` in kernels/paged_attention.cpp).
+"""A step's layers in one native call (`ForwardPlan` in kernels/paged_attention.cpp).
 
 The plan is built once per (model, KV pool) from the model's own modules and holds
 references to their weights and to the pool's caches, so it runs exactly the kernels the
 module path runs, in the same order. A model or layer the plan cannot express (Mixtral's
 experts, a projection of another kind) simply has no plan and takes the module path; so do
-steps with prefill chunks and steps that apply LoRA adapters.
+steps that apply LoRA adapters.
 """
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ def _base(m: nn.Module) -> nn.Module:
     return getattr(m, "base", m)
 
 
-def build_decode_plan(model: CausalLM, pool: KVPool):
+def build_plan(model: CausalLM, pool: KVPool):
     """The native plan for this model and pool, or None."""
     kernels = native()
     if kernels is None:
         return None
     args = model.args
-    plan = kernels.DecodePlan(args.num_heads, args.num_kv_heads, args.head_dim, args.sliding_window or 0,
+    plan = kernels.ForwardPlan(args.num_heads, args.num_kv_heads, args.head_dim, args.sliding_window or 0,
                               args.rms_norm_eps, model.rope_cos, model.rope_sin)
     for i, layer in enumerate(model.layers):
         if not isinstance(layer.mlp, MLP):

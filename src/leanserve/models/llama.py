@@ -157,6 +157,17 @@ class AttnBatch:
             self.masks[i] = mask = mask[None, None]
         return mask
 
+    def plan_chunks(self, positions: torch.Tensor, block_size: int, window: int, dtype: torch.dtype) -> list:
+        """The prefill chunks as the native plan takes them: (start, length, context blocks or
+        None, mask or None), with what `paged_attention` would use at each layer."""
+        out, offset = [], 0
+        for i, (start, length, ctx) in enumerate(self.prefill_chunks()):
+            blocks = self.prefill_blocks[offset:offset + ctx] if ctx else None
+            offset += ctx
+            mask = None if ctx == 0 and not window else self.prefill_mask(i, positions, block_size, window, dtype)
+            out.append((start, length, blocks, mask))
+        return out
+
     def decode_visible(self, block_size: int, window: int) -> torch.Tensor:
         """[B, 1, 1, W * block_size] bool: the padded keys each decode may see (for SDPA)."""
         if self.decode_mask is None:
@@ -340,9 +351,9 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    # Decode-only steps run all layers in one native call when the kernels are built
-    # (models/fused.py); False forces the module path (tests compare the two).
-    fused_decode = True
+    # Steps run all layers in one native call when the kernels are built (models/fused.py);
+    # False forces the module path (tests compare the two).
+    fused = True
     _plan = None  # (pool, plan)
 
     def __init__(self, args: ModelArgs):
@@ -362,24 +373,26 @@ class CausalLM(nn.Module):
         self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
         self._plan = None
 
-    def decode_plan(self, pool: KVPool):
+    def plan(self, pool: KVPool):
         """The native plan of this model over `pool` (built at first use), or None."""
-        if not self.fused_decode or native() is None:
+        if not self.fused or native() is None:
             return None
         if getattr(getattr(self, "_lora_manager", None), "step", None) is not None:
             return None  # a step with LoRA adapters runs the wrapped modules
         if self._plan is None or self._plan[0] is not pool:
-            from .fused import build_decode_plan
+            from .fused import build_plan
 
-            self._plan = (pool, build_decode_plan(self, pool))
+            self._plan = (pool, build_plan(self, pool))
         return self._plan[1]
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, batch: AttnBatch, pool: KVPool, logit_rows):
         """Runs the step's tokens; returns float32 logits of the rows in `logit_rows` only."""
         x = self.embed_tokens(input_ids)
-        if not batch.prefill_meta.shape[0] and (plan := self.decode_plan(pool)) is not None:
-            x, residual = plan.run(x, positions, batch.slot_mapping, batch.decode_blocks, batch.decode_lens)
+        if (plan := self.plan(pool)) is not None:
+            x, residual = plan.run(x, positions, batch.slot_mapping, batch.decode_blocks, batch.decode_lens,
+                                   batch.plan_chunks(positions, pool.k[0].shape[1], self.args.sliding_window or 0,
+                                                     x.dtype))
             return self.lm_head(self.norm(x[logit_rows], residual[logit_rows])).float()
         rope = Rope(self.rope_cos, self.rope_sin)
         if native() is None:  # the torch fallback rotates with per-token rows in the model dtype
