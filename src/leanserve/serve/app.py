@@ -121,7 +121,7 @@ class OpenAIServer:
         if choices is None:
             return Response(status_code=CLIENT_GONE)
         token_text = self.engine.tokenizer.token_text
-        body = p.chat_completion(rid, self.model_name, [
+        body = p.chat_completion(rid, req.model, [
             p.chat_choice(i, c.text, p.chat_logprobs(c.logprobs, token_text) if req.logprobs else None,
                           c.last.finish_reason)
             for i, c in enumerate(choices)], self._usage(choices, req.n))
@@ -139,7 +139,7 @@ class OpenAIServer:
         if choices is None:
             return Response(status_code=CLIENT_GONE)
         token_text = self.engine.tokenizer.token_text
-        body = p.completion(rid, self.model_name, [
+        body = p.completion(rid, req.model, [
             p.completion_choice(i, c.text, None if req.logprobs is None else
                                 p.completion_logprobs(c.logprobs, token_text, 0), c.last.finish_reason)
             for i, c in enumerate(choices)], self._usage(choices, req.n))
@@ -154,6 +154,7 @@ class OpenAIServer:
         except ValidationError as e:
             raise p.validation_error(e) from None
         request.state.adapter = adapters.resolve(self, req.model)  # 404 for an unknown model or adapter
+        # responses then name the model as the request did (an adapter's name, as vLLM does)
         return req
 
     async def _body(self, request: Request) -> bytes:
@@ -288,7 +289,7 @@ class OpenAIServer:
         created = int(time.time())
 
         def chunk(choices, usage=None):
-            return p.chat_chunk(rid, self.model_name, created, choices, usage, req.include_usage)
+            return p.chat_chunk(rid, req.model, created, choices, usage, req.include_usage)
 
         token_text = self.engine.tokenizer.token_text
         choices = [Choice() for _ in streams]
@@ -316,11 +317,11 @@ class OpenAIServer:
                 logprobs = None if req.logprobs is None else p.completion_logprobs(out.logprobs or [],
                                                                                  token_text, offset)
                 if out.text or out.logprobs or out.finished:
-                    yield p.completion(rid, self.model_name, [
+                    yield p.completion(rid, req.model, [
                         p.completion_choice(i, out.text, logprobs, out.finish_reason)], None, created,
                         req.include_usage)
         if req.include_usage:
-            yield p.completion(rid, self.model_name, [], self._usage(choices, req.n), created)
+            yield p.completion(rid, req.model, [], self._usage(choices, req.n), created)
 
     def _sse(self, events, rid: str, count: int) -> StreamingResponse:
         async def body():
