@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  first token: new rank-{args.cold_rank} adapter from file {ft['new_adapter_from_file']} ms, "
           f"resident {ft['resident_adapter']} ms, base model {ft['base_model']} ms")
     print(f"  memory per resident adapter: slot {slot_bytes / 2**20:.1f} MiB "
-          f"(max rank {max(args.rank, args.cold_rank)}, float32), rank-{args.rank} file {file_bytes / 2**20:.1f} MiB")
+          f"(max rank {max(args.rank, args.cold_rank)}, {str(llm.engine.lora.factor_dtype).removeprefix('torch.')}), "
+          f"rank-{args.rank} file {file_bytes / 2**20:.1f} MiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
