@@ -519,7 +519,7 @@ class LoRAManager:
         factors (a torch op each took ~20 us, most of a cold start's install time)."""
         if not self.stacks:
             self._allocate()
-        a_dst, a_src, b_dst, b_src, scales = [], [], [], [], []
+        a_stacks, part_ids, a_src, bt_stacks, b_src, scales = [], [], [], [], [], []
         for (layer, module), stack in self.stacks.items():
             parts = adapter.weights.factors.get((layer, module)) or [None] * len(stack.bts)
             old = stack.ranks[slot]  # rows the slot's last adapter left: zero what is not overwritten
@@ -530,20 +530,21 @@ class LoRAManager:
                 if parts[p] is not None:
                     a, b, scale = parts[p]
                     r = a.shape[0]
-                    a_dst.append(stack.a[slot, p, :r])
-                    b_dst.append(bt[slot, :r])
+                    a_stacks.append(stack.a)
+                    part_ids.append(p)
                     a_src.append(a)
+                    bt_stacks.append(bt)
                     b_src.append(b)
                     scales.append(scale)
                 if old > r:
                     stack.a[slot, p, r:old].zero_()
                     bt[slot, r:old].zero_()
         if self.kernel is not None:
-            self.kernel.pack(a_dst, a_src, b_dst, b_src, scales)
+            self.kernel.pack(slot, a_stacks, part_ids, a_src, bt_stacks, b_src, scales)
         else:
-            for ad, a, bd, b, scale in zip(a_dst, a_src, b_dst, b_src, scales):
-                ad.copy_(a)
-                torch.mul(b.t(), scale, out=bd)
+            for stack_a, p, a, bt, b, scale in zip(a_stacks, part_ids, a_src, bt_stacks, b_src, scales):
+                stack_a[slot, p, :a.shape[0]].copy_(a)
+                torch.mul(b.t(), scale, out=bt[slot, :a.shape[0]])
         self.slots[slot] = adapter
         adapter.slot = slot
         adapter.weights = None  # the slot holds them now; an eviction reads the file again

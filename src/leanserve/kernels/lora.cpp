@@ -324,38 +324,44 @@ void convert(const float* src, T* dst, int64_t n) {
   }
 }
 
-// An adapter into its slot in one call: a_dst[i] = a_src[i] ([r, in]) and
-// b_dst[i] = b_src[i]^T * scales[i] ([out, r] -> [r, out]), float32 sources, destinations in
-// the slots' dtype (float32 or bfloat16), all contiguous.
-void pack(const std::vector<at::Tensor>& a_dst, const std::vector<at::Tensor>& a_src,
-          const std::vector<at::Tensor>& b_dst, const std::vector<at::Tensor>& b_src, const std::vector<double>& scales) {
-  const int64_t n = static_cast<int64_t>(a_dst.size());
-  TORCH_CHECK(a_src.size() == a_dst.size() && b_dst.size() == a_dst.size() && b_src.size() == a_dst.size() &&
-              scales.size() == a_dst.size(), "one source, destination and scale per factor");
+// An adapter into `slot` in one call: for each factor i, rows :r of part parts[i] of
+// a_stacks[i] ([slots, parts, R, in]) = a_src[i] ([r, in]) and rows :r of bt_stacks[i]
+// ([slots, R, out]) = b_src[i]^T * scales[i] ([out, r]); float32 sources, stacks float32 or
+// bfloat16. The stacks are passed whole: slicing 2 x ~210 views in Python cost more than this.
+void pack(int64_t slot, const std::vector<at::Tensor>& a_stacks, const std::vector<int64_t>& parts,
+          const std::vector<at::Tensor>& a_src, const std::vector<at::Tensor>& bt_stacks,
+          const std::vector<at::Tensor>& b_src, const std::vector<double>& scales) {
+  const int64_t n = static_cast<int64_t>(a_stacks.size());
+  TORCH_CHECK(parts.size() == a_stacks.size() && a_src.size() == a_stacks.size() && bt_stacks.size() == a_stacks.size() &&
+              b_src.size() == a_stacks.size() && scales.size() == a_stacks.size(), "one of each per factor");
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(a_src[i].scalar_type() == at::kFloat && b_src[i].scalar_type() == at::kFloat, "sources are float32");
-    TORCH_CHECK(a_dst[i].scalar_type() == b_dst[i].scalar_type() &&
-                (a_dst[i].scalar_type() == at::kFloat || a_dst[i].scalar_type() == at::kBFloat16), "bad destination dtype");
-    TORCH_CHECK(a_src[i].is_contiguous() && b_src[i].is_contiguous() && a_dst[i].is_contiguous() &&
-                b_dst[i].is_contiguous(), "contiguous tensors only");
-    TORCH_CHECK(a_src[i].dim() == 2 && b_src[i].dim() == 2 && a_dst[i].sizes() == a_src[i].sizes() &&
-                b_dst[i].dim() == 2 && b_dst[i].size(0) == b_src[i].size(1) && b_dst[i].size(1) == b_src[i].size(0),
-                "shapes do not match");
+    const at::Tensor &as = a_stacks[i], &bs = bt_stacks[i], &a = a_src[i], &b = b_src[i];
+    TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
+                b.is_contiguous() && a.dim() == 2 && b.dim() == 2, "sources: contiguous float32 matrices");
+    TORCH_CHECK(as.scalar_type() == bs.scalar_type() && (as.scalar_type() == at::kFloat || as.scalar_type() == at::kBFloat16) &&
+                as.is_contiguous() && bs.is_contiguous() && as.dim() == 4 && bs.dim() == 3, "bad stacks");
+    TORCH_CHECK(slot >= 0 && slot < as.size(0) && slot < bs.size(0) && parts[i] >= 0 && parts[i] < as.size(1), "bad slot or part");
+    TORCH_CHECK(a.size(0) <= as.size(2) && a.size(1) == as.size(3) && b.size(1) == a.size(0) && b.size(0) == bs.size(2) &&
+                a.size(0) <= bs.size(1), "shapes do not match");
   }
   at::parallel_for(0, 2 * n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / 2;
-      const bool bf = a_dst[i].scalar_type() == at::kBFloat16;
+      const bool bf = a_stacks[i].scalar_type() == at::kBFloat16;
       if (t % 2 == 0) {
+        const at::Tensor& as = a_stacks[i];
+        const int64_t off = (slot * as.size(1) + parts[i]) * as.size(2) * as.size(3);
         const float* src = a_src[i].data_ptr<float>();
-        if (bf) convert(src, reinterpret_cast<uint16_t*>(a_dst[i].data_ptr<at::BFloat16>()), a_src[i].numel());
-        else convert(src, a_dst[i].data_ptr<float>(), a_src[i].numel());
+        if (bf) convert(src, reinterpret_cast<uint16_t*>(as.data_ptr<at::BFloat16>()) + off, a_src[i].numel());
+        else convert(src, as.data_ptr<float>() + off, a_src[i].numel());
       } else {
+        const at::Tensor& bs = bt_stacks[i];
+        const int64_t off = slot * bs.size(1) * bs.size(2);
         const float* src = b_src[i].data_ptr<float>();
         const int64_t out = b_src[i].size(0), r = b_src[i].size(1);
         const float sc = static_cast<float>(scales[i]);
-        if (bf) transpose_scaled(src, reinterpret_cast<uint16_t*>(b_dst[i].data_ptr<at::BFloat16>()), out, r, sc);
-        else transpose_scaled(src, b_dst[i].data_ptr<float>(), out, r, sc);
+        if (bf) transpose_scaled(src, reinterpret_cast<uint16_t*>(bs.data_ptr<at::BFloat16>()) + off, out, r, sc);
+        else transpose_scaled(src, bs.data_ptr<float>() + off, out, r, sc);
       }
     }
   });
