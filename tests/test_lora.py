@@ -342,3 +342,34 @@ def test_adapter_file_gone_before_its_reload_aborts_its_request(tiny_llama, adap
     out = llm.generate(PROMPTS[0], PARAMS, adapter="gone")[0]
     assert out.finish_reason == "abort" and out.token_ids == []
     assert llm.generate(PROMPTS[0], PARAMS)[0].finish_reason == "length"
+
+
+def test_bfloat16_model_adapter_close_to_float32(tiny_llama, adapters, monkeypatch):
+    """Under a bfloat16 model the native kernel keeps bfloat16 factors (the torch fallback
+    float32): each path's first-token distribution with an adapter stays within bfloat16
+    error of the float32 engine's (which equals peft's, above), and the adapter's effect is
+    far larger than that error."""
+    from leanserve import kernels
+    from leanserve.engine import lora as lora_mod
+
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+
+    def first_logprobs(dtype, adapter, native=True):
+        monkeypatch.setattr(lora_mod, "NATIVE", native)
+        llm = LLM(str(tiny_llama), dtype=dtype, num_kv_blocks=64,
+                  lora={"adapters": {"all": str(adapters["all"][0])}})
+        lp = llm.generate(PROMPTS[0], params, adapter=adapter)[0].logprobs[0]
+        factors = llm.engine.lora.factor_dtype
+        return dict(lp.top), factors
+
+    ref, _ = first_logprobs("float32", "all")
+    base, _ = first_logprobs("float32", None)
+    effect = max(abs(ref[t] - base.get(t, min(base.values()))) for t in ref)
+    for native in (True, False):
+        got, factors = first_logprobs("bfloat16", "all", native)
+        kernel = native and kernels.native("lora") is not None
+        assert factors == (torch.bfloat16 if kernel else torch.float32)
+        common = set(got) & set(ref)
+        assert len(common) >= 3
+        err = max(abs(got[t] - ref[t]) for t in common)
+        assert err < 0.1 and err < effect / 3, (native, err, effect)
