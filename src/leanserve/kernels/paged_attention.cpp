@@ -436,8 +436,19 @@ class ForwardPlan {
   // each (start row, length, context blocks or None, additive mask or None: causal alone).
   // Returns (x, residual) after the last layer, as the module path does (the final norm and
   // the lm_head stay in Python).
+  // lora_fn, lora_step: 0, or a LoRA step's entry (engine/lora.py native_hook), called after each
+  // projection of layer i with index i * 4 + (0 qkv, 1 o, 2 gate_up, 3 down).
   std::tuple<at::Tensor, at::Tensor> run(at::Tensor x, at::Tensor positions, at::Tensor slot_mapping,
-                                         at::Tensor block_tables, at::Tensor seq_lens, const py::list& chunk_list) {
+                                         at::Tensor block_tables, at::Tensor seq_lens, const py::list& chunk_list,
+                                         int64_t lora_fn = 0, int64_t lora_step = 0) {
+    using LoRAFn = void (*)(const void*, int64_t, const void*, void*);
+    const auto lora = reinterpret_cast<LoRAFn>(lora_fn);
+    const void* step = reinterpret_cast<const void*>(lora_step);
+    auto proj = [&](const LinearSpec& spec, const at::Tensor& in, int64_t index) {
+      at::Tensor out = spec(in);
+      if (lora) lora(step, index, in.data_ptr(), out.data_ptr());
+      return out;
+    };
     std::vector<Chunk> chunks;
     {
       py::gil_scoped_acquire gil;
@@ -462,7 +473,7 @@ class ForwardPlan {
       } else {
         h = rms_norm(x, residual, L.ln1, eps_);
       }
-      at::Tensor qkv = L.qkv(h);
+      at::Tensor qkv = proj(L.qkv, h, 4 * i);
       rope_(qkv, positions, cos_, sin_, nh_ + nkv_, hd_);
       // this step's keys and values into their cache slots
       const int64_t esz = qkv.element_size(), row_bytes = kv_width * esz;
@@ -499,8 +510,8 @@ class ForwardPlan {
           attn.narrow(0, c.start, c.length).copy_(o[0].transpose(0, 1));
         }
       }
-      h = rms_norm(L.o(attn.view({T, q_width})), residual, L.ln2, eps_);
-      x = L.down(silu_mul(L.gate_up(h)));
+      h = rms_norm(proj(L.o, attn.view({T, q_width}), 4 * i + 1), residual, L.ln2, eps_);
+      x = proj(L.down, silu_mul(proj(L.gate_up, h, 4 * i + 2)), 4 * i + 3);
     }
     return {x, residual};
   }
@@ -527,5 +538,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ForwardPlan>(m, "ForwardPlan")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor>())
       .def("add_layer", &ForwardPlan::add_layer)
-      .def("run", &ForwardPlan::run, py::call_guard<py::gil_scoped_release>());
+      .def("run", &ForwardPlan::run, py::arg("x"), py::arg("positions"), py::arg("slot_mapping"),
+           py::arg("block_tables"), py::arg("seq_lens"), py::arg("chunks"), py::arg("lora_fn") = 0,
+           py::arg("lora_step") = 0, py::call_guard<py::gil_scoped_release>());
 }

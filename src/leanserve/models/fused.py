@@ -3,8 +3,10 @@
 The plan is built once per (model, KV pool) from the model's own modules and holds
 references to their weights and to the pool's caches, so it runs exactly the kernels the
 module path runs, in the same order. A model or layer the plan cannot express (Mixtral's
-experts, a projection of another kind) simply has no plan and takes the module path; so do
-steps that apply LoRA adapters.
+experts, a projection of another kind) simply has no plan and takes the module path. LoRA
+rows are added inside the plan after each projection by the LoRA kernel's C entry
+(engine/lora.py `native_hook`); without that kernel, steps with adapter rows take the
+module path.
 """
 from __future__ import annotations
 

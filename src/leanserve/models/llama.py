@@ -377,13 +377,21 @@ class CausalLM(nn.Module):
         """The native plan of this model over `pool` (built at first use), or None."""
         if not self.fused or native() is None:
             return None
-        if getattr(getattr(self, "_lora_manager", None), "step", None) is not None:
-            return None  # a step with LoRA adapters runs the wrapped modules
+        if self._lora_hook() is False:
+            return None  # LoRA rows the plan cannot add (no native LoRA kernel): the wrapped modules
         if self._plan is None or self._plan[0] is not pool:
             from .fused import build_plan
 
             self._plan = (pool, build_plan(self, pool))
         return self._plan[1]
+
+    def _lora_hook(self) -> tuple | None | bool:
+        """This step's LoRA entry for the native plan (engine/lora.py `native_hook`): None
+        when no row has an adapter, False when some do but the LoRA kernel is unavailable."""
+        lora = getattr(self, "_lora_manager", None)
+        if lora is None or lora.step is None:
+            return None
+        return lora.native_hook() or False
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, batch: AttnBatch, pool: KVPool, logit_rows):
@@ -392,7 +400,7 @@ class CausalLM(nn.Module):
         if (plan := self.plan(pool)) is not None:
             x, residual = plan.run(x, positions, batch.slot_mapping, batch.decode_blocks, batch.decode_lens,
                                    batch.plan_chunks(positions, pool.k[0].shape[1], self.args.sliding_window or 0,
-                                                     x.dtype))
+                                                     x.dtype), *(self._lora_hook() or ()))
             return self.lm_head(self.norm(x[logit_rows], residual[logit_rows])).float()
         rope = Rope(self.rope_cos, self.rope_sin)
         if native() is None:  # the torch fallback rotates with per-token rows in the model dtype
