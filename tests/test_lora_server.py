@@ -84,6 +84,7 @@ def offline(lora_root) -> LLM:
 def complete(client, model: str, prompt: str = PROMPT, n: int = 8) -> str:
     r = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.model == model  # the response names the model (adapter) as the request did, as vLLM
     return r.choices[0].text
 
 
@@ -105,7 +106,10 @@ def test_trained_adapter_changes_the_answer_and_equals_offline(client, base, off
     assert complete(client, f"{base}:pine") == tuned
     chat = client.chat.completions.create(model="pine", max_tokens=6, temperature=0,
                                           messages=[{"role": "user", "content": "Hi"}])
-    assert chat.choices[0].message.content
+    assert chat.choices[0].message.content and chat.model == "pine"
+    stream = client.chat.completions.create(model="pine", max_tokens=4, temperature=0, stream=True,
+                                            messages=[{"role": "user", "content": "Hi"}])
+    assert {chunk.model for chunk in stream} == {"pine"}
 
 
 def test_three_adapters_in_use_with_two_slots(client, base, offline):
