@@ -38,7 +38,7 @@ def linear_spec(m: nn.Module) -> tuple | None:
 
 
 def _base(m: nn.Module) -> nn.Module:
-    """The projection under a LoRA wrapper (the plan only runs steps without adapters)."""
+    """The projection under a LoRA wrapper (the plan adds the LoRA deltas itself, see run)."""
     return getattr(m, "base", m)
 
 
