@@ -2,8 +2,9 @@
 
 `torch.utils.cpp_extension.load` builds each `<name>.cpp` of this folder as its own module
 against the installed torch (needs g++ and ninja; under a minute each, once, then cached
-under `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). When the build is impossible (no compiler, or
-`LEANSERVE_NATIVE_KERNELS=0`), callers fall back to plain torch ops: slower, same results.
+under `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). When the build is
+impossible (no compiler, or `LEANSERVE_NATIVE_KERNELS=0`), callers fall back to plain torch
+ops: slower, same results.
 """
 from __future__ import annotations
 
@@ -44,8 +45,7 @@ def native(name: str = "paged_attention"):
         return None
     try:
         from torch.utils.cpp_extension import load
-        tag = "kernels" if name == "paged_attention" else name
-        return load(name=f"leanserve_{tag}_{_cpu_tag()}", sources=[str(HERE / f"{name}.cpp")], extra_cflags=CFLAGS)
+        return load(name=f"leanserve_{name}_{_cpu_tag()}", sources=[str(HERE / f"{name}.cpp")], extra_cflags=CFLAGS)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
         log.warning("native kernels %s unavailable, using torch ops instead: %s", name, e)
         return None

@@ -126,8 +126,7 @@ class AttnBatch:
     prefill_meta: torch.Tensor  # [P, 3] int64: start row, length, context blocks (0: chunk alone)
     prefill_blocks: torch.Tensor  # the context blocks of all chunks, concatenated
     decode_mask: torch.Tensor | None = None  # torch fallback only, made at its first use in a step
-    chunks: list | None = None  # prefill_meta as Python ints, made at first use in a step
-    masks: dict | None = None  # prefill chunk -> its attention mask, made at the first layer
+    chunks: list | None = None  # prefill_chunks(), made at the first layer of a step
 
     @classmethod
     def prefill(cls, n: int) -> "AttnBatch":
@@ -135,38 +134,24 @@ class AttnBatch:
         none = torch.zeros(0, dtype=torch.long)
         return cls(torch.arange(n), none.view(0, 1), none, torch.tensor([[0, n, 0]]), none)
 
-    def prefill_chunks(self) -> list[tuple[int, int, int]]:
-        """(start row, length, context blocks) of each prefill chunk, as Python ints (once per step)."""
+    def prefill_chunks(self, positions: torch.Tensor, block_size: int, window: int, dtype: torch.dtype) -> list:
+        """Each prefill chunk as attention takes it: (start row, length, context blocks or None,
+        additive mask [1, 1, length, keys] or None for plain causal). Built at the first layer
+        and reused by the others (rebuilding the masks per layer, and SDPA converting bool
+        masks, were ~8% of a cached-prefix prefill); the native plan takes the same list."""
         if self.chunks is None:
-            self.chunks = self.prefill_meta.tolist()
+            self.chunks, offset = [], 0
+            for start, length, ctx in self.prefill_meta.tolist():
+                blocks = self.prefill_blocks[offset:offset + ctx] if ctx else None
+                offset += ctx
+                mask = None
+                if ctx or window:  # over its context blocks, or itself under a sliding window
+                    q_pos = positions[start:start + length, None]
+                    k_pos = torch.arange(ctx * block_size) if ctx else positions[start:start + length]
+                    mask = torch.zeros(length, len(k_pos), dtype=dtype)
+                    mask = mask.masked_fill_(~visible(q_pos, k_pos[None, :], window), float("-inf"))[None, None]
+                self.chunks.append((start, length, blocks, mask))
         return self.chunks
-
-    def prefill_mask(self, i: int, positions: torch.Tensor, block_size: int, window: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-        """[1, 1, length, keys] additive mask (0 or -inf) of chunk i over its context blocks (or
-        itself, under a sliding window), built at the first layer and reused by the others:
-        rebuilding it and SDPA converting a bool mask were ~8% of a cached-prefix prefill."""
-        if self.masks is None:
-            self.masks = {}
-        if (mask := self.masks.get(i)) is None:
-            start, length, ctx = self.prefill_chunks()[i]
-            q_pos = positions[start:start + length, None]
-            k_pos = torch.arange(ctx * block_size) if ctx else positions[start:start + length]
-            mask = torch.zeros(len(q_pos), len(k_pos), dtype=dtype)
-            mask.masked_fill_(~visible(q_pos, k_pos[None, :], window), float("-inf"))
-            self.masks[i] = mask = mask[None, None]
-        return mask
-
-    def plan_chunks(self, positions: torch.Tensor, block_size: int, window: int, dtype: torch.dtype) -> list:
-        """The prefill chunks as the native plan takes them: (start, length, context blocks or
-        None, mask or None), with what `paged_attention` would use at each layer."""
-        out, offset = [], 0
-        for i, (start, length, ctx) in enumerate(self.prefill_chunks()):
-            blocks = self.prefill_blocks[offset:offset + ctx] if ctx else None
-            offset += ctx
-            mask = None if ctx == 0 and not window else self.prefill_mask(i, positions, block_size, window, dtype)
-            out.append((start, length, blocks, mask))
-        return out
 
     def decode_visible(self, block_size: int, window: int) -> torch.Tensor:
         """[B, 1, 1, W * block_size] bool: the padded keys each decode may see (for SDPA)."""
@@ -184,7 +169,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     bs = k_cache.shape[1]
     k_cache.view(-1, nkv, hd).index_copy_(0, batch.slot_mapping, k)
     v_cache.view(-1, nkv, hd).index_copy_(0, batch.slot_mapping, v)
-    decode_blocks, prefill_blocks = batch.decode_blocks, batch.prefill_blocks
+    decode_blocks = batch.decode_blocks
     out = torch.empty_like(q)
     if (B := decode_blocks.shape[0]) and (kernels := native()) is not None:
         out[:B] = kernels.paged_decode_attention(q[:B], k_cache, v_cache, decode_blocks, batch.decode_lens, window,
@@ -196,21 +181,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vd = v_cache.index_select(0, blocks).view(B, -1, nkv, hd).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_visible(bs, window), enable_gqa=True)
         out[:B] = o.squeeze(2)
-    offset = 0
-    for i, (start, length, ctx) in enumerate(batch.prefill_chunks()):
+    for start, length, blocks, mask in batch.prefill_chunks(positions, bs, window, q.dtype):
         rows = slice(start, start + length)
-        mask = None
-        if ctx == 0 and not window:
+        if blocks is None:
             ks, vs = k[rows], v[rows]
         else:
-            if ctx:
-                blocks = prefill_blocks[offset:offset + ctx]
-                offset += ctx
-                ks = k_cache.index_select(0, blocks).view(-1, nkv, hd)
-                vs = v_cache.index_select(0, blocks).view(-1, nkv, hd)
-            else:
-                ks, vs = k[rows], v[rows]
-            mask = batch.prefill_mask(i, positions, bs, window, q.dtype)
+            ks = k_cache.index_select(0, blocks).view(-1, nkv, hd)
+            vs = v_cache.index_select(0, blocks).view(-1, nkv, hd)
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
             vs.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
@@ -399,8 +376,8 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if (plan := self.plan(pool)) is not None:
             x, residual = plan.run(x, positions, batch.slot_mapping, batch.decode_blocks, batch.decode_lens,
-                                   batch.plan_chunks(positions, pool.k[0].shape[1], self.args.sliding_window or 0,
-                                                     x.dtype), *(self._lora_hook() or ()))
+                                   batch.prefill_chunks(positions, pool.k[0].shape[1], self.args.sliding_window or 0,
+                                                        x.dtype), *(self._lora_hook() or ()))
             return self.lm_head(self.norm(x[logit_rows], residual[logit_rows])).float()
         rope = Rope(self.rope_cos, self.rope_sin)
         if native() is None:  # the torch fallback rotates with per-token rows in the model dtype

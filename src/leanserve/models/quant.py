@@ -14,7 +14,6 @@ built-in model's greedy tokens from the first few on.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .llama import CausalLM, SparseMoE
