@@ -359,3 +359,36 @@ def test_sampling_narrowed_to_one_token_is_greedy(llm, narrow):
     prompt = random_prompt(8, seed=33)
     out = llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, **narrow))[0]
     assert out.token_ids == greedy_tokens(llm, prompt, 16)
+
+
+def test_the_async_engine_builds_and_steps_on_one_thread(tiny_llama):
+    """Loading on the caller's thread and stepping on another leaves two OpenMP pools, and
+    with more OpenMP threads than cores every barrier sleeps (a 2x slower step, measured)."""
+    import asyncio
+    import threading
+
+    from leanserve.config import EngineConfig
+    from leanserve.engine.engine import AsyncEngine
+
+    async def run():
+        engine = AsyncEngine(EngineConfig(model=str(tiny_llama), dtype="float32", num_kv_blocks=32))
+        assert engine.engine.built_on != threading.get_ident()
+        await engine.start()
+        stepped_on = []
+        step = engine.engine.step
+        engine.engine.step = lambda: stepped_on.append(threading.get_ident()) or step()
+        outs = [o async for o in engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0))]
+        await engine.shutdown(timeout=1)
+        return engine, outs, stepped_on
+
+    engine, outs, stepped_on = asyncio.run(run())
+    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 3
+    assert set(stepped_on) == {engine.engine.built_on}
+
+
+def test_an_async_engine_that_fails_to_load_raises_on_the_caller(tmp_path):
+    from leanserve.config import EngineConfig
+    from leanserve.engine.engine import AsyncEngine
+
+    with pytest.raises(ModelLoadError):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "missing")))
