@@ -11,6 +11,7 @@ from torch import nn
 
 from leanserve.models.llama import AttnBatch, KVPool, build_model
 from leanserve.models.loader import _per_expert
+from leanserve.models import quant
 from leanserve.models.quant import AutoLinear, Int4Linear, Int8Linear, quantize_model
 
 # Bound on the relative error of a layer's output, Gaussian weights. Measured: int8 per channel
@@ -51,19 +52,20 @@ def test_a_rows_result_does_not_depend_on_its_batch(cls):
         assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1]), f"row {i}"
 
 
-def test_auto_uses_int8_for_few_rows_and_the_dense_weight_for_many():
+@pytest.mark.parametrize("small", [Int8Linear, Int4Linear])
+def test_auto_uses_the_small_kernel_for_few_rows_and_the_dense_weight_for_many(small):
     linear = float_linear(576, 960, True, torch.bfloat16)
-    auto, int8 = AutoLinear(linear, max_rows=4), Int8Linear(linear)
+    auto, quantized = AutoLinear(linear, max_rows=4, small=small), small(linear)
     few, many = torch.randn(4, 576, dtype=torch.bfloat16), torch.randn(5, 576, dtype=torch.bfloat16)
-    assert torch.equal(auto(few), int8(few))
+    assert torch.equal(auto(few), quantized(few))
     assert torch.equal(auto(many), linear(many))
 
 
 def test_int4_falls_back_to_int8_where_its_kernel_cannot_go():
     model = tiny_model("llama", intermediate_size=72)  # down_proj has 72 inputs: not groups of 32
     quantize_model(model, "int4")
-    assert isinstance(model.layers[0].mlp.gate_up_proj, Int4Linear)
-    assert isinstance(model.layers[0].mlp.down_proj, Int8Linear)
+    assert isinstance(model.layers[0].mlp.gate_up_proj.small, Int4Linear)
+    assert isinstance(model.layers[0].mlp.down_proj.small, Int8Linear)
 
 
 def test_unknown_method_is_refused():
@@ -109,14 +111,18 @@ def test_quantize_model_replaces_the_linear_layers_only(arch, method):
     model = tiny_model(arch)
     embedding = model.embed_tokens.weight.clone()
     quantize_model(model, method)
-    kinds = {"int8": Int8Linear, "int4": Int4Linear, "auto": AutoLinear}
+    kinds = {"int8": Int8Linear, "int4": AutoLinear, "auto": AutoLinear}
     for name, module in model.named_modules():
         if name.endswith("mlp.gate"):
             assert type(module) is nn.Linear, name  # Mixtral's router keeps the compute dtype
         elif isinstance(module, nn.Linear):
             pytest.fail(f"{name} was not quantized")
     assert isinstance(model.layers[0].self_attn.qkv_proj, kinds[method])
-    assert isinstance(model.lm_head, AutoLinear if method == "auto" else Int8Linear)  # int4: lm_head int8
+    if method == "int4":  # int4 for few rows (bf16 for many); the lm_head int8 for few rows
+        assert isinstance(model.layers[0].self_attn.qkv_proj.small, Int4Linear)
+        assert isinstance(model.lm_head.small, Int8Linear)
+    else:
+        assert isinstance(model.lm_head, Int8Linear if method == "int8" else AutoLinear)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(model.embed_tokens.weight, embedding)
 
@@ -125,13 +131,15 @@ def test_quantize_model_replaces_the_linear_layers_only(arch, method):
 # model. Measured on the three tiny models: bf16 1.1% / 97-100%, int8 2.1-2.3% / 97-100%,
 # int4 24-34% / 57-70%: 4 bits in groups of 32 cost ~8% per Gaussian weight matrix, and that
 # compounds; real checkpoints fare better (the built-in model, already 4-bit, loses nothing).
-# `auto` runs 40 rows through the dense weights; its int8 path is the one tested above.
+# `auto` runs 40 rows through the dense weights; its int8 path is the one tested above. The
+# int4 rows are made to take the int4 kernel (by default 40 rows would take the dense weights).
 @pytest.mark.parametrize("arch", TINY_CONFIGS)
 @pytest.mark.parametrize("method, max_error, min_top1", [("int8", 0.04, 0.9), ("int4", 0.45, 0.5), ("auto", 0.04, 0.9)])
-def test_quantized_model_logits_are_close_to_the_float_models(arch, method, max_error, min_top1):
+def test_quantized_model_logits_are_close_to_the_float_models(monkeypatch, arch, method, max_error, min_top1):
     ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = all_logits(tiny_model(arch, torch.float32), ids)
     model = tiny_model(arch)
+    monkeypatch.setitem(quant.MAX_ROWS, Int4Linear, 1000)
     quantize_model(model, method)
     out = all_logits(model, ids)
     assert relative_error(out, ref) < max_error

@@ -374,7 +374,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 namespace {
 
-enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3, kAuto = 4 };
+enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3 };
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -388,19 +388,18 @@ struct LinearSpec {
   at::Tensor w;                       // dense, packed, int8 or int4-packed weight
   std::optional<at::Tensor> extra;    // int8 scales, int4 scales_and_zeros
   std::optional<at::Tensor> bias;
-  int64_t param;                      // int4 group size, auto's max rows for the int8 kernel
-  std::optional<at::Tensor> dense;    // auto: the weight for more rows (packed if dense_packed)
+  int64_t group;                      // int4 group size
+  int64_t max_rows;                   // with `dense`: calls of more rows take the dense weight
+  std::optional<at::Tensor> dense;    // the bf16 weight (packed if dense_packed), for many rows
   bool dense_packed;
 
   at::Tensor operator()(const at::Tensor& x) const {
+    if (dense && x.size(0) > max_rows) return dense_packed ? packed_linear(x, *dense, bias) : at::linear(x, *dense, bias);
     at::Tensor y;
     switch (kind) {
       case kPacked: return packed_linear(x, w, bias);
       case kInt8: y = at::_weight_int8pack_mm(x, w, *extra); break;
-      case kInt4: y = at::_weight_int4pack_mm_for_cpu(x, w, param, *extra); break;
-      case kAuto:
-        if (x.size(0) <= param) { y = at::_weight_int8pack_mm(x, w, *extra); break; }
-        return dense_packed ? packed_linear(x, *dense, bias) : at::linear(x, *dense, bias);
+      case kInt4: y = at::_weight_int4pack_mm_for_cpu(x, w, group, *extra); break;
       default: return at::linear(x, w, bias);
     }
     return bias ? y.add(*bias) : y;
@@ -518,10 +517,10 @@ class ForwardPlan {
 
  private:
   static LinearSpec spec(const py::tuple& t) {
-    TORCH_CHECK(t.size() == 7, "a linear spec is (kind, weight, extra, bias, param, dense, dense_packed)");
+    TORCH_CHECK(t.size() == 8, "a linear spec is (kind, weight, extra, bias, group, max_rows, dense, dense_packed)");
     return {t[0].cast<int64_t>(), t[1].cast<at::Tensor>(), t[2].cast<std::optional<at::Tensor>>(),
-            t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<std::optional<at::Tensor>>(),
-            t[6].cast<bool>()};
+            t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
+            t[6].cast<std::optional<at::Tensor>>(), t[7].cast<bool>()};
   }
 
   int64_t nh_, nkv_, hd_, window_;

@@ -17,23 +17,24 @@ from .llama import MLP, CausalLM, KVPool
 from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear
 
 # LinearKind in paged_attention.cpp
-DENSE, PACKED, INT8, INT4, AUTO = range(5)
+DENSE, PACKED, INT8, INT4 = range(4)
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
-    """(kind, weight, extra, bias, param, dense, dense_packed) for the native plan, None if
-    it cannot run `m` (LinearSpec in paged_attention.cpp)."""
+    """(kind, weight, extra, bias, group, max_rows, dense, dense_packed) for the native plan,
+    None if it cannot run `m` (LinearSpec in paged_attention.cpp)."""
     if type(m) is nn.Linear:
-        return DENSE, m.weight, None, m.bias, 0, None, False
+        return DENSE, m.weight, None, m.bias, 0, 0, None, False
     if type(m) is PackedLinear:
-        return PACKED, m.packed, None, m.bias, 0, None, False
+        return PACKED, m.packed, None, m.bias, 0, 0, None, False
     if type(m) is Int8Linear:
-        return INT8, m.weight, m.scales, m.bias, 0, None, False
-    if type(m) is AutoLinear:
-        packed = type(m.dense) is PackedLinear
-        return AUTO, m.weight, m.scales, m.bias, m.max_rows, m.dense.packed if packed else m.dense.weight, packed
+        return INT8, m.weight, m.scales, m.bias, 0, 0, None, False
     if type(m) is Int4Linear:
-        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, None, False
+        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, False
+    if type(m) is AutoLinear:
+        small = linear_spec(m.small)
+        packed = type(m.dense) is PackedLinear
+        return *small[:5], m.max_rows, m.dense.packed if packed else m.dense.weight, packed
     return None
 
 

@@ -3,12 +3,15 @@
 Decoding a few sequences on a CPU is bound by reading weights, so weights stored in fewer
 bytes make a step faster, while activations stay in the compute dtype. Large batches are
 bound by arithmetic instead, and there the bf16 matrix units beat both weight-only kernels
-(on SmolLM2-135M shapes bf16 wins from 5 rows up against int8, from ~12 against int4), so
-`auto` keeps both int8 and bf16 weights and picks per call by the number of rows.
+(on SmolLM2-135M shapes bf16 wins from 5 rows up against int8, from ~12 against int4). So
+`auto` keeps both int8 and bf16 weights and picks per call by the number of rows, and `int4`
+does the same with int4 weights: through the int4 kernel alone a 128-token prefill of the
+built-in model took 177 ms, 5x bf16's 35. Both cost the bf16 weights' memory on top. `int8`
+keeps only int8 weights: the choice that saves memory, at the price of slow prefills.
 
 Embeddings, norms and Mixtral's router stay in the compute dtype. A tied lm_head gets its
 own quantized copy; the embedding lookup keeps reading the original. Under `int4` the
-lm_head is int8: 4 bits cost it ~9% relative weight error (1% in int8) and changed the
+lm_head is `auto` (int8 for few rows): 4 bits cost it ~9% relative weight error (1% in int8) and changed the
 built-in model's greedy tokens from the first few on.
 """
 from __future__ import annotations
@@ -24,6 +27,10 @@ METHODS = ("int8", "int4", "auto")
 # SmolLM2-135M shapes (2 threads) one step of projections took 18 ms in int8 vs 26 in bf16
 # at 4 rows, and 28 vs 27 at 5 rows; from 5 rows on bf16 is as fast or faster.
 AUTO_MAX_ROWS = 4
+# Rows up to which `int4` uses the int4 kernel. Decode step of the built-in model, 2 threads,
+# int4 kernel vs bf16 (ms): 1 row 8.3 / 16.7, 4 rows 12.3 / 17.6, 6 rows 17.8 / 18.5, 8 rows
+# 19.9 / 19.2, 16 rows 33.4 / 22.4.
+INT4_MAX_ROWS = 6
 
 
 class Int8Linear(nn.Module):
@@ -90,28 +97,32 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.GROUP_SIZE}"
 
 
-class AutoLinear(Int8Linear):
-    """Both formats: the int8 kernel for up to `max_rows` rows, the dense bf16 matmul above
-    (oneDNN-packed when the CPU has bf16 support, see PackedLinear).
+MAX_ROWS = {Int8Linear: AUTO_MAX_ROWS, Int4Linear: INT4_MAX_ROWS}
 
-    Costs the int8 copy on top of the dense weights. Which kernel a row goes through then
-    depends on how many rows share its step, and the dense matmul is not batch-invariant,
+
+class AutoLinear(nn.Module):
+    """A weight-only kernel (`small`: int8 or int4) for calls of up to `max_rows` rows, the
+    dense bf16 matmul above (oneDNN-packed when the CPU has bf16 support, see PackedLinear).
+
+    Costs the quantized copy on top of the dense weights. Which kernel a row goes through
+    then depends on how many rows share its call, and the dense matmul is not batch-invariant,
     so a sequence's greedy tokens can depend on what it was batched with.
     """
 
-    def __init__(self, linear: nn.Linear, max_rows: int = AUTO_MAX_ROWS):
-        super().__init__(linear)
+    def __init__(self, linear: nn.Linear, max_rows: int | None = None, small: type = Int8Linear):
+        super().__init__()
+        self.small = small(linear)
         # shares the embedding's tensor when the lm_head is tied (unless packed: a copy)
         self.dense = PackedLinear(linear) if PackedLinear.available(linear.weight.dtype) else linear
-        self.max_rows = max_rows
+        self.max_rows = MAX_ROWS[small] if max_rows is None else max_rows
 
     def forward(self, x):
         if x.numel() <= self.max_rows * x.shape[-1]:
-            return super().forward(x)
+            return self.small(x)
         return self.dense(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, max_rows={self.max_rows}"
+        return f"max_rows={self.max_rows}"
 
 
 class PackedLinear(nn.Module):
@@ -144,9 +155,9 @@ class PackedLinear(nn.Module):
 
 def _quantized(linear: nn.Linear, method: str) -> nn.Module:
     """A layer whose shape the int4 kernel cannot take gets int8 instead."""
-    if method == "int4" and Int4Linear.fits(linear):
-        return Int4Linear(linear)
-    return AutoLinear(linear) if method == "auto" else Int8Linear(linear)
+    if method == "int8":
+        return Int8Linear(linear)
+    return AutoLinear(linear, small=Int4Linear if method == "int4" and Int4Linear.fits(linear) else Int8Linear)
 
 
 def _replace_linears(model: CausalLM, make, make_head) -> None:
@@ -163,7 +174,7 @@ def quantize_model(model: CausalLM, method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
     _replace_linears(model, lambda lin: _quantized(lin, method),
-                     lambda lin: _quantized(lin, "int8" if method == "int4" else method))
+                     lambda lin: _quantized(lin, "auto" if method == "int4" else method))
 
 
 @torch.no_grad()
