@@ -392,3 +392,28 @@ def test_an_async_engine_that_fails_to_load_raises_on_the_caller(tmp_path):
 
     with pytest.raises(ModelLoadError):
         AsyncEngine(EngineConfig(model=str(tmp_path / "missing")))
+
+
+def test_first_argmax_is_argmax_with_ties_and_infinities():
+    from leanserve.engine.sampling import first_argmax
+
+    x = torch.randn(8, 49152, generator=torch.Generator().manual_seed(0))
+    x[1, [7, 9000, 40000]] = 100.0  # ties: the first index wins
+    x[2, :] = -float("inf")
+    x[2, 123] = 0.0
+    x[3, :] = 1.0  # all equal: index 0
+    assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+    assert first_argmax(x)[1].item() == 7 and first_argmax(x)[3].item() == 0
+
+
+def test_the_sampler_leaves_the_models_logits_alone(llm):
+    """Penalties and min_tokens work on a copy: the caller's logits (and logprobs) stay."""
+    from leanserve.engine.sampling import Sampler
+
+    seq = llm.engine.make_sequence("s", [5, 6, 7], SamplingParams(repetition_penalty=1.5, min_tokens=2, temperature=0),
+                                   0, None)
+    logits = torch.randn(1, llm.engine.args.vocab_size, generator=torch.Generator().manual_seed(1))
+    logits[0, 6] = 50.0  # the best token, but it repeats the prompt: the penalty must not touch the original
+    before = logits.clone()
+    Sampler()(logits, [seq], llm.engine.eos_ids)
+    assert torch.equal(logits, before)

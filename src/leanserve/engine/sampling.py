@@ -11,6 +11,13 @@ import torch
 from .sequence import Logprob, Sequence
 
 
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """The index of each row's first maximum, as `argmax(dim=-1)` gives it. `max(dim=-1)`
+    promises the same index and is ~6x faster on CPU here (32 x 49152 float32: 0.39 vs
+    2.3 ms; the greedy argmax was ~5% of a 32-row decode step)."""
+    return x.max(dim=-1).indices
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
@@ -31,15 +38,19 @@ class Sampler:
                  ) -> tuple[list[int], list[Logprob | None]]:
         """logits: float32 [B, vocab], one row per sequence. Returns token ids and logprobs."""
         raw = logits
-        logits = logits.clone()
+        copied = False
         for i, seq in enumerate(seqs):
-            self._penalize(logits[i], seq)
-            if seq.num_output < seq.params.min_tokens:
-                banned = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else list(eos_ids))
+            p = seq.params
+            banned = []
+            if seq.num_output < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
                 banned = [t for t in banned if t < logits.shape[1]]
-                if banned:
-                    logits[i, banned] = -float("inf")
-        tokens = logits.argmax(dim=-1)
+            if not copied and (banned or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
+                logits, copied = logits.clone(), True  # `raw` stays the model's own, for logprobs
+            self._penalize(logits[i], seq)
+            if banned:
+                logits[i, banned] = -float("inf")
+        tokens = first_argmax(logits)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             idx = torch.tensor(sampled)
@@ -76,7 +87,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         for i, seq in enumerate(seqs):
             noise[i].exponential_(generator=self._generator(seq))
-        return (probs / noise).argmax(dim=-1)
+        return first_argmax(probs / noise)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[Logprob | None]:

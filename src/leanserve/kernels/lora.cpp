@@ -8,7 +8,9 @@
 // slot's own rank in this module is read, not the zero padding up to the stack's rank.
 //
 // Types: x and y float32 with float32 factors, or x and y bfloat16 with bfloat16 factors
-// (AVX-512 BF16 dot products for x @ A^T). Sums are in float32; y is rounded once.
+// (AVX-512 BF16 dot products for x @ A^T), or x and y bfloat16 with int8 factors and one
+// float32 scale per row of A and of B^T (half the bytes of bfloat16; widened to float32 in
+// registers). Sums are in float32; y is rounded once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -17,6 +19,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -62,7 +65,7 @@ inline void shrink(const float* x, const int64_t* rows, int64_t nk, const float*
   }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 // Lane i of the result is the sum of v[i]'s lanes: 16 sums in 45 instructions, not 160.
 inline __m512 reduce16(const __m512* v) {
   __m512 t[8], u[4], w[2];
@@ -76,6 +79,9 @@ inline __m512 reduce16(const __m512* v) {
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
 }
+#endif
+
+#if defined(__AVX512BF16__)
 
 // NK x rows (NK = 1, 2 or 4) against 16 / NK rows of A at a time: 16 independent sums keep
 // the dot-product units busy, and one transposing reduction finishes all 16.
@@ -217,6 +223,169 @@ inline void expand<uint16_t, uint16_t>(const float* h, int64_t h_stride, int64_t
 }
 #endif
 
+// ---- int8 factors under bfloat16 activations ---------------------------------------------------
+// A rows and B^T rows are int8 with one float32 scale per row (symmetric, absmax / 127). The
+// shrink multiplies float32 x by the int8 rows widened to float32 (exact products, float32 sums)
+// and applies each row's scale once; the expand folds B^T's row scales into the low-rank
+// activations and sums h'_j * q_jo in float32 (no bfloat16 rounding of h, unlike the bfloat16
+// path); y is rounded once.
+
+// h[k][j] = sa[j] * (x[k] . q[j]) for j < n (q: n int8 rows of d_in); xf: NK float32 rows of d_in.
+template <int NK>
+inline void shrink_i8(const float* const* xf, const int8_t* q, const float* sa, int64_t n, int64_t d_in, float* h,
+                      int64_t h_stride) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  constexpr int JB = 16 / NK;
+  const int64_t full = d_in / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (d_in - full)) - 1);
+  alignas(64) float sums[16];
+  for (int64_t j0 = 0; j0 < n; j0 += JB) {
+    const int64_t nj = std::min<int64_t>(JB, n - j0);
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d_in; i += 16) {
+      const __mmask16 m = i < full ? static_cast<__mmask16>(0xffff) : tail;
+      __m512 xv[NK];
+      for (int k = 0; k < NK; ++k) xv[k] = _mm512_maskz_loadu_ps(m, xf[k] + i);
+      // one prefetch per 64 bytes of a row, 4 lines ahead (a row is contiguous; rows follow rows)
+      const bool pf = (i & 63) == 0;
+      for (int j = 0; j < JB; ++j) {
+        if (j < nj) {
+          const int8_t* row = q + (j0 + j) * d_in;
+          if (pf) _mm_prefetch(reinterpret_cast<const char*>(row + i + 256), _MM_HINT_T0);
+          const __m512 av = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + i)));
+          for (int k = 0; k < NK; ++k) acc[j * NK + k] = _mm512_fmadd_ps(xv[k], av, acc[j * NK + k]);
+        }
+      }
+    }
+    _mm512_store_ps(sums, reduce16(acc));
+    for (int64_t j = 0; j < nj; ++j)
+      for (int k = 0; k < NK; ++k) h[k * h_stride + j0 + j] = sums[j * NK + k] * sa[j0 + j];
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    const int8_t* qj = q + j * d_in;
+    for (int k = 0; k < NK; ++k) {
+      float s = 0.f;
+      for (int64_t i = 0; i < d_in; ++i) s += xf[k][i] * static_cast<float>(qj[i]);
+      h[k * h_stride + j] = s * sa[j];
+    }
+  }
+#endif
+}
+
+// y[rows[k], col + o] += sum_j (h[k][j] * sb[j]) * q[j, o] for o < out (q: r int8 rows of `out`).
+template <int NK>
+inline void expand_i8(const float* h, int64_t h_stride, const int8_t* q, const float* sb, int64_t r, int64_t out,
+                      uint16_t* y, const int64_t* rows, int64_t y_stride, int64_t col) {
+  constexpr int64_t MAX_R = 256;
+  TORCH_CHECK(r <= MAX_R, "LoRA rank above 256");
+  alignas(64) float hs[NK][MAX_R];
+  for (int k = 0; k < NK; ++k)
+    for (int64_t j = 0; j < r; ++j) hs[k][j] = h[k * h_stride + j] * sb[j];
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  for (int64_t o0 = 0; o0 < out; o0 += 64) {
+    __mmask16 m[4];
+    for (int v = 0; v < 4; ++v) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, out - o0 - 16 * v));
+      m[v] = static_cast<__mmask16>((1u << left) - 1);
+    }
+    const bool ahead = o0 + 4 * 64 < out;
+    __m512 acc[NK][4];
+    for (int k = 0; k < NK; ++k)
+      for (int v = 0; v < 4; ++v) acc[k][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < r; ++j) {
+      const int8_t* row = q + j * out + o0;
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(row + 4 * 64), _MM_HINT_T0);
+      __m512 b[4];
+      for (int v = 0; v < 4; ++v) b[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m[v], row + 16 * v)));
+      for (int k = 0; k < NK; ++k) {
+        const __m512 hv = _mm512_set1_ps(hs[k][j]);
+        for (int v = 0; v < 4; ++v) acc[k][v] = _mm512_fmadd_ps(hv, b[v], acc[k][v]);
+      }
+    }
+    for (int k = 0; k < NK; ++k) {
+      uint16_t* yk = y + rows[k] * y_stride + col + o0;
+      for (int v = 0; v < 4; ++v) {
+        if (!m[v]) continue;
+        const __m512 cur = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m[v], yk + 16 * v)), 16));
+        const __m512 sum = _mm512_add_ps(cur, acc[k][v]);
+#if defined(__AVX512BF16__)
+        _mm256_mask_storeu_epi16(yk + 16 * v, m[v], (__m256i)_mm512_cvtneps_pbh(sum));
+#else
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, sum);
+        for (int e = 0; e < 16; ++e)
+          if (m[v] >> e & 1) yk[16 * v + e] = f_to_bf16(tmp[e]);
+#endif
+      }
+    }
+  }
+#else
+  float acc[NK][CHUNK];
+  for (int64_t o0 = 0; o0 < out; o0 += CHUNK) {
+    const int64_t w = std::min(CHUNK, out - o0);
+    for (int k = 0; k < NK; ++k) std::fill(acc[k], acc[k] + CHUNK, 0.f);
+    for (int64_t j = 0; j < r; ++j) {
+      const int8_t* row = q + j * out + o0;
+      for (int k = 0; k < NK; ++k)
+        for (int64_t o = 0; o < w; ++o) acc[k][o] += hs[k][j] * static_cast<float>(row[o]);
+    }
+    for (int k = 0; k < NK; ++k) {
+      uint16_t* yk = y + rows[k] * y_stride + col + o0;
+      for (int64_t o = 0; o < w; ++o) add_store(yk, o, acc[k][o]);
+    }
+  }
+#endif
+}
+
+void lora_kernel_i8(const uint16_t* x, uint16_t* y, const int8_t* a, const float* a_scale,
+                    const std::vector<const int8_t*>& bts, const std::vector<const float*>& bt_scales,
+                    const std::vector<int64_t>& outs, const int32_t* ranks, const int64_t* rows, const int64_t* tiles,
+                    int64_t n_tiles, int64_t d_in, int64_t y_stride, int64_t R, int64_t slot_stride_a) {
+  const int64_t parts = static_cast<int64_t>(bts.size());
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(TILE * parts * R);
+    std::vector<float> xbuf(TILE * d_in);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t start = tiles[3 * t], stop = tiles[3 * t + 1], slot = tiles[3 * t + 2];
+      const int64_t r = ranks[slot], nk = stop - start;
+      if (r == 0) continue;
+      const int64_t* tr = rows + start;
+      // the tile's rows of x in float32, once for every part
+      const float* xf[TILE];
+      for (int64_t k = 0; k < nk; ++k) {
+        const uint16_t* src = x + tr[k] * d_in;
+        float* dst = xbuf.data() + k * d_in;
+        for (int64_t i = 0; i < d_in; ++i) dst[i] = bf16_to_f(src[i]);
+      }
+      for (int64_t k = 0; k < TILE; ++k) xf[k] = xbuf.data() + std::min(k, nk - 1) * d_in;  // 3 rows: the last twice
+      const int8_t* as = a + slot * slot_stride_a;
+      for (int64_t p = 0; p < parts; ++p) {
+        const int8_t* q = as + p * R * d_in;
+        const float* sa = a_scale + (slot * parts + p) * R;
+        float* hp = h.data() + p * R;
+        if (nk == 1) shrink_i8<1>(xf, q, sa, r, d_in, hp, parts * R);
+        else if (nk == 2) shrink_i8<2>(xf, q, sa, r, d_in, hp, parts * R);
+        else shrink_i8<4>(xf, q, sa, r, d_in, hp, parts * R);
+      }
+      int64_t col = 0;
+      for (int64_t p = 0; p < parts; ++p) {
+        const int8_t* q = bts[p] + slot * R * outs[p];
+        const float* sb = bt_scales[p] + slot * R;
+        const float* hp = h.data() + p * R;
+        switch (nk) {
+          case 1: expand_i8<1>(hp, parts * R, q, sb, r, outs[p], y, tr, y_stride, col); break;
+          case 2: expand_i8<2>(hp, parts * R, q, sb, r, outs[p], y, tr, y_stride, col); break;
+          case 3: expand_i8<3>(hp, parts * R, q, sb, r, outs[p], y, tr, y_stride, col); break;
+          default: expand_i8<4>(hp, parts * R, q, sb, r, outs[p], y, tr, y_stride, col);
+        }
+        col += outs[p];
+      }
+    }
+  });
+}
+
 template <typename T>
 void lora_kernel(const T* x, T* y, const T* a, const std::vector<const T*>& bts, const std::vector<int64_t>& outs,
                  const int32_t* ranks, const int64_t* rows, const int64_t* tiles, int64_t n_tiles, int64_t d_in,
@@ -242,15 +411,49 @@ void lora_kernel(const T* x, T* y, const T* a, const std::vector<const T*>& bts,
   });
 }
 
+// int8 factors come with float32 scales: a_scale [slots, parts, R] (A's rows) and per part
+// [slots, R] (B^T's rows); float32 and bfloat16 factors with none.
+void check_scales(const at::Tensor& a, const std::vector<at::Tensor>& bts, const std::optional<at::Tensor>& a_scale,
+                  const std::vector<at::Tensor>& bt_scales) {
+  if (a.scalar_type() != at::kChar) {
+    TORCH_CHECK(!a_scale.has_value() && bt_scales.empty(), "scales are for int8 factors only");
+    return;
+  }
+  TORCH_CHECK(a_scale.has_value() && a_scale->scalar_type() == at::kFloat && a_scale->is_contiguous() &&
+              a_scale->dim() == 3 && a_scale->size(0) == a.size(0) && a_scale->size(1) == a.size(1) &&
+              a_scale->size(2) == a.size(2), "int8 factors need a_scale: float32 [slots, parts, R]");
+  TORCH_CHECK(bt_scales.size() == bts.size(), "int8 factors need one b^t scale tensor per part");
+  for (const auto& s : bt_scales)
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 && s.size(0) == a.size(0) &&
+                s.size(1) == a.size(2), "bad b^t scales: float32 [slots, R]");
+}
+
+std::vector<const float*> float_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const float*> out;
+  for (const auto& t : ts) out.push_back(t.data_ptr<float>());
+  return out;
+}
+
+std::vector<const int8_t*> int8_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const int8_t*> out;
+  for (const auto& t : ts) out.push_back(t.data_ptr<int8_t>());
+  return out;
+}
+
 // x [T, in], y [T, sum of outs] (in place), a [slots, parts, R, in], bts: per part [slots, R, out_p],
 // ranks int32 [slots], rows int64 [n] (row indices grouped by slot), tiles int64 [tiles, 3]:
-// (start, end) into rows and the slot, at most TILE rows each.
+// (start, end) into rows and the slot, at most TILE rows each. x, y and the factors float32, or
+// x and y bfloat16 with bfloat16 factors, or with int8 factors and their scales (check_scales).
 void apply(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const std::vector<at::Tensor>& bts,
-           const at::Tensor& ranks, const at::Tensor& rows, const at::Tensor& tiles) {
+           const at::Tensor& ranks, const at::Tensor& rows, const at::Tensor& tiles,
+           const std::optional<at::Tensor>& a_scale, const std::vector<at::Tensor>& bt_scales) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x [T, in] and y [T, out]");
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && a.is_contiguous(), "x, y and a must be contiguous");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.scalar_type() == a.scalar_type(), "x, y and a dtypes differ");
+  const bool i8 = a.scalar_type() == at::kChar;
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && (i8 ? x.scalar_type() == at::kBFloat16 : x.scalar_type() == a.scalar_type()),
+              "x, y and a dtypes differ (int8 factors take bfloat16 x and y)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
+  check_scales(a, bts, a_scale, bt_scales);
   TORCH_CHECK(a.dim() == 4 && a.size(1) == static_cast<int64_t>(bts.size()) && a.size(3) == x.size(1), "bad a");
   TORCH_CHECK(ranks.scalar_type() == at::kInt && ranks.is_contiguous() && ranks.size(0) == a.size(0), "bad ranks");
   TORCH_CHECK(rows.scalar_type() == at::kLong && tiles.scalar_type() == at::kLong && rows.is_contiguous() &&
@@ -272,7 +475,12 @@ void apply(const at::Tensor& x, at::Tensor& y, const at::Tensor& a, const std::v
                 t[3 * i + 1] <= rows.numel() && t[3 * i + 2] >= 0 && t[3 * i + 2] < a.size(0), "bad tile");
   const int64_t* rw = rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(rw[i] >= 0 && rw[i] < x.size(0), "row out of range");
-  if (x.scalar_type() == at::kFloat) {
+  if (i8) {
+    lora_kernel_i8(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+                   reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), a.data_ptr<int8_t>(), a_scale->data_ptr<float>(),
+                   int8_ptrs(bts), float_ptrs(bt_scales), outs, ranks.data_ptr<int32_t>(), rw, t, n_tiles, x.size(1),
+                   y.size(1), R, a.stride(0));
+  } else if (x.scalar_type() == at::kFloat) {
     std::vector<const float*> b;
     for (const auto& bt : bts) b.push_back(bt.data_ptr<float>());
     lora_kernel<float>(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), b, outs,
@@ -317,6 +525,23 @@ void transpose_scaled(const float* src, T* dst, int64_t out, int64_t r, float sc
     }
 }
 
+// Rows of v = src[j * row_stride + i * col_stride] * mul (j < rows, i < cols) to int8:
+// dst[j * cols + i] = round(v / scales[j]), scales[j] = max_i |v| / 127 (0 for a zero row).
+void quantize_rows(const float* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, float mul,
+                   int8_t* dst, float* scales) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const float* s = src + j * row_stride;
+    float top = 0.f;
+    for (int64_t i = 0; i < cols; ++i) top = std::max(top, std::abs(s[i * col_stride] * mul));
+    const float inv = top > 0.f ? 127.f / top : 0.f;
+    for (int64_t i = 0; i < cols; ++i) {
+      const float q = std::nearbyint(s[i * col_stride] * mul * inv);
+      dst[j * cols + i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+    }
+    scales[j] = top / 127.f;
+  }
+}
+
 template <typename T>
 void convert(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -326,20 +551,35 @@ void convert(const float* src, T* dst, int64_t n) {
 
 // An adapter into `slot` in one call: for each factor i, rows :r of part parts[i] of
 // a_stacks[i] ([slots, parts, R, in]) = a_src[i] ([r, in]) and rows :r of bt_stacks[i]
-// ([slots, R, out]) = b_src[i]^T * scales[i] ([out, r]); float32 sources, stacks float32 or
-// bfloat16. The stacks are passed whole: slicing 2 x ~210 views in Python cost more than this.
+// ([slots, R, out]) = b_src[i]^T * scales[i] ([out, r]); float32 sources, stacks float32,
+// bfloat16 or int8. int8 stacks are quantized per row (quantize_rows), their scales written to
+// rows :r of part parts[i] of a_scales[i] ([slots, parts, R]) and of bt_scales[i] ([slots, R]);
+// the other stacks pass both lists empty. The stacks are passed whole: slicing 2 x ~210 views
+// in Python cost more than this.
 void pack(int64_t slot, const std::vector<at::Tensor>& a_stacks, const std::vector<int64_t>& parts,
           const std::vector<at::Tensor>& a_src, const std::vector<at::Tensor>& bt_stacks,
-          const std::vector<at::Tensor>& b_src, const std::vector<double>& scales) {
+          const std::vector<at::Tensor>& b_src, const std::vector<double>& scales,
+          const std::vector<at::Tensor>& a_scales, const std::vector<at::Tensor>& bt_scales) {
   const int64_t n = static_cast<int64_t>(a_stacks.size());
   TORCH_CHECK(parts.size() == a_stacks.size() && a_src.size() == a_stacks.size() && bt_stacks.size() == a_stacks.size() &&
               b_src.size() == a_stacks.size() && scales.size() == a_stacks.size(), "one of each per factor");
+  const bool any_i8 = std::any_of(a_stacks.begin(), a_stacks.end(), [](const at::Tensor& t) { return t.scalar_type() == at::kChar; });
+  TORCH_CHECK(any_i8 ? a_scales.size() == a_stacks.size() && bt_scales.size() == a_stacks.size()
+                     : a_scales.empty() && bt_scales.empty(), "scales: one of each per factor for int8 stacks, none else");
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor &as = a_stacks[i], &bs = bt_stacks[i], &a = a_src[i], &b = b_src[i];
     TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
                 b.is_contiguous() && a.dim() == 2 && b.dim() == 2, "sources: contiguous float32 matrices");
-    TORCH_CHECK(as.scalar_type() == bs.scalar_type() && (as.scalar_type() == at::kFloat || as.scalar_type() == at::kBFloat16) &&
-                as.is_contiguous() && bs.is_contiguous() && as.dim() == 4 && bs.dim() == 3, "bad stacks");
+    TORCH_CHECK(as.scalar_type() == bs.scalar_type() && (as.scalar_type() == at::kFloat || as.scalar_type() == at::kBFloat16 ||
+                as.scalar_type() == at::kChar) && as.is_contiguous() && bs.is_contiguous() && as.dim() == 4 && bs.dim() == 3,
+                "bad stacks");
+    if (any_i8) {
+      const at::Tensor &sa = a_scales[i], &sb = bt_scales[i];
+      TORCH_CHECK(as.scalar_type() == at::kChar && sa.scalar_type() == at::kFloat && sb.scalar_type() == at::kFloat &&
+                  sa.is_contiguous() && sb.is_contiguous() && sa.dim() == 3 && sb.dim() == 2 &&
+                  sa.size(0) == as.size(0) && sa.size(1) == as.size(1) && sa.size(2) == as.size(2) &&
+                  sb.size(0) == bs.size(0) && sb.size(1) == bs.size(1), "bad int8 stacks or scales");
+    }
     TORCH_CHECK(slot >= 0 && slot < as.size(0) && slot < bs.size(0) && parts[i] >= 0 && parts[i] < as.size(1), "bad slot or part");
     TORCH_CHECK(a.size(0) <= as.size(2) && a.size(1) == as.size(3) && b.size(1) == a.size(0) && b.size(0) == bs.size(2) &&
                 a.size(0) <= bs.size(1), "shapes do not match");
@@ -347,12 +587,15 @@ void pack(int64_t slot, const std::vector<at::Tensor>& a_stacks, const std::vect
   at::parallel_for(0, 2 * n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / 2;
-      const bool bf = a_stacks[i].scalar_type() == at::kBFloat16;
+      const bool bf = a_stacks[i].scalar_type() == at::kBFloat16, i8 = a_stacks[i].scalar_type() == at::kChar;
       if (t % 2 == 0) {
         const at::Tensor& as = a_stacks[i];
         const int64_t off = (slot * as.size(1) + parts[i]) * as.size(2) * as.size(3);
         const float* src = a_src[i].data_ptr<float>();
-        if (bf) convert(src, reinterpret_cast<uint16_t*>(as.data_ptr<at::BFloat16>()) + off, a_src[i].numel());
+        if (i8)
+          quantize_rows(src, a_src[i].size(0), a_src[i].size(1), a_src[i].size(1), 1, 1.f, as.data_ptr<int8_t>() + off,
+                        a_scales[i].data_ptr<float>() + (slot * as.size(1) + parts[i]) * as.size(2));
+        else if (bf) convert(src, reinterpret_cast<uint16_t*>(as.data_ptr<at::BFloat16>()) + off, a_src[i].numel());
         else convert(src, as.data_ptr<float>() + off, a_src[i].numel());
       } else {
         const at::Tensor& bs = bt_stacks[i];
@@ -360,7 +603,9 @@ void pack(int64_t slot, const std::vector<at::Tensor>& a_stacks, const std::vect
         const float* src = b_src[i].data_ptr<float>();
         const int64_t out = b_src[i].size(0), r = b_src[i].size(1);
         const float sc = static_cast<float>(scales[i]);
-        if (bf) transpose_scaled(src, reinterpret_cast<uint16_t*>(bs.data_ptr<at::BFloat16>()) + off, out, r, sc);
+        if (i8)  // row j of B^T: column j of B, scaled
+          quantize_rows(src, r, out, 1, r, sc, bs.data_ptr<int8_t>() + off, bt_scales[i].data_ptr<float>() + slot * bs.size(1));
+        else if (bf) transpose_scaled(src, reinterpret_cast<uint16_t*>(bs.data_ptr<at::BFloat16>()) + off, out, r, sc);
         else transpose_scaled(src, bs.data_ptr<float>() + off, out, r, sc);
       }
     }
@@ -370,25 +615,36 @@ void pack(int64_t slot, const std::vector<at::Tensor>& a_stacks, const std::vect
 // Every (layer, module)'s stacked factors, registered once (index: layer * 4 + module, the
 // modules in the order qkv, o, gate_up, down), for steps driven from native code.
 struct Slots {
-  struct Ref { at::Tensor a; std::vector<at::Tensor> bts; std::vector<int64_t> outs; at::Tensor ranks; };
+  struct Ref {
+    at::Tensor a;
+    std::vector<at::Tensor> bts;
+    std::vector<int64_t> outs;
+    at::Tensor ranks;
+    std::optional<at::Tensor> a_scale;  // int8 factors: their scales (check_scales)
+    std::vector<at::Tensor> bt_scales;
+  };
   std::vector<std::optional<Ref>> refs;
 
-  void add(int64_t index, const at::Tensor& a, const std::vector<at::Tensor>& bts, const at::Tensor& ranks) {
+  void add(int64_t index, const at::Tensor& a, const std::vector<at::Tensor>& bts, const at::Tensor& ranks,
+           const std::optional<at::Tensor>& a_scale, const std::vector<at::Tensor>& bt_scales) {
     TORCH_CHECK(index >= 0 && a.is_contiguous() && ranks.scalar_type() == at::kInt && ranks.is_contiguous(), "bad stack");
-    TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16, "float32 or bfloat16 factors");
+    TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kChar,
+                "float32, bfloat16 or int8 factors");
+    TORCH_CHECK(a.dim() == 4 && a.size(1) == static_cast<int64_t>(bts.size()) && ranks.size(0) == a.size(0), "bad stack");
+    check_scales(a, bts, a_scale, bt_scales);
     std::vector<int64_t> outs;
     for (const auto& bt : bts) {
       TORCH_CHECK(bt.is_contiguous() && bt.scalar_type() == a.scalar_type() && bt.size(1) == a.size(2), "bad b^t");
       outs.push_back(bt.size(2));
     }
     if (static_cast<int64_t>(refs.size()) <= index) refs.resize(index + 1);
-    refs[index] = Ref{a, bts, outs, ranks};
+    refs[index] = Ref{a, bts, outs, ranks, a_scale, bt_scales};
   }
 };
 
 // One step's row map over Slots. Native code (the fused decode plan) calls
 // leanserve_lora_step_apply(step.address(), index, x, y) after each projection: y [T, out]
-// += the deltas of x [T, in] (both contiguous, in the factors' dtype).
+// += the deltas of x [T, in] (both contiguous, in the factors' dtype; bfloat16 for int8 factors).
 struct Step {
   std::shared_ptr<Slots> slots;
   at::Tensor rows, tiles;
@@ -404,7 +660,12 @@ struct Step {
     int64_t width = 0;
     for (int64_t o : s.outs) width += o;
     const int64_t n_tiles = tiles.numel() / 3;
-    if (s.a.scalar_type() == at::kFloat) {
+    if (s.a.scalar_type() == at::kChar) {
+      lora_kernel_i8(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y), s.a.data_ptr<int8_t>(),
+                     s.a_scale->data_ptr<float>(), int8_ptrs(s.bts), float_ptrs(s.bt_scales), s.outs,
+                     s.ranks.data_ptr<int32_t>(), rows.data_ptr<int64_t>(), tiles.data_ptr<int64_t>(), n_tiles,
+                     s.a.size(3), width, s.a.size(2), s.a.stride(0));
+    } else if (s.a.scalar_type() == at::kFloat) {
       std::vector<const float*> b;
       for (const auto& bt : s.bts) b.push_back(bt.data_ptr<float>());
       lora_kernel<float>(static_cast<const float*>(x), static_cast<float*>(y), s.a.data_ptr<float>(), b, s.outs,
@@ -436,13 +697,21 @@ extern "C" void leanserve_lora_step_apply(const void* step, int64_t index, const
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<Slots, std::shared_ptr<Slots>>(m, "Slots").def(py::init<>()).def("add", &Slots::add);
+  py::class_<Slots, std::shared_ptr<Slots>>(m, "Slots")
+      .def(py::init<>())
+      .def("add", &Slots::add, py::arg("index"), py::arg("a"), py::arg("bts"), py::arg("ranks"),
+           py::arg("a_scale") = py::none(), py::arg("bt_scales") = std::vector<at::Tensor>{});
   py::class_<Step>(m, "Step")
       .def(py::init<std::shared_ptr<Slots>, at::Tensor, at::Tensor>())
       .def("apply", &Step::apply)
       .def("address", [](const Step& s) { return reinterpret_cast<uintptr_t>(&s); });
   // void leanserve_lora_step_apply(const void* step, int64_t index, const void* x, void* y)
   m.def("step_apply_address", [] { return reinterpret_cast<uintptr_t>(&leanserve_lora_step_apply); });
-  m.def("apply", &apply, "y[rows] += LoRA deltas of each row's adapter slot, all parts of a fused projection");
-  m.def("pack", &pack, "an adapter's factors into its slot: A converted, B transposed, scaled and converted");
+  m.def("apply", &apply, "y[rows] += LoRA deltas of each row's adapter slot, all parts of a fused projection",
+        py::arg("x"), py::arg("y"), py::arg("a"), py::arg("bts"), py::arg("ranks"), py::arg("rows"), py::arg("tiles"),
+        py::arg("a_scale") = py::none(), py::arg("bt_scales") = std::vector<at::Tensor>{});
+  m.def("pack", &pack, "an adapter's factors into its slot: A converted, B transposed, scaled and converted "
+        "(int8: quantized per row, with their scales)", py::arg("slot"), py::arg("a_stacks"), py::arg("parts"),
+        py::arg("a_src"), py::arg("bt_stacks"), py::arg("b_src"), py::arg("scales"),
+        py::arg("a_scales") = std::vector<at::Tensor>{}, py::arg("bt_scales") = std::vector<at::Tensor>{});
 }
