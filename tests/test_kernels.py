@@ -40,6 +40,23 @@ def test_native_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_
     torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, window), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_attention_reads_the_query_columns_of_a_fused_row(dtype):
+    """q as the model passes it: a view of the qkv output, rows wider than the query heads."""
+    kernels = native()
+    gen = torch.Generator().manual_seed(3)
+    kc = torch.randn(30, 16, 3, 64, generator=gen).to(dtype)
+    vc = torch.randn(30, 16, 3, 64, generator=gen).to(dtype)
+    qkv = torch.randn(5, (9 + 2 * 3) * 64, generator=gen).to(dtype)
+    q = qkv[:, :9 * 64].view(5, 9, 64)
+    assert not q.is_contiguous()
+    tables = torch.arange(30).view(5, 6)
+    lens = torch.tensor([3, 90, 17, 64, 33])
+    out = kernels.paged_decode_attention(q, kc, vc, tables, lens, 0, 0.125)
+    assert torch.equal(out, kernels.paged_decode_attention(q.contiguous(), kc, vc, tables, lens, 0, 0.125))
+    torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, 0), atol=2e-2, rtol=2e-2)
+
+
 def test_native_decode_row_does_not_depend_on_its_batch():
     kernels = native()
     gen = torch.Generator().manual_seed(0)

@@ -47,7 +47,7 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
 }
 
 template <typename scalar_t>
-void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
+void decode_kernel(const scalar_t* q, int64_t qs, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
                    const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                    int64_t bs, int64_t W, int64_t window, float scale) {
   const int64_t g = H / Hkv;
@@ -61,7 +61,7 @@ void decode_kernel(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, co
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
       scores.resize(H * n);
-      for (int64_t j = 0; j < H * D; ++j) qf[j] = to_f(q[b * H * D + j]) * scale;
+      for (int64_t j = 0; j < H * D; ++j) qf[j] = to_f(q[b * qs + j]) * scale;
       const int64_t* table = tables + b * W;
       for (int64_t t = first; t < len; ++t) {  // scores: one pass over the keys
         const scalar_t* k = kc + table[t / bs] * blk_stride + (t % bs) * row;
@@ -109,7 +109,7 @@ inline __m512 load_bf16x16(const c10::BFloat16* p) {
 }
 
 template <int NV, int G>
-void decode_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc,
                         const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
                         int64_t bs, int64_t W, int64_t window, float scale) {
   constexpr int64_t D = 16 * NV;
@@ -137,7 +137,7 @@ void decode_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kc, const c
       };
       const __m512 sc = _mm512_set1_ps(scale);
       for (int64_t h = 0; h < H; ++h)
-        for (int v = 0; v < NV; ++v) qv[h * NV + v] = _mm512_mul_ps(load_bf16x16(q + (b * H + h) * D + v * 16), sc);
+        for (int v = 0; v < NV; ++v) qv[h * NV + v] = _mm512_mul_ps(load_bf16x16(q + b * qs + h * D + v * 16), sc);
       std::vector<float> mx(H, -std::numeric_limits<float>::max());  // -ffast-math: no infinities
       prefetch(kc, first / bs);
       // Walk whole blocks rather than dividing each position by the block size.
@@ -195,11 +195,11 @@ void decode_bf16_avx512(const c10::BFloat16* q, const c10::BFloat16* kc, const c
 }
 
 template <int NV>
-bool dispatch_groups(int64_t g, const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+bool dispatch_groups(int64_t g, const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc,
                      const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
                      int64_t bs, int64_t W, int64_t window, float scale) {
   switch (g) {
-#define LEANSERVE_G(N) case N: decode_bf16_avx512<NV, N>(q, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
+#define LEANSERVE_G(N) case N: decode_bf16_avx512<NV, N>(q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
     LEANSERVE_G(1) LEANSERVE_G(2) LEANSERVE_G(3) LEANSERVE_G(4) LEANSERVE_G(5) LEANSERVE_G(6) LEANSERVE_G(7) LEANSERVE_G(8)
 #undef LEANSERVE_G
     default: return false;
@@ -207,12 +207,12 @@ bool dispatch_groups(int64_t g, const c10::BFloat16* q, const c10::BFloat16* kc,
 }
 
 // True if the hand-vectorised path took the call (bf16, head_dim 64 or 128, <= 8 groups).
-bool decode_bf16_fast(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const int64_t* tables,
+bool decode_bf16_fast(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc, const int64_t* tables,
                       const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
                       int64_t bs, int64_t W, int64_t window, float scale) {
   const int64_t g = H / Hkv;
-  if (D == 64) return dispatch_groups<4>(g, q, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
-  if (D == 128) return dispatch_groups<8>(g, q, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
+  if (D == 64) return dispatch_groups<4>(g, q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
+  if (D == 128) return dispatch_groups<8>(g, q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
   return false;
 }
 #endif
@@ -221,6 +221,7 @@ bool decode_bf16_fast(const c10::BFloat16* q, const c10::BFloat16* kc, const c10
 
 // q: [B, H, D]; k_cache, v_cache: [blocks, block_size, Hkv, D]; block_tables: [B, W] int64;
 // seq_lens: [B] int64 (keys per sequence, the new token's included); window: 0 for none.
+// q may be a view with rows apart (the query columns of a fused qkv output): no copy then.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, int64_t window,
                                      double scale) {
@@ -232,19 +233,20 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "head sizes do not match");
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "one table and length per row");
-  auto qc = q.contiguous();
+  auto qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
+  const int64_t qs = qc.stride(0);
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
-  auto out = torch::empty_like(qc);
+  auto out = torch::empty({B, H, D}, q.options());
 #if defined(__AVX512F__)
   if (q.scalar_type() == at::kBFloat16 &&
-      decode_bf16_fast(qc.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
+      decode_bf16_fast(qc.data_ptr<c10::BFloat16>(), qs, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
                        tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H, Hkv,
                        D, bs, tables.size(1), window, static_cast<float>(scale)))
     return out;
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+    decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), qs, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                             tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
                             B, H, Hkv, D, bs, tables.size(1), window, static_cast<float>(scale));
   });
