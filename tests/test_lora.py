@@ -345,31 +345,55 @@ def test_adapter_file_gone_before_its_reload_aborts_its_request(tiny_llama, adap
 
 
 def test_bfloat16_model_adapter_close_to_float32(tiny_llama, adapters, monkeypatch):
-    """Under a bfloat16 model the native kernel keeps bfloat16 factors (the torch fallback
-    float32): each path's first-token distribution with an adapter stays within bfloat16
-    error of the float32 engine's (which equals peft's, above), and the adapter's effect is
-    far larger than that error."""
+    """Under a bfloat16 model the native kernel keeps int8 factors by default, bfloat16 ones
+    on request (the torch fallback float32): each path's first-token distribution with an
+    adapter stays within bfloat16 error of the float32 engine's (which equals peft's, above),
+    and the adapter's effect is far larger than that error."""
     from leanserve import kernels
     from leanserve.engine import lora as lora_mod
 
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
 
-    def first_logprobs(dtype, adapter, native=True):
+    def first_logprobs(dtype, adapter, native=True, factor_dtype="auto"):
         monkeypatch.setattr(lora_mod, "NATIVE", native)
         llm = LLM(str(tiny_llama), dtype=dtype, num_kv_blocks=64,
-                  lora={"adapters": {"all": str(adapters["all"][0])}})
+                  lora={"adapters": {"all": str(adapters["all"][0])}, "factor_dtype": factor_dtype})
         lp = llm.generate(PROMPTS[0], params, adapter=adapter)[0].logprobs[0]
         factors = llm.engine.lora.factor_dtype
         return dict(lp.top), factors
 
-    ref, _ = first_logprobs("float32", "all")
+    ref, factors = first_logprobs("float32", "all")
+    assert factors == torch.float32  # float32 models keep float32 factors (equal to peft, above)
     base, _ = first_logprobs("float32", None)
     effect = max(abs(ref[t] - base.get(t, min(base.values()))) for t in ref)
-    for native in (True, False):
-        got, factors = first_logprobs("bfloat16", "all", native)
-        kernel = native and kernels.native("lora") is not None
-        assert factors == (torch.bfloat16 if kernel else torch.float32)
+    has_kernel = kernels.native("lora") is not None
+    for native, choice, expected in ((True, "auto", torch.int8), (True, "int8", torch.int8),
+                                     (True, "bfloat16", torch.bfloat16), (False, "auto", torch.float32)):
+        got, factors = first_logprobs("bfloat16", "all", native, choice)
+        assert factors == (expected if native and has_kernel else torch.float32)
         common = set(got) & set(ref)
         assert len(common) >= 3
         err = max(abs(got[t] - ref[t]) for t in common)
-        assert err < 0.1 and err < effect / 3, (native, err, effect)
+        assert err < 0.1 and err < effect / 3, (native, choice, err, effect)
+
+
+def test_factor_dtype_choice(tiny_llama, adapters):
+    """float32 factors on request under a bfloat16 model (the kernel then works on float32
+    copies, and the fused plan gets no LoRA hook); an unknown choice is refused."""
+    llm = LLM(str(tiny_llama), dtype="bfloat16", num_kv_blocks=64,
+              lora={"adapters": {"qv": str(adapters["qv"][0])}, "factor_dtype": "float32"})
+    assert llm.generate(PROMPTS[0], PARAMS, adapter="qv")[0].finish_reason == "length"
+    assert llm.engine.lora.factor_dtype == torch.float32
+    with pytest.raises(ValueError, match="factor dtype"):
+        LLM(str(tiny_llama), dtype="bfloat16", num_kv_blocks=64, lora={"factor_dtype": "int4"})
+
+
+def test_the_cli_passes_the_lora_options_to_the_engine_config(tmp_path):
+    from leanserve import cli
+
+    args = cli.build_parser().parse_args(["serve", "--lora", f"a={tmp_path}", "--max-loras", "3",
+                                          "--max-lora-rank", "32", "--lora-factor-dtype", "bfloat16"])
+    config = cli._engine_config(args).lora
+    assert (config.adapters, config.max_loras, config.max_rank, config.factor_dtype) == \
+        ({"a": str(tmp_path)}, 3, 32, "bfloat16")
+    assert cli._engine_config(cli.build_parser().parse_args(["serve"])).lora.factor_dtype == "auto"

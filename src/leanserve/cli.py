@@ -38,6 +38,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loras", type=int, default=lora.max_loras,
                         help="LoRA adapters resident at once; the least recently used idle one is evicted")
     parser.add_argument("--max-lora-rank", type=int, default=lora.max_rank, help="largest LoRA rank accepted")
+    parser.add_argument("--lora-factor-dtype", default=lora.factor_dtype, choices=["auto", "int8", "bfloat16", "float32"],
+                        help="how resident adapters' factors are stored (auto: int8 under a bfloat16 model with the "
+                             "native kernel, else float32)")
 
 
 def _lora_config(args) -> LoRAConfig:
@@ -48,7 +51,7 @@ def _lora_config(args) -> LoRAConfig:
             raise ValueError(f"--lora takes NAME=PATH, got {item!r}")
         adapters[name] = path
     return LoRAConfig(adapters=adapters, dirs=tuple(args.lora_dir), max_loras=args.max_loras,
-                      max_rank=args.max_lora_rank)
+                      max_rank=args.max_lora_rank, factor_dtype=args.lora_factor_dtype)
 
 
 def _engine_config(args, **extra) -> EngineConfig:

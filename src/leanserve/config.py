@@ -14,6 +14,9 @@ class LoRAConfig:
     dirs: tuple[str, ...] = ()  # scanned for adapter folders; the only roots run-time loads may read
     max_loras: int = 8  # adapters resident at once (slots); the least recently used idle one is evicted
     max_rank: int = 16  # the largest adapter rank accepted; slots are sized for it
+    # the stacked factors: auto (int8 under a bfloat16 model with the native kernel, else
+    # float32) | int8 | bfloat16 (both need the native kernel and a bfloat16 model) | float32
+    factor_dtype: str = "auto"
 
 
 @dataclass

@@ -6,7 +6,8 @@ temporary folder:
   a different adapter (N adapters of rank --rank on every projection), and the ratios;
 - time from registering a new adapter (rank --cold-rank, read from its file) to its first
   token, from a resident adapter to its first token, and the base model's for comparison;
-- memory per resident adapter (its slot in the stacked tensors, and its file).
+- memory per resident adapter (its slot in the stacked tensors with any int8 scales, and its
+  file); --factor-dtype chooses the stacks' dtype (default: int8 under a bfloat16 model).
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "a large number: every row gathered)")
     ap.add_argument("--no-native", action="store_true",
                     help="the torch ops instead of the native LoRA kernel (float32 factors)")
+    ap.add_argument("--factor-dtype", default="auto", choices=["auto", "int8", "bfloat16", "float32"],
+                    help="the stacked LoRA factors (auto: int8 under a bfloat16 model with the native kernel)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.concurrency
     root = tempfile.mkdtemp(prefix="leanserve-bench-lora-")
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(64, n), num_threads=args.threads,
-              lora={"max_loras": n + 2, "max_rank": max(args.rank, args.cold_rank), "dirs": (root,)})
+              lora={"max_loras": n + 2, "max_rank": max(args.rank, args.cold_rank), "dirs": (root,),
+                    "factor_dtype": args.factor_dtype})
     margs = llm.engine.model.args
     names = [f"bench-{i}" for i in range(n)]
     for i, name in enumerate(names):
@@ -115,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
         warm.append(_first_token_ms(llm, short, f"cold-{i}"))
         base.append(_first_token_ms(llm, short, None))
     stack = llm.engine.lora.stacks
-    slot_bytes = sum(s.a[0].nbytes + sum(bt[0].nbytes for bt in s.bts) for s in stack.values())
+    # one slot's factors, and for int8 factors their per-row scales
+    slot_bytes = sum(s.a[0].nbytes + sum(bt[0].nbytes for bt in s.bts) +
+                     (s.a_scale[0].nbytes + sum(t[0].nbytes for t in s.bt_scales) if s.a_scale is not None else 0)
+                     for s in stack.values())
     file_bytes = os.path.getsize(os.path.join(root, names[0], "adapter_model.safetensors"))
     result = {
         **throughput_result("lora", argv, args, runs, med),

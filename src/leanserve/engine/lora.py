@@ -16,13 +16,22 @@ Which rows belong to which adapter is set once per step (`prepare_step`); a step
 adapter rows costs one attribute check per projection, and the model is not even wrapped
 until a step first has an adapter. With the native kernel (kernels/lora.cpp, "BGMV" as in
 Punica/S-LoRA) one call per projection adds every row's delta: rows grouped by slot in
-tiles of up to 4, each tile reading its slot's factors once, tiles in parallel; under a
-bfloat16 model the factors are bfloat16 (half the bytes of float32, which is what a step of
-many adapters' decodes is bound by), products on the AVX-512 BF16 dot-product units, sums
-in float32. Measured on SmolLM2-135M shapes (120 projections, one thread), 32 decode rows
-on 32 rank-8 adapters: ~17-20 ms per step (~156 MB of factors), against +40-65 ms for
-the torch ops below (float32 factors, measured the same way before the kernel). `native_hook` lets native code that runs the
-projections itself (a fused forward plan) call the same kernel.
+tiles of up to 4, each tile reading its slot's factors once, tiles in parallel. A step of
+many adapters' decodes is bound by reading the factors, so under a bfloat16 model they are
+int8 by default (`LoRAConfig.factor_dtype`): one float32 scale per row of A and of B^T
+(LoRA scale folded in), quantized from the float32 file weights when installed; products on
+the AVX-512 VNNI int16 dot products (x and the low-rank activations scaled to int16 per
+row), sums in float32, y rounded to bfloat16 once. The difference from the float32 factors
+is ~1% of the deltas (int8's rounding), within bfloat16 error of the float32 engine on the
+tiny model's logprobs (tests/test_lora.py). factor_dtype="bfloat16" keeps bfloat16 factors
+(the AVX-512 BF16 dot products); float32 models keep float32 factors (equal to peft).
+Measured on SmolLM2-135M shapes (120 projections, one thread, the machine shared), 32
+decode rows on 32 rank-8 adapters in a rank-16 stack: bfloat16 factors ~19-20 ms per step
+(156 MB, ~8 GB/s), int8 ~11-12 ms (78 MB, ~7 GB/s: each slot's factors are short runs of
+lines, so the kernel prefetches the next tile's factors into L2; ~2.7 ms when they are all
+in cache), against +40-65 ms for the torch ops below (float32 factors, measured the same
+way before the kernel). `native_hook` lets native code that runs the projections itself (a
+fused forward plan) call the same kernel.
 
 Without the kernel (LEANSERVE_NATIVE_KERNELS=0), torch ops: long runs of one adapter's rows
 (prefill chunks) get plain matmuls on their slice; the other rows (decodes of many
@@ -69,9 +78,11 @@ SEGMENT_MIN_ROWS = 4
 TILE = 4
 # Torch fallback: the low-rank factors are kept and multiplied in float32: on this CPU
 # (Xeon, AVX-512) torch's small matmuls ran ~3x faster in float32 than in bfloat16. The
-# native kernel keeps them in the model's dtype when that is bfloat16 (half the bytes to
-# read each step), else in float32.
+# native kernel keeps them in int8 when the model is bfloat16 (a quarter of float32's bytes
+# to read each step; LoRAConfig.factor_dtype="bfloat16": half), else in float32.
 LORA_DTYPE = torch.float32
+# LoRAConfig.factor_dtype -> the stacks' dtype ("auto": LoRAManager._factor_dtype)
+FACTOR_DTYPES = {"auto": None, "int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # False: the torch ops even where the native kernel builds (to compare them, bench lora).
 NATIVE = True
 
@@ -246,12 +257,35 @@ class Stack:
     """One fused module's factors of every slot: A [slots, parts, R, in] and, per part, B^T
     [slots, R, part's out] (R: the max rank; a smaller rank is zero-padded). B^T is kept per
     part, not as one block-diagonal matrix: no zeros to read, and each part's matmul runs on
-    contiguous memory (on strided column slices it ran ~4x slower)."""
+    contiguous memory (on strided column slices it ran ~4x slower).
+
+    int8 factors (native kernel only) have one float32 scale per row: `a_scale` [slots,
+    parts, R] for A's rows, `bt_scales` per part [slots, R] for B^T's rows (the LoRA scale
+    folded in); a factor is its int8 rows times their scales."""
 
     a: torch.Tensor
     bts: list[torch.Tensor]
     ranks: list[int]  # each slot's rank in this module (0: the adapter does not touch it)
     rank_t: torch.Tensor  # the same as int32, for the native kernel
+    a_scale: torch.Tensor | None = None
+    bt_scales: list[torch.Tensor] | None = None
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The dtype of x and y the native kernel takes with these factors."""
+        return torch.bfloat16 if self.a.dtype == torch.int8 else self.a.dtype
+
+    def scale_args(self) -> tuple:
+        """The kernel's (a_scale, bt_scales) arguments."""
+        return (self.a_scale, self.bt_scales) if self.a.dtype == torch.int8 else (None, [])
+
+    def dequantized(self) -> "Stack":
+        """The factors as float32 (int8 rows times their scales): references for tests."""
+        if self.a.dtype != torch.int8:
+            return Stack(self.a.float(), [bt.float() for bt in self.bts], list(self.ranks), self.rank_t.clone())
+        return Stack(self.a.float() * self.a_scale.unsqueeze(-1),
+                     [bt.float() * s.unsqueeze(-1) for bt, s in zip(self.bts, self.bt_scales)],
+                     list(self.ranks), self.rank_t.clone())
 
     def delta(self, h: torch.Tensor, bts: list[torch.Tensor]) -> torch.Tensor:
         """h [..., parts, k, r] (each part's low-rank activations) @ each part's B^T -> [..., k, out]."""
@@ -322,13 +356,14 @@ class StepLoRA:
 
     def apply(self, stack: Stack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
-            if y.dtype != stack.a.dtype or not y.is_contiguous():  # e.g. a quantized projection's output
-                out = y.to(stack.a.dtype, memory_format=torch.contiguous_format)
-                self.kernel.apply(x.to(stack.a.dtype).contiguous(), out, stack.a, stack.bts, stack.rank_t,
-                                  self.native_rows, self.tiles)
+            act = stack.act_dtype
+            if y.dtype != act or not y.is_contiguous():  # e.g. a quantized projection's output
+                out = y.to(act, memory_format=torch.contiguous_format)
+                self.kernel.apply(x.to(act).contiguous(), out, stack.a, stack.bts, stack.rank_t,
+                                  self.native_rows, self.tiles, *stack.scale_args())
                 return out.to(y.dtype)
-            self.kernel.apply(x.to(stack.a.dtype).contiguous(), y, stack.a, stack.bts, stack.rank_t,
-                              self.native_rows, self.tiles)
+            self.kernel.apply(x.to(act).contiguous(), y, stack.a, stack.bts, stack.rank_t,
+                              self.native_rows, self.tiles, *stack.scale_args())
             return y
         d_in, dtype = x.shape[1], stack.a.dtype
         for start, end, slot in self.segments:
@@ -365,6 +400,8 @@ class LoRAManager:
         self.kernel = None  # kernels/lora.cpp, or None: torch ops (set with the stacks)
         self.native_slots = None  # kernel.Slots: every stack, for native callers
         self.factor_dtype = None  # the stacks' dtype
+        if config.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"LoRA factor dtype {config.factor_dtype!r}: expected one of {', '.join(FACTOR_DTYPES)}")
         self.config = config
         self.base_names = _base_names(base_names)
         self.adapters: dict[str, Adapter] = {}
@@ -519,7 +556,7 @@ class LoRAManager:
         factors (a torch op each took ~20 us, most of a cold start's install time)."""
         if not self.stacks:
             self._allocate()
-        a_stacks, part_ids, a_src, bt_stacks, b_src, scales = [], [], [], [], [], []
+        a_stacks, part_ids, a_src, bt_stacks, b_src, scales, a_scales, bt_scales = [], [], [], [], [], [], [], []
         for (layer, module), stack in self.stacks.items():
             parts = adapter.weights.factors.get((layer, module)) or [None] * len(stack.bts)
             old = stack.ranks[slot]  # rows the slot's last adapter left: zero what is not overwritten
@@ -536,11 +573,17 @@ class LoRAManager:
                     bt_stacks.append(bt)
                     b_src.append(b)
                     scales.append(scale)
+                    if stack.a_scale is not None:
+                        a_scales.append(stack.a_scale)
+                        bt_scales.append(stack.bt_scales[p])
                 if old > r:
                     stack.a[slot, p, r:old].zero_()
                     bt[slot, r:old].zero_()
+                    if stack.a_scale is not None:
+                        stack.a_scale[slot, p, r:old].zero_()
+                        stack.bt_scales[p][slot, r:old].zero_()
         if self.kernel is not None:
-            self.kernel.pack(slot, a_stacks, part_ids, a_src, bt_stacks, b_src, scales)
+            self.kernel.pack(slot, a_stacks, part_ids, a_src, bt_stacks, b_src, scales, a_scales, bt_scales)
         else:
             for stack_a, p, a, bt, b, scale in zip(a_stacks, part_ids, a_src, bt_stacks, b_src, scales):
                 stack_a[slot, p, :a.shape[0]].copy_(a)
@@ -553,20 +596,36 @@ class LoRAManager:
         from ..kernels import native
 
         self.kernel = native("lora") if NATIVE else None
-        self.factor_dtype = dtype = torch.bfloat16 if self.kernel is not None and self.model_dtype == torch.bfloat16 \
-            else LORA_DTYPE
+        self.factor_dtype = dtype = self._factor_dtype()
         n, r = self.config.max_loras, self.config.max_rank
         for module, (d_in, outs) in module_shapes(self.args).items():
             if self.args.num_experts and module in ("gate_up", "down"):
                 continue  # Mixtral's experts take no LoRA
             for layer in range(self.args.num_layers):
-                self.stacks[layer, module] = Stack(torch.zeros(n, len(outs), r, d_in, dtype=dtype),
-                                                   [torch.zeros(n, r, o, dtype=dtype) for o in outs], [0] * n,
-                                                   torch.zeros(n, dtype=torch.int32))
+                stack = Stack(torch.zeros(n, len(outs), r, d_in, dtype=dtype),
+                              [torch.zeros(n, r, o, dtype=dtype) for o in outs], [0] * n,
+                              torch.zeros(n, dtype=torch.int32))
+                if dtype == torch.int8:
+                    stack.a_scale = torch.zeros(n, len(outs), r)
+                    stack.bt_scales = [torch.zeros(n, r) for _ in outs]
+                self.stacks[layer, module] = stack
         if self.kernel is not None:
             self.native_slots = self.kernel.Slots()
             for (layer, module), st in self.stacks.items():
-                self.native_slots.add(layer * 4 + MODULE_INDEX[module], st.a, st.bts, st.rank_t)
+                self.native_slots.add(layer * 4 + MODULE_INDEX[module], st.a, st.bts, st.rank_t, *st.scale_args())
+
+    def _factor_dtype(self) -> torch.dtype:
+        """The stacks' dtype from LoRAConfig.factor_dtype: int8 and bfloat16 factors need the
+        native kernel under a bfloat16 model (elsewhere float32, with a warning); auto is int8
+        there, else float32."""
+        choice = self.config.factor_dtype
+        native_bf16 = self.kernel is not None and self.model_dtype == torch.bfloat16
+        if choice == "auto":
+            return torch.int8 if native_bf16 else LORA_DTYPE
+        if choice in ("int8", "bfloat16") and not native_bf16:
+            log.warning("LoRA factors in %s need the native LoRA kernel and a bfloat16 model; using float32", choice)
+            return LORA_DTYPE
+        return FACTOR_DTYPES[choice]
 
     def attach(self, model: nn.Module) -> None:
         """Wraps the model's projections (once per model object)."""
@@ -600,7 +659,9 @@ class LoRAManager:
         `void leanserve_lora_step_apply(const void* step, int64_t index, const void* x, void* y)`,
         address of this step), to call after each projection of layer l with index
         l * 4 + MODULE_INDEX[module], its contiguous input x and output y in the factors'
-        dtype. None: no adapter rows in this step, or no native kernel."""
-        if self.step is None or self.step.native_step is None or self.factor_dtype != self.model_dtype:
+        dtype (bfloat16 for int8 factors). None: no adapter rows in this step, or no native
+        kernel (or factors the kernel cannot take in the model's dtype)."""
+        act = torch.bfloat16 if self.factor_dtype == torch.int8 else self.factor_dtype
+        if self.step is None or self.step.native_step is None or act != self.model_dtype:
             return None
         return self.kernel.step_apply_address(), self.step.native_step.address()
