@@ -101,13 +101,16 @@ def main(argv: list[str] | None = None) -> dict:
     names = [f"bench-{i}" for i in range(n)]
     for i, name in enumerate(names):
         llm.engine.lora.register(name, write_random_adapter(os.path.join(root, name), margs, args.rank, seed=i))
-    prompts = make_prompts(n, args.input_len, margs.vocab_size, set(llm.tokenizer.all_special_ids))
+    special = set(llm.tokenizer.all_special_ids)
+    prompts = make_prompts(n, args.input_len, margs.vocab_size, special)
     _tok_per_s(llm, prompts, 4, names)  # warm-up, and every adapter into its slot
     modes = {"no_adapter": None, "one_adapter": names[0], f"{n}_adapters": names}
     runs: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.repeats):
-        for mode, adapters in modes.items():
-            runs[mode].append(_tok_per_s(llm, prompts, args.output_len, adapters))
+    for rep in range(args.repeats):
+        for k, (mode, adapters) in enumerate(modes.items()):
+            # new prompts every run: no run reuses another's prefix-cached prefill
+            fresh = make_prompts(n, args.input_len, margs.vocab_size, special, seed=1 + rep * len(modes) + k)
+            runs[mode].append(_tok_per_s(llm, fresh, args.output_len, adapters))
     med = {k: statistics.median(v) for k, v in runs.items()}
 
     # time to first token: a new adapter read from its file, a resident one, the base model
