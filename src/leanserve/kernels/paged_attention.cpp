@@ -108,6 +108,19 @@ inline __m512 load_bf16x16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Past a sequence's first block, a steady stream of requests kPrefetchTokens rows ahead,
+// into L2: asking for each whole block at its start took about twice as long (a step of 32
+// x 192 tokens: 20.4 vs 11.5 ms on one thread, 11.1 vs 6.4 ms on two). Always inlined: a
+// call in the token loop makes the compiler spill every live vector register around it.
+constexpr int64_t kPrefetchTokens = 16;  // 24 measured the same, 8 and 32 slower
+
+__attribute__((always_inline)) inline void prefetch_row(const c10::BFloat16* cache, const int64_t* table, int64_t t,
+                                                        int64_t len, int64_t bs, int64_t blk_stride, int64_t row) {
+  if (t >= len) return;
+  const char* r = reinterpret_cast<const char*>(cache + table[t / bs] * blk_stride + (t % bs) * row);
+  for (int64_t c = 0; c < row * 2; c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
+}
+
 template <int NV, int G>
 void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc,
                         const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
@@ -129,8 +142,9 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16*
       const int64_t* table = tables + b * W;
       const int64_t last_blk = (len - 1) / bs;
       // Blocks are scattered over the pool, so the hardware prefetcher cannot guess the
-      // next one: ask for it while this one is in use (decode attention is bound by reads).
-      auto prefetch = [&](const c10::BFloat16* cache, int64_t blk) {
+      // next one: ask for it ahead (decode attention is bound by reads).
+      // (always inlined: a call would make the compiler spill every live vector register)
+      auto prefetch = [&](const c10::BFloat16* cache, int64_t blk) __attribute__((always_inline)) {
         if (blk > last_blk) return;
         const char* base = reinterpret_cast<const char*>(cache + table[blk] * blk_stride);
         for (int64_t c = 0; c < blk_stride * 2; c += 64) _mm_prefetch(base + c, _MM_HINT_T0);
@@ -142,7 +156,7 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16*
       prefetch(kc, first / bs);
       // Walk whole blocks rather than dividing each position by the block size.
       for (int64_t t = first, blk = first / bs, off = first % bs; t < len; ++t) {
-        if (t == first || off == 0) prefetch(kc, blk + 1);
+        prefetch_row(kc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
         const c10::BFloat16* k = kc + table[blk] * blk_stride + off * row;
         if (++off == bs) off = 0, ++blk;
         for (int64_t kh = 0; kh < Hkv; ++kh) {
@@ -168,7 +182,7 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16*
       std::fill(ov.begin(), ov.end(), _mm512_setzero_ps());
       prefetch(vc, first / bs);
       for (int64_t t = first, blk = first / bs, off = first % bs; t < len; ++t) {
-        if (t == first || off == 0) prefetch(vc, blk + 1);
+        prefetch_row(vc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
         const c10::BFloat16* vp = vc + table[blk] * blk_stride + off * row;
         if (++off == bs) off = 0, ++blk;
         for (int64_t kh = 0; kh < Hkv; ++kh) {
