@@ -198,3 +198,24 @@ def test_bad_adapter_loads(server, client, base, lora_root, tmp_path, case, stat
     error = r.json()["error"]
     assert error["message"] and error["code"] == code
     assert complete(client, base)  # still serving
+
+
+def test_an_adapter_whose_file_breaks_after_registration_fails_its_requests_with_a_400(server, client, base,
+                                                                                       lora_root):
+    """An evicted adapter is read from its file again at its next use (a slot held its only
+    copy); if the file went bad meanwhile, its requests get a clear 400 (streamed or not),
+    the adapter stays registered and the server keeps serving. (The file was memory-mapped
+    before: rewriting it killed the server with SIGBUS.)"""
+    path = lora_root / "allowed" / "later-broken"
+    shutil.copytree(lora_root / "allowed" / "r1", path)
+    assert httpx.post(f"{server.url}/v1/adapters", json={"name": "later-broken", "path": str(path)}).status_code == 200
+    assert complete(client, "later-broken")  # into a slot; the host copy is dropped
+    complete(client, "r2"), complete(client, "r3")  # --max-loras 2: both slots taken, it is evicted
+    (path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, "later-broken")
+    assert e.value.code == "invalid_adapter" and "later-broken" in e.value.message
+    stream = client.completions.create(model="later-broken", prompt=PROMPT, max_tokens=4, stream=True)
+    with pytest.raises(openai.APIError, match="later-broken"):
+        list(stream)
+    assert complete(client, base) and complete(client, "r2")

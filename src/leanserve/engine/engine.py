@@ -180,7 +180,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._done_early = self._done_early, []
         batch = self.scheduler.schedule()
-        outputs += [self._finish(s, "", [], None, "abort") for s in self.scheduler.failed]  # adapter load failed
+        for seq in self.scheduler.failed:  # their adapter's file could not be read (it changed since registration)
+            out = self._finish(seq, "", [], None, "abort")
+            out.adapter_error = f"adapter {seq.adapter.name!r} could not be loaded: {seq.adapter.error}"
+            outputs.append(out)
         self.scheduler.failed = []
         if batch:
             self.load()  # after an unload; a no-op when loaded

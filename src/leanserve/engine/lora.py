@@ -202,9 +202,13 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
     st, binary = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
     try:
         if os.path.isfile(st):
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            return load_file(st)
+            # Into memory, not memory-mapped: a mapped file that is rewritten or truncated
+            # while its tensors live kills the server with SIGBUS (a broken adapter must only
+            # fail its own requests).
+            with open(st, "rb") as f:
+                return load(f.read())
         if os.path.isfile(binary):
             out = torch.load(binary, map_location="cpu", weights_only=True)
             if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):

@@ -120,6 +120,8 @@ class RequestOutput:
     priority: int = 0  # the request's service class (PRIORITY_CLASSES)
     bill: Bill | None = None  # energy, carbon and cost; set on the finished output
     adapter: str | None = None  # the LoRA adapter's name; None: the base model
+    # finish_reason "abort" because the request's adapter could not be read: what went wrong
+    adapter_error: str | None = None
 
 
 # Service classes: a lower number is more urgent. Direct API calls are realtime by default,

@@ -239,6 +239,8 @@ class OpenAIServer:
                     raise item
                 if item.finished:
                     self._finished(item, user)
+                    if item.adapter_error:
+                        raise APIError(400, item.adapter_error, param="model", code="invalid_adapter")
                 yield i, item
         finally:
             for t in tasks:
@@ -328,6 +330,8 @@ class OpenAIServer:
             try:
                 async for event in events:
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            except APIError as e:  # the request's own fault, found after the stream began
+                yield f"data: {json.dumps(e.body())}\n\n"
             except Exception:  # the status line is gone: the error can only travel in the stream
                 log.exception("stream %s failed", rid)
                 error = APIError(500, "Internal error while streaming", type="server_error")
