@@ -83,6 +83,13 @@ TILE = 4
 LORA_DTYPE = torch.float32
 # LoRAConfig.factor_dtype -> the stacks' dtype ("auto": LoRAManager._factor_dtype)
 FACTOR_DTYPES = {"auto": None, "int8": torch.int8, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def activation_dtype(factor_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of x and y the native kernel takes with factors of `factor_dtype`."""
+    return torch.bfloat16 if factor_dtype == torch.int8 else factor_dtype
+
+
 # False: the torch ops even where the native kernel builds (to compare them, bench lora).
 NATIVE = True
 
@@ -277,7 +284,7 @@ class Stack:
     @property
     def act_dtype(self) -> torch.dtype:
         """The dtype of x and y the native kernel takes with these factors."""
-        return torch.bfloat16 if self.a.dtype == torch.int8 else self.a.dtype
+        return activation_dtype(self.a.dtype)
 
     def scale_args(self) -> tuple:
         """The kernel's (a_scale, bt_scales) arguments."""
@@ -665,7 +672,6 @@ class LoRAManager:
         l * 4 + MODULE_INDEX[module], its contiguous input x and output y in the factors'
         dtype (bfloat16 for int8 factors). None: no adapter rows in this step, or no native
         kernel (or factors the kernel cannot take in the model's dtype)."""
-        act = torch.bfloat16 if self.factor_dtype == torch.int8 else self.factor_dtype
-        if self.step is None or self.step.native_step is None or act != self.model_dtype:
+        if self.step is None or self.step.native_step is None or activation_dtype(self.factor_dtype) != self.model_dtype:
             return None
         return self.kernel.step_apply_address(), self.step.native_step.address()

@@ -45,9 +45,11 @@ class Sampler:
             if seq.num_output < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
                 banned = [t for t in banned if t < logits.shape[1]]
-            if not copied and (banned or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
+            penalized = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+            if not copied and (banned or penalized):
                 logits, copied = logits.clone(), True  # `raw` stays the model's own, for logprobs
-            self._penalize(logits[i], seq)
+            if penalized:
+                self._penalize(logits[i], seq)
             if banned:
                 logits[i, banned] = -float("inf")
         tokens = first_argmax(logits)
