@@ -89,6 +89,22 @@ def test_model_gives_the_same_logits_with_and_without_the_native_kernel(monkeypa
         assert max(abs(a - b) for a, b in zip(lp_a, lp_b)) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (5, 1000), (33, 4099), (2, 7)])
+def test_native_first_argmax_is_torch_argmax(dtype, rows, vocab):
+    kernels = native()
+    if kernels is None:
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(rows)
+    x = torch.randn(rows, vocab).to(dtype)
+    x[0, vocab // 2] = x[0, vocab // 3] = x[0].max() + 1  # a tie: the first index wins
+    if rows > 2:
+        x[1, 3] = float("nan")  # as torch: the first NaN
+        x[2] = -float("inf")
+    assert torch.equal(kernels.first_argmax(x), x.argmax(dim=-1))
+    assert torch.equal(kernels.first_argmax(x[:, 1:]), x[:, 1:].argmax(dim=-1))  # rows apart, as a view
+
+
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_packed_linear_matches_plain_linear(rows):
     if not PackedLinear.available(torch.bfloat16):

@@ -15,8 +15,9 @@ class ModelRunner:
         self.block_size = block_size
 
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Runs the scheduled tokens. Returns logits [S, vocab] for the S sequences that
-        reached their end in this step (so sample a next token), and those sequences."""
+        """Runs the scheduled tokens. Returns logits [S, vocab] (model dtype) for the S
+        sequences that reached their end in this step (so sample a next token), and those
+        sequences."""
         bs = self.block_size
         decodes = [(s, n) for s, n in batch if n == 1 and s.num_computed > 0]
         others = [(s, n) for s, n in batch if not (n == 1 and s.num_computed > 0)]
@@ -49,5 +50,6 @@ class ModelRunner:
                          prefill_blocks=torch.tensor(ctx_blocks, dtype=torch.long))
         if self.lora is not None:  # which rows run which LoRA adapter (engine/lora.py)
             self.lora.prepare_step(self.model, decodes + others)
-        logits = self.model(torch.tensor(ids), positions, attn, self.pool, torch.tensor(logit_rows, dtype=torch.long))
+        logits = self.model(torch.tensor(ids), positions, attn, self.pool, torch.tensor(logit_rows, dtype=torch.long),
+                            float_logits=False)
         return logits, sampled

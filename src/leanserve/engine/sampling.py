@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import native
 from .sequence import Logprob, Sequence
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """The index of each row's first maximum, as `argmax(dim=-1)` gives it. `max(dim=-1)`
-    promises the same index and is ~6x faster on CPU here (32 x 49152 float32: 0.39 vs
-    2.3 ms; the greedy argmax was ~5% of a 32-row decode step)."""
+    """The index of each row's first maximum, as `argmax(dim=-1)` gives it: the native
+    kernel reads bf16 logits in one pass (128 x 49152: ~0.3 ms, against ~3 ms for the
+    float32 copy plus torch's max). Without it, `max(dim=-1)`, which promises the same
+    index and is ~6x faster than argmax on CPU here."""
+    if (kernels := native()) is not None and x.dim() == 2 and x.stride(-1) == 1:
+        return kernels.first_argmax(x)
     return x.max(dim=-1).indices
 
 
@@ -36,7 +40,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]
                  ) -> tuple[list[int], list[Logprob | None]]:
-        """logits: float32 [B, vocab], one row per sequence. Returns token ids and logprobs."""
+        """logits: [B, vocab], one row per sequence, in the model dtype or float32. Returns
+        token ids and logprobs. Greedy rows without penalties take the argmax of the logits as
+        they come (float32 holds every bf16 value exactly, so the pick is the same); anything
+        that does arithmetic on them first converts to float32."""
+        if any(not s.params.greedy or s.params.logprobs is not None for s in seqs):
+            logits = logits.float()
         raw = logits
         copied = False
         for i, seq in enumerate(seqs):
@@ -47,7 +56,8 @@ class Sampler:
                 banned = [t for t in banned if t < logits.shape[1]]
             penalized = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
             if not copied and (banned or penalized):
-                logits, copied = logits.clone(), True  # `raw` stays the model's own, for logprobs
+                logits = logits.clone() if logits.dtype == torch.float32 else logits.float()
+                copied = True  # `raw` stays the model's own, for logprobs
             if penalized:
                 self._penalize(logits[i], seq)
             if banned:
