@@ -40,6 +40,36 @@ def test_native_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_
     torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, window), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32)])
+@pytest.mark.parametrize("window", [0, 20])
+def test_native_decode_attention_over_an_int8_cache(dtype, tol, heads, kv_heads, head_dim, window):
+    """An int8 cache (one scale per token and kv head) gives the attention of its dequantized
+    keys and values; and the native cache writer rounds as the torch quantizer does."""
+    kernels = native()
+    gen = torch.Generator().manual_seed(heads + window)
+    B, bs, nblocks = 6, 16, 50
+    k = torch.randn(nblocks * bs, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(nblocks * bs, kv_heads, head_dim, generator=gen).to(dtype)
+    cache = llama.KVPool(llama.ModelArgs("LlamaForCausalLM", 8, 8, 1, heads, kv_heads, head_dim, 8), nblocks, bs,
+                         torch.int8).layer(0)
+    slots = torch.randperm(nblocks * bs, generator=gen)
+    cache.write(slots, k, v)  # the native writer
+    qk, sk = llama.quantize_kv(k)
+    assert (cache.k.view(-1, kv_heads, head_dim)[slots].int() - qk.int()).abs().max() <= 1  # fast-math rounding
+    torch.testing.assert_close(cache.k_scale.view(-1, kv_heads)[slots], sk)
+    q = torch.randn(B, heads, head_dim, generator=gen).to(dtype)
+    tables = torch.randperm(nblocks, generator=gen)[:B * 5].view(B, 5)
+    lens = torch.tensor([1, 16, 17, 40, 63, 80])
+    out = kernels.paged_decode_attention(q, cache.k, cache.v, tables, lens, window, head_dim ** -0.5,
+                                         cache.k_scale, cache.v_scale)
+    kd = (cache.k.float() * cache.k_scale[..., None]).to(dtype)
+    vd = (cache.v.float() * cache.v_scale[..., None]).to(dtype)
+    torch.testing.assert_close(out.float(), reference(q, kd, vd, tables, lens, window), atol=tol, rtol=tol)
+    with pytest.raises(RuntimeError, match="scales"):
+        kernels.paged_decode_attention(q, cache.k, cache.v, tables, lens, window, 0.125)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_decode_attention_reads_the_query_columns_of_a_fused_row(dtype):
     """q as the model passes it: a view of the qkv output, rows wider than the query heads."""
@@ -118,9 +148,10 @@ def test_packed_linear_matches_plain_linear(rows):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
-@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
-                                                ("bfloat16", "int4"), ("bfloat16", "auto")])
-def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtype, quantization):
+@pytest.mark.parametrize("dtype,quantization,kv", [("float32", None, "auto"), ("bfloat16", None, "auto"),
+                                                   ("bfloat16", "int8", "auto"), ("bfloat16", "int4", "auto"),
+                                                   ("bfloat16", "auto", "auto"), ("bfloat16", None, "int8")])
+def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtype, quantization, kv):
     """Steps run every layer in one native call (models/fused.py); the module path runs the
     same kernels one by one. Six sequences and a 24-token step budget, so steps mix decodes
     with prefill chunks that start fresh or continue over cached blocks, and `auto` takes
@@ -133,7 +164,7 @@ def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtyp
     prompts = [[5 + i, 6, 7, 8, 9] * (2 + i) for i in range(6)]
     params = [SamplingParams(max_tokens=6 + 2 * i, temperature=0.0, ignore_eos=True, logprobs=3) for i in range(6)]
     llm = LLM(str(tiny_models[arch]), dtype=dtype, quantization=quantization, num_kv_blocks=64, prefix_caching=False,
-              max_num_batched_tokens=24)
+              max_num_batched_tokens=24, kv_cache_dtype=kv)
     model = llm.engine.runner.model
     runs = []
     for fused in (True, False):

@@ -43,6 +43,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         if config.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        if config.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {config.kv_cache_dtype!r}")
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -53,17 +55,18 @@ class LLMEngine:
         self.tokenizer = files.tokenizer
         self.eos_ids = set(files.tokenizer.eos_token_ids)
         self.dtype = dtype = DTYPES[config.dtype]
+        self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else dtype
         context = files.config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
         self._max_len = max_len = config.max_model_len or min(context, DEFAULT_MAX_MODEL_LEN)
         self.model = self._build_model(files)
         del files
         self.args = args = self.model.args
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
-            config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype)
+            config.kv_cache_gib, args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, self.kv_dtype)
         # A sequence can never outgrow the pool: the pool bounds the context too (as in vLLM).
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.kv = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        self.pool = KVPool(args, num_blocks, config.block_size, dtype)
+        self.pool = KVPool(args, num_blocks, config.block_size, self.kv_dtype)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, config.block_size)
         self.lora = LoRAManager(args, config.lora, [self.model_name, config.model], dtype)
@@ -113,7 +116,7 @@ class LLMEngine:
         files = load_model_files(self.config.model)
         model = self._build_model(files)
         del files
-        self.pool = KVPool(model.args, self.kv.num_blocks, self.config.block_size, self.dtype)
+        self.pool = KVPool(model.args, self.kv.num_blocks, self.config.block_size, self.kv_dtype)
         self.runner = ModelRunner(model, self.pool, self.config.block_size)
         self.runner.lora = self.lora
         self.model = model

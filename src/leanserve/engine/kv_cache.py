@@ -25,8 +25,10 @@ GIB = 1024 ** 3
 
 def num_blocks_for_budget(gib: float, num_layers: int, num_kv_heads: int, head_dim: int,
                           block_size: int, dtype: torch.dtype) -> int:
-    """How many blocks of keys and values fit in `gib` GiB."""
-    bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+    """How many blocks of keys and values fit in `gib` GiB (an int8 cache also keeps a
+    float32 scale per token and kv head)."""
+    per_row = head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+    bytes_per_block = 2 * num_layers * block_size * num_kv_heads * per_row
     return max(1, int(gib * GIB) // bytes_per_block)
 
 

@@ -19,6 +19,7 @@ class ModelRunner:
         sequences that reached their end in this step (so sample a next token), and those
         sequences."""
         bs = self.block_size
+        quantized = self.pool.dtype == torch.int8
         decodes = [(s, n) for s, n in batch if n == 1 and s.num_computed > 0]
         others = [(s, n) for s, n in batch if not (n == 1 and s.num_computed > 0)]
         ids, pos, slots, logit_rows, sampled = [], [], [], [], []
@@ -31,7 +32,10 @@ class ModelRunner:
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if row >= len(decodes):
-                ctx = 0 if start == 0 else -(-(start + n) // bs)
+                # A chunk continuing a sequence reads its keys from the pool. So does every chunk
+                # over an int8 pool: attending to its own fresh keys would make a prompt's result
+                # depend on whether its prefix was cached (quantized) or computed just now.
+                ctx = 0 if start == 0 and not quantized else -(-(start + n) // bs)
                 meta.append((row, n, ctx))
                 ctx_blocks.extend(table[:ctx])
             row += n

@@ -46,10 +46,13 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   }
 }
 
-template <typename scalar_t>
-void decode_kernel(const scalar_t* q, int64_t qs, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
-                   const int64_t* lens, scalar_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                   int64_t bs, int64_t W, int64_t window, float scale) {
+// Caches in int8 carry one float32 scale per (token, kv head): `ks`/`vs` [blocks, block_size,
+// kv_heads], nullptr for caches in the model dtype. A key's dot product, and a value's
+// weight, are multiplied by its scale.
+template <typename scalar_t, typename cache_t>
+void decode_kernel(const scalar_t* q, int64_t qs, const cache_t* kc, const cache_t* vc, const float* ks,
+                   const float* vs, const int64_t* tables, const int64_t* lens, scalar_t* out, int64_t B, int64_t H,
+                   int64_t Hkv, int64_t D, int64_t bs, int64_t W, int64_t window, float scale) {
   const int64_t g = H / Hkv;
   const int64_t row = Hkv * D;  // one token's keys (or values) of all kv heads, contiguous
   const int64_t blk_stride = bs * row;
@@ -64,14 +67,14 @@ void decode_kernel(const scalar_t* q, int64_t qs, const scalar_t* kc, const scal
       for (int64_t j = 0; j < H * D; ++j) qf[j] = to_f(q[b * qs + j]) * scale;
       const int64_t* table = tables + b * W;
       for (int64_t t = first; t < len; ++t) {  // scores: one pass over the keys
-        const scalar_t* k = kc + table[t / bs] * blk_stride + (t % bs) * row;
-        load_row(k, rowf.data(), row);
+        const int64_t slot = table[t / bs] * bs + t % bs;
+        load_row(kc + slot * row, rowf.data(), row);
         for (int64_t h = 0; h < H; ++h) {
           const float* qh = qf.data() + h * D;
           const float* kh = rowf.data() + (h / g) * D;
           float s = 0.f;
           for (int64_t d = 0; d < D; ++d) s += qh[d] * kh[d];
-          scores[h * n + (t - first)] = s;
+          scores[h * n + (t - first)] = ks ? s * ks[slot * Hkv + h / g] : s;
         }
       }
       for (int64_t h = 0; h < H; ++h) {  // softmax per query head
@@ -85,10 +88,11 @@ void decode_kernel(const scalar_t* q, int64_t qs, const scalar_t* kc, const scal
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = first; t < len; ++t) {  // weighted values: one pass over the values
-        const scalar_t* v = vc + table[t / bs] * blk_stride + (t % bs) * row;
-        load_row(v, rowf.data(), row);
+        const int64_t slot = table[t / bs] * bs + t % bs;
+        load_row(vc + slot * row, rowf.data(), row);
         for (int64_t h = 0; h < H; ++h) {
-          const float p = scores[h * n + (t - first)];
+          float p = scores[h * n + (t - first)];
+          if (vs) p *= vs[slot * Hkv + h / g];
           const float* vh = rowf.data() + (h / g) * D;
           float* a = acc.data() + h * D;
           for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
@@ -108,23 +112,31 @@ inline __m512 load_bf16x16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+inline __m512 load16(const c10::BFloat16* p) { return load_bf16x16(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
 // Past a sequence's first block, a steady stream of requests kPrefetchTokens rows ahead,
 // into L2: asking for each whole block at its start took about twice as long (a step of 32
 // x 192 tokens: 20.4 vs 11.5 ms on one thread, 11.1 vs 6.4 ms on two). Always inlined: a
 // call in the token loop makes the compiler spill every live vector register around it.
 constexpr int64_t kPrefetchTokens = 16;  // 24 measured the same, 8 and 32 slower
 
-__attribute__((always_inline)) inline void prefetch_row(const c10::BFloat16* cache, const int64_t* table, int64_t t,
+template <typename C>
+__attribute__((always_inline)) inline void prefetch_row(const C* cache, const int64_t* table, int64_t t,
                                                         int64_t len, int64_t bs, int64_t blk_stride, int64_t row) {
   if (t >= len) return;
   const char* r = reinterpret_cast<const char*>(cache + table[t / bs] * blk_stride + (t % bs) * row);
-  for (int64_t c = 0; c < row * 2; c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
+  for (int64_t c = 0; c < row * static_cast<int64_t>(sizeof(C)); c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
 }
 
-template <int NV, int G>
-void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc,
-                        const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
-                        int64_t bs, int64_t W, int64_t window, float scale) {
+// C: the cache's element type, bf16 or int8 (then with per-(token, kv head) scales ks, vs).
+template <typename C, int NV, int G>
+void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const C* kc, const C* vc, const float* ks,
+                        const float* vs, const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B,
+                        int64_t Hkv, int64_t bs, int64_t W, int64_t window, float scale) {
+  constexpr bool kScaled = std::is_same_v<C, int8_t>;
   constexpr int64_t D = 16 * NV;
   const int64_t H = Hkv * G;
   const int64_t row = Hkv * D;  // one token's keys of all kv heads: contiguous
@@ -144,10 +156,10 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16*
       // Blocks are scattered over the pool, so the hardware prefetcher cannot guess the
       // next one: ask for it ahead (decode attention is bound by reads).
       // (always inlined: a call would make the compiler spill every live vector register)
-      auto prefetch = [&](const c10::BFloat16* cache, int64_t blk) __attribute__((always_inline)) {
+      auto prefetch = [&](const C* cache, int64_t blk) __attribute__((always_inline)) {
         if (blk > last_blk) return;
         const char* base = reinterpret_cast<const char*>(cache + table[blk] * blk_stride);
-        for (int64_t c = 0; c < blk_stride * 2; c += 64) _mm_prefetch(base + c, _MM_HINT_T0);
+        for (int64_t c = 0; c < blk_stride * static_cast<int64_t>(sizeof(C)); c += 64) _mm_prefetch(base + c, _MM_HINT_T0);
       };
       const __m512 sc = _mm512_set1_ps(scale);
       for (int64_t h = 0; h < H; ++h)
@@ -157,16 +169,18 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16*
       // Walk whole blocks rather than dividing each position by the block size.
       for (int64_t t = first, blk = first / bs, off = first % bs; t < len; ++t) {
         prefetch_row(kc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
-        const c10::BFloat16* k = kc + table[blk] * blk_stride + off * row;
+        const int64_t slot = table[blk] * bs + off;
+        const C* k = kc + slot * row;
         if (++off == bs) off = 0, ++blk;
         for (int64_t kh = 0; kh < Hkv; ++kh) {
           __m512 kv[NV];
-          for (int v = 0; v < NV; ++v) kv[v] = load_bf16x16(k + kh * D + v * 16);
+          for (int v = 0; v < NV; ++v) kv[v] = load16(k + kh * D + v * 16);
           for (int i = 0; i < G; ++i) {
             const int64_t h = kh * G + i;
             __m512 acc = _mm512_mul_ps(qv[h * NV], kv[0]);
             for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[h * NV + v], kv[v], acc);
-            const float sv = _mm512_reduce_add_ps(acc);
+            float sv = _mm512_reduce_add_ps(acc);
+            if constexpr (kScaled) sv *= ks[slot * Hkv + kh];
             scores[h * n + (t - first)] = sv;
             mx[h] = std::max(mx[h], sv);
           }
@@ -183,14 +197,16 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16*
       prefetch(vc, first / bs);
       for (int64_t t = first, blk = first / bs, off = first % bs; t < len; ++t) {
         prefetch_row(vc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
-        const c10::BFloat16* vp = vc + table[blk] * blk_stride + off * row;
+        const int64_t slot = table[blk] * bs + off;
+        const C* vp = vc + slot * row;
         if (++off == bs) off = 0, ++blk;
         for (int64_t kh = 0; kh < Hkv; ++kh) {
           __m512 vv[NV];
-          for (int v = 0; v < NV; ++v) vv[v] = load_bf16x16(vp + kh * D + v * 16);
+          for (int v = 0; v < NV; ++v) vv[v] = load16(vp + kh * D + v * 16);
+          const float vscale = kScaled ? vs[slot * Hkv + kh] : 1.f;
           for (int i = 0; i < G; ++i) {
             const int64_t h = kh * G + i;
-            const __m512 pv = _mm512_set1_ps(scores[h * n + (t - first)]);
+            const __m512 pv = _mm512_set1_ps(kScaled ? scores[h * n + (t - first)] * vscale : scores[h * n + (t - first)]);
             for (int v = 0; v < NV; ++v) ov[h * NV + v] = _mm512_fmadd_ps(pv, vv[v], ov[h * NV + v]);
           }
         }
@@ -208,25 +224,26 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const c10::BFloat16*
   });
 }
 
-template <int NV>
-bool dispatch_groups(int64_t g, const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc,
-                     const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
-                     int64_t bs, int64_t W, int64_t window, float scale) {
+template <typename C, int NV>
+bool dispatch_groups(int64_t g, const c10::BFloat16* q, int64_t qs, const C* kc, const C* vc, const float* ks,
+                     const float* vs, const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B,
+                     int64_t Hkv, int64_t bs, int64_t W, int64_t window, float scale) {
   switch (g) {
-#define LEANSERVE_G(N) case N: decode_bf16_avx512<NV, N>(q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
+#define LEANSERVE_G(N) case N: decode_bf16_avx512<C, NV, N>(q, qs, kc, vc, ks, vs, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
     LEANSERVE_G(1) LEANSERVE_G(2) LEANSERVE_G(3) LEANSERVE_G(4) LEANSERVE_G(5) LEANSERVE_G(6) LEANSERVE_G(7) LEANSERVE_G(8)
 #undef LEANSERVE_G
     default: return false;
   }
 }
 
-// True if the hand-vectorised path took the call (bf16, head_dim 64 or 128, <= 8 groups).
-bool decode_bf16_fast(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc, const int64_t* tables,
-                      const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                      int64_t bs, int64_t W, int64_t window, float scale) {
+// True if the hand-vectorised path took the call (bf16 queries, head_dim 64 or 128, <= 8 groups).
+template <typename C>
+bool decode_bf16_fast(const c10::BFloat16* q, int64_t qs, const C* kc, const C* vc, const float* ks, const float* vs,
+                      const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t H,
+                      int64_t Hkv, int64_t D, int64_t bs, int64_t W, int64_t window, float scale) {
   const int64_t g = H / Hkv;
-  if (D == 64) return dispatch_groups<4>(g, q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
-  if (D == 128) return dispatch_groups<8>(g, q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale);
+  if (D == 64) return dispatch_groups<C, 4>(g, q, qs, kc, vc, ks, vs, tables, lens, out, B, Hkv, bs, W, window, scale);
+  if (D == 128) return dispatch_groups<C, 8>(g, q, qs, kc, vc, ks, vs, tables, lens, out, B, Hkv, bs, W, window, scale);
   return false;
 }
 #endif
@@ -236,35 +253,102 @@ bool decode_bf16_fast(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* k
 // q: [B, H, D]; k_cache, v_cache: [blocks, block_size, Hkv, D]; block_tables: [B, W] int64;
 // seq_lens: [B] int64 (keys per sequence, the new token's included); window: 0 for none.
 // q may be a view with rows apart (the query columns of a fused qkv output): no copy then.
+// int8 caches come with float32 scales k_scale, v_scale: [blocks, block_size, Hkv].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, int64_t window,
-                                     double scale) {
+                                     double scale, std::optional<torch::Tensor> k_scale,
+                                     std::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtypes differ");
+  const bool int8 = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || q.scalar_type() == k_cache.scalar_type(), "dtypes differ");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "key and value caches differ in dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "tables must be int64");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "head sizes do not match");
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "one table and length per row");
+  const float* ks = nullptr;
+  const float* vs = nullptr;
+  if (int8) {
+    TORCH_CHECK(k_scale && v_scale && k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                    k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                    k_scale->numel() == k_cache.numel() / D && v_scale->numel() == k_scale->numel(),
+                "an int8 cache needs float32 scales [blocks, block_size, kv_heads]");
+    ks = k_scale->data_ptr<float>();
+    vs = v_scale->data_ptr<float>();
+  }
   auto qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
   const int64_t qs = qc.stride(0);
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto out = torch::empty({B, H, D}, q.options());
 #if defined(__AVX512F__)
-  if (q.scalar_type() == at::kBFloat16 &&
-      decode_bf16_fast(qc.data_ptr<c10::BFloat16>(), qs, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(),
-                       tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H, Hkv,
-                       D, bs, tables.size(1), window, static_cast<float>(scale)))
-    return out;
+  if (q.scalar_type() == at::kBFloat16) {
+    const auto* qp = qc.data_ptr<c10::BFloat16>();
+    auto* op = out.data_ptr<c10::BFloat16>();
+    const bool done =
+        int8 ? decode_bf16_fast(qp, qs, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), ks, vs,
+                                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, H, Hkv, D, bs,
+                                tables.size(1), window, static_cast<float>(scale))
+             : decode_bf16_fast(qp, qs, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), ks, vs,
+                                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, H, Hkv, D, bs,
+                                tables.size(1), window, static_cast<float>(scale));
+    if (done) return out;
+  }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), qs, k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                            B, H, Hkv, D, bs, tables.size(1), window, static_cast<float>(scale));
+    if (int8)
+      decode_kernel<scalar_t, int8_t>(qc.data_ptr<scalar_t>(), qs, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                                      ks, vs, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                                      out.data_ptr<scalar_t>(), B, H, Hkv, D, bs, tables.size(1), window,
+                                      static_cast<float>(scale));
+    else
+      decode_kernel<scalar_t, scalar_t>(qc.data_ptr<scalar_t>(), qs, k_cache.data_ptr<scalar_t>(),
+                                        v_cache.data_ptr<scalar_t>(), nullptr, nullptr, tables.data_ptr<int64_t>(),
+                                        lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, Hkv, D, bs,
+                                        tables.size(1), window, static_cast<float>(scale));
   });
   return out;
+}
+
+// One step's new keys (or values) into their cache slots. rows: [T, Hkv * D] (a view into
+// the qkv rows is fine); cache: [blocks, block_size, Hkv, D]. An int8 cache takes each
+// (token, kv head) row scaled by absmax / 127 and rounded half to even, its scale into
+// `scales` ([blocks, block_size, Hkv]) -- the same numbers as `quantize_kv` in llama.py.
+void write_kv(const torch::Tensor& rows, const torch::Tensor& slots, torch::Tensor cache,
+              std::optional<torch::Tensor> scales) {
+  TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1 && cache.is_contiguous(), "bad kv rows or cache");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == rows.size(0), "bad slots");
+  const int64_t T = rows.size(0), width = rows.size(1), Hkv = cache.size(2), D = cache.size(3);
+  TORCH_CHECK(width == Hkv * D, "rows do not match the cache");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  if (cache.scalar_type() != at::kChar) {
+    TORCH_CHECK(cache.scalar_type() == rows.scalar_type(), "cache and rows differ in dtype");
+    const int64_t bytes = width * rows.element_size();
+    const char* src = static_cast<const char*>(rows.data_ptr());
+    char* dst = static_cast<char*>(cache.data_ptr());
+    for (int64_t t = 0; t < T; ++t) std::memcpy(dst + sl[t] * bytes, src + t * rows.stride(0) * rows.element_size(), bytes);
+    return;
+  }
+  TORCH_CHECK(scales && scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
+                  scales->numel() == cache.numel() / D, "an int8 cache needs float32 scales");
+  int8_t* dst = cache.data_ptr<int8_t>();
+  float* sc = scales->data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "write_kv", [&] {
+    const scalar_t* src = rows.data_ptr<scalar_t>();
+    std::vector<float> x(D);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        load_row(src + t * rows.stride(0) + h * D, x.data(), D);
+        float amax = 0.f;
+        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(x[d]));
+        const float s = amax / 127.f;
+        int8_t* o = dst + (sl[t] * Hkv + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = s > 0.f ? static_cast<int8_t>(std::nearbyint(x[d] / s)) : 0;
+        sc[sl[t] * Hkv + h] = s;
+      }
+  });
 }
 
 // ---- Fused elementwise work around the projections ----------------------------------
@@ -498,6 +582,15 @@ struct Chunk {
 struct LayerSpec {
   at::Tensor ln1, ln2, k_cache, v_cache;
   LinearSpec qkv, o, gate_up, down;
+  std::optional<at::Tensor> k_scale, v_scale;  // int8 caches only
+
+  // whole blocks of one cache as [blocks * block_size, Hkv, D] in `dtype` (dequantized if int8)
+  at::Tensor gather(const at::Tensor& cache, const std::optional<at::Tensor>& scales, const at::Tensor& blocks,
+                    at::ScalarType dtype) const {
+    at::Tensor x = cache.index_select(0, blocks).flatten(0, 1);
+    if (!scales) return x;
+    return (x.to(at::kFloat) * scales->index_select(0, blocks).flatten(0, 1).unsqueeze(-1)).to(dtype);
+  }
 };
 
 }  // namespace
@@ -509,9 +602,12 @@ class ForwardPlan {
       : nh_(heads), nkv_(kv_heads), hd_(head_dim), window_(window), eps_(eps), cos_(cos), sin_(sin) {}
 
   void add_layer(at::Tensor ln1, at::Tensor ln2, at::Tensor k_cache, at::Tensor v_cache, py::tuple qkv,
-                 py::tuple o, py::tuple gate_up, py::tuple down) {
+                 py::tuple o, py::tuple gate_up, py::tuple down, std::optional<at::Tensor> k_scale,
+                 std::optional<at::Tensor> v_scale) {
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-    layers_.push_back({ln1, ln2, k_cache, v_cache, spec(qkv), spec(o), spec(gate_up), spec(down)});
+    TORCH_CHECK((k_cache.scalar_type() == at::kChar) == (k_scale.has_value() && v_scale.has_value()),
+                "int8 caches, and only they, come with scales");
+    layers_.push_back({ln1, ln2, k_cache, v_cache, spec(qkv), spec(o), spec(gate_up), spec(down), k_scale, v_scale});
   }
 
   // x: [T, hidden] embeddings of the step's tokens: B decodes first, then prefill chunks,
@@ -542,9 +638,7 @@ class ForwardPlan {
     }
     c10::InferenceMode guard;
     const int64_t T = x.size(0), B = block_tables.size(0), q_width = nh_ * hd_, kv_width = nkv_ * hd_;
-    const int64_t width = q_width + 2 * kv_width;
     auto slots = slot_mapping.contiguous();
-    const int64_t* sl = slots.data_ptr<int64_t>();
     const double scale = 1.0 / std::sqrt(static_cast<double>(hd_));
     at::Tensor residual, h;
     for (size_t i = 0; i < layers_.size(); ++i) {
@@ -558,30 +652,24 @@ class ForwardPlan {
       at::Tensor qkv = proj(L.qkv, h, 4 * i);
       rope_(qkv, positions, cos_, sin_, nh_ + nkv_, hd_);
       // this step's keys and values into their cache slots
-      const int64_t esz = qkv.element_size(), row_bytes = kv_width * esz;
-      const char* src = static_cast<const char*>(qkv.data_ptr());
-      char* kc = static_cast<char*>(L.k_cache.data_ptr());
-      char* vc = static_cast<char*>(L.v_cache.data_ptr());
-      for (int64_t t = 0; t < T; ++t) {
-        const char* r = src + t * width * esz;
-        std::memcpy(kc + sl[t] * row_bytes, r + q_width * esz, row_bytes);
-        std::memcpy(vc + sl[t] * row_bytes, r + (q_width + kv_width) * esz, row_bytes);
-      }
+      write_kv(qkv.narrow(1, q_width, kv_width), slots, L.k_cache, L.k_scale);
+      write_kv(qkv.narrow(1, q_width + kv_width, kv_width), slots, L.v_cache, L.v_scale);
       at::Tensor q = qkv.narrow(1, 0, q_width).view({T, nh_, hd_});
       at::Tensor attn;
       if (chunks.empty()) {
-        attn = paged_decode_attention(q, L.k_cache, L.v_cache, block_tables, seq_lens, window_, scale);
+        attn = paged_decode_attention(q, L.k_cache, L.v_cache, block_tables, seq_lens, window_, scale, L.k_scale,
+                                      L.v_scale);
       } else {
         attn = at::empty({T, nh_, hd_}, qkv.options());
         if (B) attn.narrow(0, 0, B).copy_(paged_decode_attention(q.narrow(0, 0, B), L.k_cache, L.v_cache, block_tables,
-                                                                 seq_lens, window_, scale));
+                                                                 seq_lens, window_, scale, L.k_scale, L.v_scale));
         at::Tensor k = qkv.narrow(1, q_width, kv_width).view({T, nkv_, hd_});
         at::Tensor v = qkv.narrow(1, q_width + kv_width, kv_width).view({T, nkv_, hd_});
         for (const Chunk& c : chunks) {
           at::Tensor ks, vs;
           if (c.blocks) {
-            ks = L.k_cache.index_select(0, *c.blocks).view({-1, nkv_, hd_});
-            vs = L.v_cache.index_select(0, *c.blocks).view({-1, nkv_, hd_});
+            ks = L.gather(L.k_cache, L.k_scale, *c.blocks, qkv.scalar_type());
+            vs = L.gather(L.v_cache, L.v_scale, *c.blocks, qkv.scalar_type());
           } else {
             ks = k.narrow(0, c.start, c.length);
             vs = v.narrow(0, c.start, c.length);
@@ -613,14 +701,19 @@ class ForwardPlan {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("window"), py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+  m.def("write_kv", &write_kv, "a step's keys or values into their cache slots (int8: quantized per row)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding x into a residual in place");
   m.def("rope_", &rope_, "rotary embedding in place on the query and key heads of qkv rows");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("first_argmax", &first_argmax, "index of each row's first maximum");
   py::class_<ForwardPlan>(m, "ForwardPlan")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor>())
-      .def("add_layer", &ForwardPlan::add_layer)
+      .def("add_layer", &ForwardPlan::add_layer, py::arg("ln1"), py::arg("ln2"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"),
+           py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none())
       .def("run", &ForwardPlan::run, py::arg("x"), py::arg("positions"), py::arg("slot_mapping"),
            py::arg("block_tables"), py::arg("seq_lens"), py::arg("chunks"), py::arg("lora_fn") = 0,
            py::arg("lora_step") = 0, py::call_guard<py::gil_scoped_release>());

@@ -58,6 +58,7 @@ def build_plan(model: CausalLM, pool: KVPool):
         specs = [linear_spec(_base(m)) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         if any(s is None for s in specs) or layer.input_layernorm.eps != args.rms_norm_eps:
             return None
-        plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, pool.k[i], pool.v[i],
-                       *specs)
+        cache = pool.layer(i)
+        plan.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, cache.k, cache.v,
+                       *specs, cache.k_scale, cache.v_scale)
     return plan

@@ -161,24 +161,69 @@ class AttnBatch:
         return self.decode_mask
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, positions: torch.Tensor, batch: AttnBatch, window: int) -> torch.Tensor:
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 keys or values: each [..., D] row scaled by its absmax / 127 and rounded half to
+    even (as `write_kv` in the native kernels). Returns (int8 rows, float32 scales [...])."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127
+    q = torch.where(scale[..., None] > 0, torch.round(x / scale.clamp_min(1e-30)[..., None]), 0.0)
+    return q.to(torch.int8), scale
+
+
+@dataclass
+class LayerCache:
+    """One layer's keys and values in the pool: [blocks, block_size, kv_heads, head_dim] each;
+    int8 caches also hold one float32 scale per (slot, kv head)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        nkv, hd = k.shape[1], k.shape[2]
+        if self.k_scale is not None and (kernels := native()) is not None:  # the fused plan's numbers
+            kernels.write_kv(k.reshape(len(k), -1), slots, self.k, self.k_scale)
+            kernels.write_kv(v.reshape(len(v), -1), slots, self.v, self.v_scale)
+            return
+        if self.k_scale is None:
+            self.k.view(-1, nkv, hd).index_copy_(0, slots, k)
+            self.v.view(-1, nkv, hd).index_copy_(0, slots, v)
+            return
+        for x, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            q, s = quantize_kv(x)
+            cache.view(-1, nkv, hd).index_copy_(0, slots, q)
+            scales.view(-1, nkv).index_copy_(0, slots, s)
+
+    def gather(self, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole blocks' keys and values as [len(blocks) * block_size, kv_heads, head_dim] in `dtype`
+        (index_select copies whole blocks: far faster than indexing)."""
+        out = []
+        for cache, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = cache.index_select(0, blocks).flatten(0, 1)
+            if scales is not None:
+                x = (x.float() * scales.index_select(0, blocks).flatten(0, 1)[..., None]).to(dtype)
+            out.append(x)
+        return out[0], out[1]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, positions: torch.Tensor,
+                    batch: AttnBatch, window: int) -> torch.Tensor:
     """Writes the step's keys/values into one layer's cache, then attends. q: [T, H, D];
-    k, v: [T, Hkv, D]; caches: [blocks, block_size, Hkv, D]."""
+    k, v: [T, Hkv, D]."""
     nkv, hd = k.shape[1], k.shape[2]
-    bs = k_cache.shape[1]
-    k_cache.view(-1, nkv, hd).index_copy_(0, batch.slot_mapping, k)
-    v_cache.view(-1, nkv, hd).index_copy_(0, batch.slot_mapping, v)
+    bs = cache.k.shape[1]
+    cache.write(batch.slot_mapping, k, v)
     decode_blocks = batch.decode_blocks
     out = torch.empty_like(q)
     if (B := decode_blocks.shape[0]) and (kernels := native()) is not None:
-        out[:B] = kernels.paged_decode_attention(q[:B], k_cache, v_cache, decode_blocks, batch.decode_lens, window,
-                                                 hd ** -0.5)
+        out[:B] = kernels.paged_decode_attention(q[:B], cache.k, cache.v, decode_blocks, batch.decode_lens, window,
+                                                 hd ** -0.5, cache.k_scale, cache.v_scale)
     elif B:
         qd = q[:B].unsqueeze(2)  # [B, H, 1, D]
-        blocks = decode_blocks.view(-1)  # index_select copies whole blocks: far faster than kc[blocks]
-        kd = k_cache.index_select(0, blocks).view(B, -1, nkv, hd).transpose(1, 2)  # [B, Hkv, K, D]
-        vd = v_cache.index_select(0, blocks).view(B, -1, nkv, hd).transpose(1, 2)
+        kd, vd = cache.gather(decode_blocks.view(-1), q.dtype)
+        kd = kd.view(B, -1, nkv, hd).transpose(1, 2)  # [B, Hkv, K, D]
+        vd = vd.view(B, -1, nkv, hd).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_visible(bs, window), enable_gqa=True)
         out[:B] = o.squeeze(2)
     for start, length, blocks, mask in batch.prefill_chunks(positions, bs, window, q.dtype):
@@ -186,8 +231,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if blocks is None:
             ks, vs = k[rows], v[rows]
         else:
-            ks = k_cache.index_select(0, blocks).view(-1, nkv, hd)
-            vs = v_cache.index_select(0, blocks).view(-1, nkv, hd)
+            ks, vs = cache.gather(blocks, q.dtype)
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
             vs.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
@@ -205,12 +249,24 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
 
 class KVPool:
     """Keys and values, preallocated: per layer one [blocks, block_size, kv_heads, head_dim]
-    tensor each, so a layer's cache is one plain contiguous tensor for the native kernels."""
+    tensor each, so a layer's cache is one plain contiguous tensor for the native kernels.
+    `dtype` is the cache's: the model's, or torch.int8 (then with float32 scales per slot and
+    kv head, [blocks, block_size, kv_heads]: half the bytes each decode step reads)."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype):
         shape = (num_blocks, block_size, args.num_kv_heads, args.head_dim)
+        self.dtype = dtype
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(args.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.num_layers)]
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            self.k_scale = [torch.zeros(shape[:3]) for _ in range(args.num_layers)]
+            self.v_scale = [torch.zeros(shape[:3]) for _ in range(args.num_layers)]
+
+    def layer(self, i: int) -> LayerCache:
+        if self.k_scale is None:
+            return LayerCache(self.k[i], self.v[i])
+        return LayerCache(self.k[i], self.v[i], self.k_scale[i], self.v_scale[i])
 
 
 class RMSNorm(nn.Module):
@@ -257,7 +313,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, args.hidden_size, bias=False)
 
-    def forward(self, x, rope: "Rope", positions, batch: AttnBatch, k_cache, v_cache):
+    def forward(self, x, rope: "Rope", positions, batch: AttnBatch, cache: LayerCache):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         if (kernels := native()) is not None:
@@ -266,7 +322,7 @@ class Attention(nn.Module):
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         if kernels is None:
             q, k = rotate(q, rope.cos, rope.sin), rotate(k, rope.cos, rope.sin)
-        out = paged_attention(q, k, v, k_cache, v_cache, positions, batch, self.window)
+        out = paged_attention(q, k, v, cache, positions, batch, self.window)
         return self.o_proj(out.view(T, self.nh * self.hd))
 
 
@@ -314,7 +370,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = SparseMoE(args) if args.num_experts else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x, residual, rope, positions, batch, k_cache, v_cache):
+    def forward(self, x, residual, rope, positions, batch, cache: LayerCache):
         """x: the previous layer's output (or the embeddings); residual: the stream x is added
         into, in place (None in the first layer: x starts it). Returns this layer's output
         and the residual stream, as vLLM does, so each add fuses into the next norm."""
@@ -322,7 +378,7 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, positions, batch, k_cache, v_cache)
+        h = self.self_attn(h, rope, positions, batch, cache)
         h = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -387,7 +443,7 @@ class CausalLM(nn.Module):
             rope.sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, rope, positions, batch, pool.k[i], pool.v[i])
+            x, residual = layer(x, residual, rope, positions, batch, pool.layer(i))
         return self._logits(x, residual, logit_rows, float_logits)
 
     def _logits(self, x, residual, rows, float_logits: bool) -> torch.Tensor:
