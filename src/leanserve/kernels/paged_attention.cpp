@@ -18,6 +18,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -143,10 +144,12 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const C* kc, const C
   const int64_t blk_stride = bs * row;
   // One task per sequence, so each block (bs tokens x all kv heads) is read front to back
   // in one stream: reading one kv head's slice per task ran at a third of the bandwidth.
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // Threads take the next sequence as they finish one, rather than a fixed half each.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(B, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
     std::vector<__m512> qv(H * NV), ov(H * NV);
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < B;) {
       const int64_t len = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
