@@ -29,6 +29,18 @@ namespace {
 template <typename T>
 inline float to_f(T x) { return static_cast<float>(x); }
 
+// NaN / inf tests on the bits: std::isnan and std::isinf fold to false under -ffast-math.
+inline bool is_nan_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x7fffffffu) > 0x7f800000u;
+}
+inline bool is_inf_or_nan_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+
 // A row to float32. c10::BFloat16's own conversion has a branch that keeps GCC from
 // vectorizing the loop; bf16 is the top half of a float32, so shift the bits instead.
 template <typename T>
@@ -318,7 +330,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 // One step's new keys (or values) into their cache slots. rows: [T, Hkv * D] (a view into
 // the qkv rows is fine); cache: [blocks, block_size, Hkv, D]. An int8 cache takes each
 // (token, kv head) row scaled by absmax / 127 and rounded half to even, its scale into
-// `scales` ([blocks, block_size, Hkv]) -- the same numbers as `quantize_kv` in llama.py.
+// `scales` ([blocks, block_size, Hkv]) -- bit-equal with `quantize_kv` in llama.py.
 void write_kv(const torch::Tensor& rows, const torch::Tensor& slots, torch::Tensor cache,
               std::optional<torch::Tensor> scales) {
   TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1 && cache.is_contiguous(), "bad kv rows or cache");
@@ -345,11 +357,17 @@ void write_kv(const torch::Tensor& rows, const torch::Tensor& slots, torch::Tens
       for (int64_t h = 0; h < Hkv; ++h) {
         load_row(src + t * rows.stride(0) + h * D, x.data(), D);
         float amax = 0.f;
-        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(x[d]));
-        const float s = amax / 127.f;
+        bool finite = true;
+        for (int64_t d = 0; d < D; ++d) {
+          amax = std::max(amax, std::abs(x[d]));
+          finite &= !is_inf_or_nan_bits(x[d]);
+        }
+        // x * (127 / amax), one rounding per value: bit-equal with quantize_kv in llama.py.
+        // A row holding inf or NaN keeps a NaN scale, so attention over it is NaN, as in bf16.
+        const float inv = amax > 0.f && finite ? 127.f / amax : 0.f;
         int8_t* o = dst + (sl[t] * Hkv + h) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = s > 0.f ? static_cast<int8_t>(std::nearbyint(x[d] / s)) : 0;
-        sc[sl[t] * Hkv + h] = s;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<int8_t>(std::nearbyint(x[d] * inv));
+        sc[sl[t] * Hkv + h] = finite ? amax * (1.f / 127.f) : std::numeric_limits<float>::quiet_NaN();
       }
   });
 }
@@ -475,12 +493,6 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 namespace {
 
-inline bool is_nan_bits(float v) {  // std::isnan folds to false under -ffast-math
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x7fffffffu) > 0x7f800000u;
-}
-
 template <typename scalar_t>
 int64_t first_max_scalar(const scalar_t* r, int64_t n) {
   int64_t best = 0;
@@ -502,17 +514,27 @@ int64_t first_max<c10::BFloat16>(const c10::BFloat16* r, int64_t n) {
   const int64_t full = n / 16 * 16;
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::max());
   __mmask16 nan = 0;
+  const __m256i magnitude = _mm256_set1_epi16(0x7fff), inf = _mm256_set1_epi16(0x7f80);
   for (int64_t j = 0; j < full; j += 16) {
-    const __m512 v = load_bf16x16(r + j);
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    m = _mm512_max_ps(m, v);
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + j));
+    // NaN from the bits (integers: -ffast-math cannot fold this test away)
+    nan |= _mm256_cmpgt_epi16_mask(_mm256_and_si256(raw, magnitude), inf);
+    m = _mm512_max_ps(m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
   }
-  if (nan || full < n) return first_max_scalar(r, n);  // rare: the plain loop decides
-  const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  float bv = _mm512_reduce_max_ps(m);
+  for (int64_t j = full; j < n; ++j) {
+    const float v = to_f(r[j]);
+    if (is_nan_bits(v)) nan = 1;
+    bv = std::max(bv, v);
+  }
+  if (nan) return first_max_scalar(r, n);  // rare: the plain loop finds the first NaN
+  const __m512 best = _mm512_set1_ps(bv);
   for (int64_t j = 0; j < full; j += 16) {
     const __mmask16 hit = _mm512_cmp_ps_mask(load_bf16x16(r + j), best, _CMP_EQ_OQ);
     if (hit) return j + __builtin_ctz(hit);
   }
+  for (int64_t j = full; j < n; ++j)
+    if (to_f(r[j]) == bv) return j;
   return 0;  // every entry -inf (below the start value): torch's answer too
 }
 #endif

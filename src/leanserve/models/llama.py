@@ -117,7 +117,7 @@ class AttnBatch:
 
     Decodes come first in the flat batch: rows [0, B) are one token each. Prefill chunks
     follow; chunk i covers rows [start, start + length) and, when it continues a sequence
-    (or the model has a sliding window), reads its keys from `ctx` whole blocks of the pool.
+    (or the pool is int8), reads its keys from `ctx` whole blocks of the pool.
     """
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
@@ -162,12 +162,16 @@ class AttnBatch:
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 keys or values: each [..., D] row scaled by its absmax / 127 and rounded half to
-    even (as `write_kv` in the native kernels). Returns (int8 rows, float32 scales [...])."""
+    """int8 keys or values: each [..., D] row times 127 / its absmax, rounded half to even,
+    bit-equal with `write_kv` in the native kernels. Returns (int8 rows, float32 scales
+    [...] = absmax / 127; NaN for a row holding inf or NaN, so attention over it is NaN)."""
     x = x.float()
-    scale = x.abs().amax(dim=-1) / 127
-    q = torch.where(scale[..., None] > 0, torch.round(x / scale.clamp_min(1e-30)[..., None]), 0.0)
-    return q.to(torch.int8), scale
+    amax = x.abs().amax(dim=-1)
+    finite = torch.isfinite(x).all(dim=-1)
+    inv = torch.where((amax > 0) & finite, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # one division
+    q = torch.round(torch.nan_to_num(x, 0.0, 0.0, 0.0) * inv[..., None])
+    scale = amax * (1 / 127)  # a multiply, as the native writer (-ffast-math turns its division into one)
+    return q.to(torch.int8), torch.where(finite, scale, torch.full_like(amax, float("nan")))
 
 
 @dataclass
@@ -260,8 +264,8 @@ class KVPool:
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.num_layers)]
         self.k_scale = self.v_scale = None
         if dtype == torch.int8:
-            self.k_scale = [torch.zeros(shape[:3]) for _ in range(args.num_layers)]
-            self.v_scale = [torch.zeros(shape[:3]) for _ in range(args.num_layers)]
+            self.k_scale = [torch.zeros(shape[:3], dtype=torch.float32) for _ in range(args.num_layers)]
+            self.v_scale = [torch.zeros(shape[:3], dtype=torch.float32) for _ in range(args.num_layers)]
 
     def layer(self, i: int) -> LayerCache:
         if self.k_scale is None:
