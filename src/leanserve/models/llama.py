@@ -170,7 +170,7 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     finite = torch.isfinite(x).all(dim=-1)
     inv = torch.where((amax > 0) & finite, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # one division
     q = torch.round(torch.nan_to_num(x, 0.0, 0.0, 0.0) * inv[..., None])
-    scale = amax * (1 / 127)  # a multiply, as the native writer (-ffast-math turns its division into one)
+    scale = amax * (1 / 127)  # a multiply, as in the native writer
     return q.to(torch.int8), torch.where(finite, scale, torch.full_like(amax, float("nan")))
 
 
