@@ -190,3 +190,28 @@ def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtyp
         if fused:  # Mixtral's experts have no plan and take the module path
             assert (model._plan[1] is None) == (arch == "mixtral")
     assert runs[0] == runs[1]  # bitwise: the same kernels on the same inputs
+
+
+def test_the_cli_passes_the_kv_cache_dtype_and_the_engine_checks_it():
+    from leanserve import EngineConfig, cli
+    from leanserve.engine.engine import LLMEngine
+
+    parse = cli.build_parser().parse_args
+    assert cli._engine_config(parse(["serve", "--kv-cache-dtype", "int8"])).kv_cache_dtype == "int8"
+    assert cli._engine_config(parse(["serve"])).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--kv-cache-dtype", "fp8"])
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLMEngine(EngineConfig(kv_cache_dtype="fp8"))
+
+
+def test_an_int8_kv_pool_holds_almost_twice_the_tokens_per_gib():
+    from leanserve.engine.kv_cache import GIB, num_blocks_for_budget
+
+    bf16 = num_blocks_for_budget(1.0, 30, 3, 64, 16, torch.bfloat16)
+    int8 = num_blocks_for_budget(1.0, 30, 3, 64, 16, torch.int8)
+    assert int8 / bf16 == pytest.approx(128 / 68, rel=1e-3)  # 64 int8 + a float32 scale vs 64 bf16 per row
+    blocks = num_blocks_for_budget(0.01, 30, 3, 64, 16, torch.int8)  # the pool really fits its budget
+    pool = llama.KVPool(llama.ModelArgs("LlamaForCausalLM", 8, 8, 30, 9, 3, 64, 8), blocks, 16, torch.int8)
+    used = sum(t.nbytes for ts in (pool.k, pool.v, pool.k_scale, pool.v_scale) for t in ts)
+    assert 0.99 * 0.01 * GIB < used <= 0.01 * GIB
