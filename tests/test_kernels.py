@@ -214,4 +214,5 @@ def test_an_int8_kv_pool_holds_almost_twice_the_tokens_per_gib():
     blocks = num_blocks_for_budget(0.01, 30, 3, 64, 16, torch.int8)  # the pool really fits its budget
     pool = llama.KVPool(llama.ModelArgs("LlamaForCausalLM", 8, 8, 30, 9, 3, 64, 8), blocks, 16, torch.int8)
     used = sum(t.nbytes for ts in (pool.k, pool.v, pool.k_scale, pool.v_scale) for t in ts)
-    assert 0.99 * 0.01 * GIB < used <= 0.01 * GIB
+    block = 2 * 30 * 16 * 3 * (64 + 4)  # bytes of one block over all layers
+    assert 0.01 * GIB - block < used <= 0.01 * GIB
