@@ -30,16 +30,13 @@ template <typename T>
 inline float to_f(T x) { return static_cast<float>(x); }
 
 // NaN / inf tests on the bits: std::isnan and std::isinf fold to false under -ffast-math.
-inline bool is_nan_bits(float v) {
+inline uint32_t magnitude_bits(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x7fffffffu) > 0x7f800000u;
+  return u & 0x7fffffffu;
 }
-inline bool is_inf_or_nan_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x7f800000u) == 0x7f800000u;
-}
+inline bool is_nan_bits(float v) { return magnitude_bits(v) > 0x7f800000u; }
+inline bool is_inf_or_nan_bits(float v) { return magnitude_bits(v) >= 0x7f800000u; }
 
 // A row to float32. c10::BFloat16's own conversion has a branch that keeps GCC from
 // vectorizing the loop; bf16 is the top half of a float32, so shift the bits instead.
@@ -298,31 +295,35 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto out = torch::empty({B, H, D}, q.options());
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t W = tables.size(1);
+  const float sc = static_cast<float>(scale);
+  // the cache's element type: int8, else the query's
+  auto caches = [&](auto* element) {
+    using C = std::remove_const_t<std::remove_pointer_t<decltype(element)>>;
+    return std::make_pair(k_cache.data_ptr<C>(), v_cache.data_ptr<C>());
+  };
 #if defined(__AVX512F__)
   if (q.scalar_type() == at::kBFloat16) {
     const auto* qp = qc.data_ptr<c10::BFloat16>();
     auto* op = out.data_ptr<c10::BFloat16>();
-    const bool done =
-        int8 ? decode_bf16_fast(qp, qs, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), ks, vs,
-                                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, H, Hkv, D, bs,
-                                tables.size(1), window, static_cast<float>(scale))
-             : decode_bf16_fast(qp, qs, k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), ks, vs,
-                                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, H, Hkv, D, bs,
-                                tables.size(1), window, static_cast<float>(scale));
-    if (done) return out;
+    auto fast = [&](auto kv) {
+      return decode_bf16_fast(qp, qs, kv.first, kv.second, ks, vs, tp, lp, op, B, H, Hkv, D, bs, W, window, sc);
+    };
+    if (int8 ? fast(caches(static_cast<int8_t*>(nullptr))) : fast(caches(static_cast<c10::BFloat16*>(nullptr))))
+      return out;
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    auto portable = [&](auto kv) {
+      decode_kernel(qc.data_ptr<scalar_t>(), qs, kv.first, kv.second, ks, vs, tp, lp, out.data_ptr<scalar_t>(), B, H,
+                    Hkv, D, bs, W, window, sc);
+    };
     if (int8)
-      decode_kernel<scalar_t, int8_t>(qc.data_ptr<scalar_t>(), qs, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
-                                      ks, vs, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                                      out.data_ptr<scalar_t>(), B, H, Hkv, D, bs, tables.size(1), window,
-                                      static_cast<float>(scale));
+      portable(caches(static_cast<int8_t*>(nullptr)));
     else
-      decode_kernel<scalar_t, scalar_t>(qc.data_ptr<scalar_t>(), qs, k_cache.data_ptr<scalar_t>(),
-                                        v_cache.data_ptr<scalar_t>(), nullptr, nullptr, tables.data_ptr<int64_t>(),
-                                        lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, Hkv, D, bs,
-                                        tables.size(1), window, static_cast<float>(scale));
+      portable(caches(static_cast<scalar_t*>(nullptr)));
   });
   return out;
 }
