@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
 from server_fixture import ServerProcess, small_engine
 
 from leanserve.bench import loadgen, report
@@ -68,25 +69,40 @@ def _sse(*events) -> bytes:
     return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
 
 
-async def _fake_server(request: httpx.Request) -> httpx.Response:
+async def _fake_server(request: web.Request) -> web.StreamResponse:
     """A server without usage chunks nor [DONE] (counted by text chunks), one that refuses,
     and one too slow for the client's timeout, picked by the prompt."""
-    prompt = json.loads(request.content)["prompt"]
+    prompt = (await request.json())["prompt"]
     if prompt == "refused":
-        return httpx.Response(429, json={"error": {"message": "overloaded", "type": "server_error"}})
+        return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=429)
     if prompt == "slow":
         await asyncio.sleep(5)
     chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in ("a", "", "b", "c")]
     chunks[-1]["choices"][0]["finish_reason"] = "length"
-    return httpx.Response(200, content=_sse(*chunks), headers={"content-type": "text/event-stream"})
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in chunks:  # one write per event, as a streaming server sends them
+        await response.write(_sse(chunk))
+    await response.write_eof()
+    return response
 
 
 def test_stream_parsing_failures_and_timeout():
     async def run():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(_fake_server)) as client:
-            bodies = [{"prompt": p} for p in ("ok", "refused", "slow", "ok")]
-            return await loadgen.run_level(client, "http://127.0.0.1:1/v1/completions", bodies, timeout=0.5,
-                                           concurrency=2, rate=None, seed=0)
+        app = web.Application()
+        app.router.add_post("/v1/completions", _fake_server)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)  # a real socket on a free port
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as client:
+                bodies = [{"prompt": p} for p in ("ok", "refused", "slow", "ok")]
+                return await loadgen.run_level(client, f"http://127.0.0.1:{port}/v1/completions", bodies,
+                                               timeout=0.5, concurrency=2, rate=None, seed=0)
+        finally:
+            await runner.cleanup()
 
     records, duration = asyncio.run(run())
     assert [r.index for r in records] == [0, 1, 2, 3]
