@@ -165,7 +165,8 @@ def test_packed_linear_matches_plain_linear(rows):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize("dtype,quantization,kv", [("float32", None, "auto"), ("bfloat16", None, "auto"),
                                                    ("bfloat16", "int8", "auto"), ("bfloat16", "int4", "auto"),
-                                                   ("bfloat16", "auto", "auto"), ("bfloat16", None, "int8")])
+                                                   ("bfloat16", "auto", "auto"), ("bfloat16", None, "int8"),
+                                                   ("bfloat16", "w8a8", "int8")])
 def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtype, quantization, kv):
     """Steps run every layer in one native call (models/fused.py); the module path runs the
     same kernels one by one. Six sequences and a 24-token step budget, so steps mix decodes

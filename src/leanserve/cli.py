@@ -27,8 +27,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "int8"],
                         help="auto: the model dtype; int8: half the bytes per decode step and twice the tokens "
                              "per GiB, outputs close to but not equal to auto's")
-    parser.add_argument("--quantization", choices=["int8", "int4", "auto"], default=None,
-                        help="weight-only quantization of the linear layers (auto: int8 for small batches)")
+    parser.add_argument("--quantization", choices=["int8", "int4", "auto", "w8a8"], default=None,
+                        help="quantization of the linear layers: int8, int4 or auto (int8 for small batches) are "
+                             "weight-only; w8a8 also quantizes activations (fastest at every batch size, "
+                             "outputs close to but not equal to bf16's)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="do not share the KV blocks of common prompt prefixes")
     add_energy_args(parser)

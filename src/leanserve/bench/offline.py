@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--serial-prompts", type=int, default=4,
                     help="prompts for the one-at-a-time transformers baseline (it is slow)")
     ap.add_argument("--no-baselines", action="store_true", help="leanserve only")
-    ap.add_argument("--quantization", choices=["int8", "int4", "auto"], default=None)
+    ap.add_argument("--quantization", choices=["int8", "int4", "auto", "w8a8"], default=None)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results to this file")

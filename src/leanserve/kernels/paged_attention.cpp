@@ -328,10 +328,68 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// One row of n floats to int8: x * (127 / absmax), one rounding per value (half to even);
+// returns the scale absmax / 127 (a multiply). Bit-equal with `quantize_kv` in llama.py.
+// A row holding inf or NaN gets zeros and a NaN scale, so whatever reads it is NaN, as it
+// would be without quantization.
+inline float quantize_row(const float* x, int64_t n, int8_t* out) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t d = 0; d < n; ++d) {
+    amax = std::max(amax, std::abs(x[d]));
+    finite &= !is_inf_or_nan_bits(x[d]);
+  }
+  if (!finite) {
+    std::memset(out, 0, n);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t d = 0; d < n; ++d) out[d] = static_cast<int8_t>(std::nearbyint(x[d] * inv));
+  return amax * (1.f / 127.f);
+}
+
+// quantize_row from a row of any float type (`buf`: n floats of scratch).
+template <typename T>
+inline float quantize_row(const T* x, float* buf, int64_t n, int8_t* out) {
+  load_row(x, buf, n);
+  return quantize_row(buf, n, out);
+}
+#if defined(__AVX512F__)
+// bf16 rows, 16 at a time, same numbers: the absmax is an integer max over the magnitude
+// bits (which orders finite floats as their values, and puts inf and NaN above them all);
+// _mm512_cvtps_epi32 rounds half to even like nearbyint.
+template <>
+inline float quantize_row<c10::BFloat16>(const c10::BFloat16* x, float* buf, int64_t n, int8_t* out) {
+  if (n % 16) {
+    load_row(x, buf, n);
+    return quantize_row(buf, n, out);
+  }
+  const auto* src = reinterpret_cast<const uint16_t*>(x);
+  auto load = [&](int64_t j) {
+    return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))), 16);
+  };
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i vmax = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 16) vmax = _mm512_max_epu32(vmax, _mm512_and_si512(load(j), magnitude));
+  const uint32_t bits = _mm512_reduce_max_epu32(vmax);
+  if (bits >= 0x7f800000u) {
+    std::memset(out, 0, n);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  float amax;
+  std::memcpy(&amax, &bits, sizeof(amax));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(load(j)), inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtsepi32_epi8(q));
+  }
+  return amax * (1.f / 127.f);
+}
+#endif
+
 // One step's new keys (or values) into their cache slots. rows: [T, Hkv * D] (a view into
 // the qkv rows is fine); cache: [blocks, block_size, Hkv, D]. An int8 cache takes each
-// (token, kv head) row scaled by absmax / 127 and rounded half to even, its scale into
-// `scales` ([blocks, block_size, Hkv]) -- bit-equal with `quantize_kv` in llama.py.
+// (token, kv head) row quantized by quantize_row, its scale into `scales` ([blocks, block_size, Hkv]).
 void write_kv(const torch::Tensor& rows, const torch::Tensor& slots, torch::Tensor cache,
               std::optional<torch::Tensor> scales) {
   TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1 && cache.is_contiguous(), "bad kv rows or cache");
@@ -355,22 +413,83 @@ void write_kv(const torch::Tensor& rows, const torch::Tensor& slots, torch::Tens
     const scalar_t* src = rows.data_ptr<scalar_t>();
     std::vector<float> x(D);
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < Hkv; ++h) {
-        load_row(src + t * rows.stride(0) + h * D, x.data(), D);
-        float amax = 0.f;
-        bool finite = true;
-        for (int64_t d = 0; d < D; ++d) {
-          amax = std::max(amax, std::abs(x[d]));
-          finite &= !is_inf_or_nan_bits(x[d]);
-        }
-        // x * (127 / amax), one rounding per value: bit-equal with quantize_kv in llama.py.
-        // A row holding inf or NaN keeps a NaN scale, so attention over it is NaN, as in bf16.
-        const float inv = amax > 0.f && finite ? 127.f / amax : 0.f;
-        int8_t* o = dst + (sl[t] * Hkv + h) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<int8_t>(std::nearbyint(x[d] * inv));
-        sc[sl[t] * Hkv + h] = finite ? amax * (1.f / 127.f) : std::numeric_limits<float>::quiet_NaN();
-      }
+      for (int64_t h = 0; h < Hkv; ++h)
+        sc[sl[t] * Hkv + h] = quantize_row(src + t * rows.stride(0) + h * D, x.data(), D, dst + (sl[t] * Hkv + h) * D);
   });
+}
+
+// int8 activations for the W8A8 projections: each row of x [M, K] quantized as the int8 KV
+// cache's rows are (quantize_row). Returns (int8 [M, K], float32 scales [M]).
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize_rows takes [rows, n] with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(at::kChar));
+  auto scales = torch::empty({M}, x.options().dtype(at::kFloat));
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scales.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(K);
+      for (int64_t i = begin; i < end; ++i) sp[i] = quantize_row(src + i * x.stride(0), row.data(), K, qp + i * K);
+    });
+  });
+  return {q, scales};
+}
+
+// out = acc * s + bias (bias may be null), rounded once to out's type. This pass runs over
+// every projection output, so bf16 gets a vector path (round to nearest even, as c10's).
+template <typename T>
+inline void rescale_row(const float* acc, float s, const float* bias, T* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(acc[j] * s + (bias ? bias[j] : 0.f));
+}
+#if defined(__AVX512BF16__)
+template <>
+inline void rescale_row<c10::BFloat16>(const float* acc, float s, const float* bias, c10::BFloat16* out, int64_t n) {
+  const __m512 vs = _mm512_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(acc + j), vs);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+  for (; j < n; ++j) out[j] = static_cast<c10::BFloat16>(acc[j] * s + (bias ? bias[j] : 0.f));
+}
+#endif
+
+// The W8A8 projection: int8 activations (per row) times int8 weights (per output channel)
+// through oneDNN's int8 matrix product (AMX-INT8 / VNNI), int32 sums exact, then
+// y = sum * x_scale[row] * w_scale[col] (+ bias) in float32, rounded once to x's dtype.
+// Every row's result is independent of the other rows in the call (batch-invariant).
+torch::Tensor w8a8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
+                          const torch::Tensor& w_zero_points, const std::optional<torch::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "tensor");
+  static const auto one = torch::ones({1}, torch::kFloat);
+  static const auto zero = torch::zeros({1}, torch::kLong);
+  auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  auto [q, xs] = quantize_rows(x2);
+  torch::jit::Stack stack{q, one, zero, packed, w_scales, w_zero_points, c10::IValue(), 1.0, int64_t{0},
+                          at::ScalarType::Float, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          std::string("")};
+  op.callBoxed(&stack);
+  // w_scale is applied by oneDNN; the row scale (and bias) here
+  const at::Tensor acc = stack[0].toTensor();
+  const int64_t M = acc.size(0), N = acc.size(1);
+  auto out = torch::empty({M, N}, x.options());
+  std::optional<torch::Tensor> b;
+  if (bias) b = bias->to(at::kFloat).contiguous();
+  const float* ap = acc.data_ptr<float>();
+  const float* sp = xs.data_ptr<float>();
+  const float* bp = b ? b->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "w8a8_linear", [&] {
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) rescale_row(ap + i * N, sp[i], bp, op_ + i * N, N);
+    });
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return out.view(shape);
 }
 
 // ---- Fused elementwise work around the projections ----------------------------------
@@ -567,7 +686,7 @@ torch::Tensor first_argmax(torch::Tensor x) {
 
 namespace {
 
-enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3 };
+enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3, kW8A8 = 4 };
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -579,18 +698,20 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::op
 struct LinearSpec {
   int64_t kind;
   at::Tensor w;                       // dense, packed, int8 or int4-packed weight
-  std::optional<at::Tensor> extra;    // int8 scales, int4 scales_and_zeros
+  std::optional<at::Tensor> extra;    // int8 / W8A8 weight scales, int4 scales_and_zeros
   std::optional<at::Tensor> bias;
   int64_t group;                      // int4 group size
   int64_t max_rows;                   // with `dense`: calls of more rows take the dense weight
   std::optional<at::Tensor> dense;    // the bf16 weight (packed if dense_packed), for many rows
   bool dense_packed;
+  std::optional<at::Tensor> zero_points;  // W8A8: the weights' (zero) zero points, int64
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (dense && x.size(0) > max_rows) return dense_packed ? packed_linear(x, *dense, bias) : at::linear(x, *dense, bias);
     at::Tensor y;
     switch (kind) {
       case kPacked: return packed_linear(x, w, bias);
+      case kW8A8: return w8a8_linear(x, w, *extra, *zero_points, bias);
       case kInt8: y = at::_weight_int8pack_mm(x, w, *extra); break;
       case kInt4: y = at::_weight_int4pack_mm_for_cpu(x, w, group, *extra); break;
       default: return at::linear(x, w, bias);
@@ -715,9 +836,11 @@ class ForwardPlan {
  private:
   static LinearSpec spec(const py::tuple& t) {
     TORCH_CHECK(t.size() == 8, "a linear spec is (kind, weight, extra, bias, group, max_rows, dense, dense_packed)");
-    return {t[0].cast<int64_t>(), t[1].cast<at::Tensor>(), t[2].cast<std::optional<at::Tensor>>(),
-            t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
-            t[6].cast<std::optional<at::Tensor>>(), t[7].cast<bool>()};
+    LinearSpec s{t[0].cast<int64_t>(), t[1].cast<at::Tensor>(), t[2].cast<std::optional<at::Tensor>>(),
+                 t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
+                 t[6].cast<std::optional<at::Tensor>>(), t[7].cast<bool>(), std::nullopt};
+    if (s.kind == kW8A8) s.zero_points = torch::zeros({s.extra->size(0)}, torch::kLong);
+    return s;
   }
 
   int64_t nh_, nkv_, hd_, window_;
@@ -735,6 +858,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place on the query and key heads of qkv rows");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("first_argmax", &first_argmax, "index of each row's first maximum");
+  m.def("quantize_rows", &quantize_rows, "each row to int8 with its absmax / 127 scale");
+  m.def("w8a8_linear", &w8a8_linear, "int8 activations x int8 weights (oneDNN), rescaled to x's dtype",
+        py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_zero_points"), py::arg("bias") = py::none());
   py::class_<ForwardPlan>(m, "ForwardPlan")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor>())
       .def("add_layer", &ForwardPlan::add_layer, py::arg("ln1"), py::arg("ln2"), py::arg("k_cache"),

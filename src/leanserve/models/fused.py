@@ -14,10 +14,10 @@ from torch import nn
 
 from ..kernels import native
 from .llama import MLP, CausalLM, KVPool
-from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear
+from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear, W8A8Linear
 
 # LinearKind in paged_attention.cpp
-DENSE, PACKED, INT8, INT4 = range(4)
+DENSE, PACKED, INT8, INT4, W8A8 = range(5)
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
@@ -31,6 +31,8 @@ def linear_spec(m: nn.Module) -> tuple | None:
         return INT8, m.weight, m.scales, m.bias, 0, 0, None, False
     if type(m) is Int4Linear:
         return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, False
+    if type(m) is W8A8Linear:
+        return W8A8, m.packed, m.scales, m.bias, 0, 0, None, False
     if type(m) is AutoLinear:
         small = linear_spec(m.small)
         packed = type(m.dense) is PackedLinear
