@@ -216,3 +216,24 @@ def test_an_int8_kv_pool_holds_almost_twice_the_tokens_per_gib():
     used = sum(t.nbytes for ts in (pool.k, pool.v, pool.k_scale, pool.v_scale) for t in ts)
     block = 2 * 30 * 16 * 3 * (64 + 4)  # bytes of one block over all layers
     assert 0.01 * GIB - block < used <= 0.01 * GIB
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_gather_of_an_int8_cache_dequantizes_as_torch_does(monkeypatch, dtype):
+    """Prefill chunks over an int8 pool read whole blocks back, dequantized: the native
+    gather gives the torch path's numbers bit for bit (NaN scales stay NaN)."""
+    if native() is None:
+        pytest.skip("native kernels could not be built here")
+    torch.manual_seed(0)
+    k, v = (torch.randint(-127, 128, (20, 16, 3, 64), dtype=torch.int8) for _ in range(2))
+    ks, vs = torch.rand(20, 16, 3) * 0.05, torch.rand(20, 16, 3) * 0.05
+    ks[3, 2, 1] = float("nan")
+    cache = llama.LayerCache(k, v, ks, vs)
+    blocks = torch.tensor([5, 3, 19, 0])
+    fast = cache.gather(blocks, dtype)
+    monkeypatch.setattr(llama, "native", lambda: None)
+    slow = cache.gather(blocks, dtype)
+    for a, b in zip(fast, slow):
+        assert a.shape == (64, 3, 64) and a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert fast[0][16 + 2, 1].isnan().all()

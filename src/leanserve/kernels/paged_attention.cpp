@@ -457,6 +457,38 @@ inline void rescale_row<c10::BFloat16>(const float* acc, float s, const float* b
 }
 #endif
 
+// Whole blocks of an int8 cache ([blocks, block_size, Hkv, D], scales [blocks, block_size,
+// Hkv]) as [len(blocks) * block_size, Hkv, D] in `dtype`: each value times its row's scale
+// in float32, rounded once -- the numbers of LayerCache.gather in llama.py, in one pass
+// instead of five torch calls per cache (prefill chunks over an int8 pool read their keys so).
+torch::Tensor gather_dequant(const torch::Tensor& cache, const torch::Tensor& scales, const torch::Tensor& blocks,
+                             at::ScalarType dtype) {
+  TORCH_CHECK(cache.scalar_type() == at::kChar && cache.dim() == 4 && cache.is_contiguous(), "an int8 cache");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() * cache.size(3) == cache.numel(),
+              "float32 scales, one per cache row");
+  auto idx = blocks.to(at::kLong).contiguous();
+  const int64_t n = idx.numel(), bs = cache.size(1), Hkv = cache.size(2), D = cache.size(3);
+  const int64_t rows_per_block = bs * Hkv;
+  auto out = torch::empty({n * bs, Hkv, D}, cache.options().dtype(dtype));
+  const int8_t* cp = cache.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "gather_dequant", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        TORCH_CHECK(ip[i] >= 0 && ip[i] < cache.size(0), "block index out of range");
+        const int8_t* src = cp + ip[i] * rows_per_block * D;
+        const float* sc = sp + ip[i] * rows_per_block;
+        scalar_t* dst = op + i * rows_per_block * D;
+        for (int64_t r = 0; r < rows_per_block; ++r)
+          for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<scalar_t>(static_cast<float>(src[r * D + d]) * sc[r]);
+      }
+    });
+  });
+  return out;
+}
+
 // The W8A8 projection: int8 activations (per row) times int8 weights (per output channel)
 // through oneDNN's int8 matrix product (AMX-INT8 / VNNI), int32 sums exact, then
 // y = sum * x_scale[row] * w_scale[col] (+ bias) in float32, rounded once to x's dtype.
@@ -734,9 +766,8 @@ struct LayerSpec {
   // whole blocks of one cache as [blocks * block_size, Hkv, D] in `dtype` (dequantized if int8)
   at::Tensor gather(const at::Tensor& cache, const std::optional<at::Tensor>& scales, const at::Tensor& blocks,
                     at::ScalarType dtype) const {
-    at::Tensor x = cache.index_select(0, blocks).flatten(0, 1);
-    if (!scales) return x;
-    return (x.to(at::kFloat) * scales->index_select(0, blocks).flatten(0, 1).unsqueeze(-1)).to(dtype);
+    if (scales) return gather_dequant(cache, *scales, blocks, dtype);
+    return cache.index_select(0, blocks).flatten(0, 1);
   }
 };
 
@@ -858,6 +889,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place on the query and key heads of qkv rows");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("first_argmax", &first_argmax, "index of each row's first maximum");
+  m.def("gather_dequant", &gather_dequant, "whole blocks of an int8 cache, dequantized");
   m.def("quantize_rows", &quantize_rows, "each row to int8 with its absmax / 127 scale");
   m.def("w8a8_linear", &w8a8_linear, "int8 activations x int8 weights (oneDNN), rescaled to x's dtype",
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_zero_points"), py::arg("bias") = py::none());

@@ -203,7 +203,11 @@ class LayerCache:
         """Whole blocks' keys and values as [len(blocks) * block_size, kv_heads, head_dim] in `dtype`
         (index_select copies whole blocks: far faster than indexing)."""
         out = []
+        kernels = native() if self.k_scale is not None else None
         for cache, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            if kernels is not None:  # the same numbers in one pass (gather_dequant)
+                out.append(kernels.gather_dequant(cache, scales, blocks, dtype))
+                continue
             x = cache.index_select(0, blocks).flatten(0, 1)
             if scales is not None:
                 x = (x.float() * scales.index_select(0, blocks).flatten(0, 1)[..., None]).to(dtype)
