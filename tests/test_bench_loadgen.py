@@ -112,6 +112,41 @@ def test_stream_parsing_failures_and_timeout():
     assert (slow.status, slow.failure()) == (None, "timeout") and 0.5 <= slow.e2e < 2 and duration < 2
 
 
+async def _closes_late(request: web.Request) -> web.StreamResponse:
+    """Streams a whole answer, then drops the connection a moment later without saying so
+    (no `Connection: close`), as llama-server does."""
+    transport = request.transport
+    await request.json()
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_sse({"choices": [{"index": 0, "text": "a", "finish_reason": "length"}]}))
+    await response.write_eof()
+    await asyncio.sleep(0.05)
+    if transport is not None:
+        transport.close()
+    return response
+
+
+def test_no_request_fails_on_a_connection_the_server_drops_after_answering():
+    async def run():
+        app = web.Application()
+        app.router.add_post("/v1/completions", _closes_late)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with loadgen.client_session({}) as client:
+                return await loadgen.run_level(client, f"http://127.0.0.1:{port}/v1/completions",
+                                               [{"prompt": "x"}] * 20, timeout=5, concurrency=2, rate=None, seed=0)
+        finally:
+            await runner.cleanup()
+
+    records, _ = asyncio.run(run())
+    assert [r.error for r in records] == [None] * 20  # reusing connections, half of them failed
+
+
 @pytest.mark.slow
 def test_bench_serve_against_leanserve(tmp_path, capsys):
     server = ServerProcess(*small_engine(), "--dtype", "float32")
