@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import pytest
 from aiohttp import web
 from server_fixture import ServerProcess, small_engine
@@ -87,24 +86,30 @@ async def _fake_server(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def test_stream_parsing_failures_and_timeout():
+def _run_level_against(handler, bodies: list[dict], timeout: float):
+    """`run_level` (closed loop, 2 clients, the real client session) against `handler`
+    served by aiohttp on a real socket (a free port)."""
     async def run():
         app = web.Application()
-        app.router.add_post("/v1/completions", _fake_server)
+        app.router.add_post("/v1/completions", handler)
         runner = web.AppRunner(app)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)  # a real socket on a free port
+        site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         try:
-            async with aiohttp.ClientSession() as client:
-                bodies = [{"prompt": p} for p in ("ok", "refused", "slow", "ok")]
+            async with loadgen.client_session({}) as client:
                 return await loadgen.run_level(client, f"http://127.0.0.1:{port}/v1/completions", bodies,
-                                               timeout=0.5, concurrency=2, rate=None, seed=0)
+                                               timeout=timeout, concurrency=2, rate=None, seed=0)
         finally:
             await runner.cleanup()
 
-    records, duration = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_stream_parsing_failures_and_timeout():
+    records, duration = _run_level_against(_fake_server, [{"prompt": p} for p in ("ok", "refused", "slow", "ok")],
+                                           timeout=0.5)
     assert [r.index for r in records] == [0, 1, 2, 3]
     ok, refused, slow = records[0], records[1], records[2]
     assert ok.ok and ok.output_tokens == 3 and ok.prompt_tokens is None and 0 < ok.ttft <= ok.e2e
@@ -128,22 +133,7 @@ async def _closes_late(request: web.Request) -> web.StreamResponse:
 
 
 def test_no_request_fails_on_a_connection_the_server_drops_after_answering():
-    async def run():
-        app = web.Application()
-        app.router.add_post("/v1/completions", _closes_late)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            async with loadgen.client_session({}) as client:
-                return await loadgen.run_level(client, f"http://127.0.0.1:{port}/v1/completions",
-                                               [{"prompt": "x"}] * 20, timeout=5, concurrency=2, rate=None, seed=0)
-        finally:
-            await runner.cleanup()
-
-    records, _ = asyncio.run(run())
+    records, _ = _run_level_against(_closes_late, [{"prompt": "x"}] * 20, timeout=5)
     assert [r.error for r in records] == [None] * 20  # reusing connections, half of them failed
 
 

@@ -29,7 +29,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "per GiB, outputs close to but not equal to auto's")
     parser.add_argument("--quantization", choices=["int8", "int4", "auto", "w8a8"], default=None,
                         help="quantization of the linear layers: int8, int4 or auto (int8 for small batches) are "
-                             "weight-only; w8a8 also quantizes activations (fastest at every batch size, "
+                             "weight-only; w8a8 also quantizes activations (the fastest from a few sequences up, "
                              "outputs close to but not equal to bf16's)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="do not share the KV blocks of common prompt prefixes")

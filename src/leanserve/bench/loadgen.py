@@ -3,9 +3,9 @@
 The same tool measures leanserve, llama.cpp's llama-server or vLLM. Each load level sends
 `--num-prompts` streamed requests, either closed loop (`--concurrency C`: C clients, each
 sending its next request when the previous one ends) or open loop (`--request-rate R`:
-Poisson arrivals). SSE is read directly with aiohttp (its C HTTP parser), so every chunk is timed on arrival
-and the client takes little of the CPU it shares with a server on the same machine: with
-httpx it took ~80% of a core at 64 streams, on a 2-core machine.
+Poisson arrivals). SSE is read directly with aiohttp (its C HTTP parser), so every chunk is
+timed on arrival and the client takes little of the CPU it shares with a server on the same
+machine: with httpx it took ~80% of a core at 64 streams, on a 2-core machine.
 A bearer key, if the server wants one, is read from $OPENAI_API_KEY (never from the
 command line, which is saved with the results).
 

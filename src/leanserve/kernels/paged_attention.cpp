@@ -469,6 +469,8 @@ torch::Tensor gather_dequant(const torch::Tensor& cache, const torch::Tensor& sc
   auto idx = blocks.to(at::kLong).contiguous();
   const int64_t n = idx.numel(), bs = cache.size(1), Hkv = cache.size(2), D = cache.size(3);
   const int64_t rows_per_block = bs * Hkv;
+  TORCH_CHECK(n == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < cache.size(0)),
+              "block index out of range");
   auto out = torch::empty({n * bs, Hkv, D}, cache.options().dtype(dtype));
   const int8_t* cp = cache.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
@@ -477,7 +479,6 @@ torch::Tensor gather_dequant(const torch::Tensor& cache, const torch::Tensor& sc
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        TORCH_CHECK(ip[i] >= 0 && ip[i] < cache.size(0), "block index out of range");
         const int8_t* src = cp + ip[i] * rows_per_block * D;
         const float* sc = sp + ip[i] * rows_per_block;
         scalar_t* dst = op + i * rows_per_block * D;
