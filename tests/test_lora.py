@@ -324,10 +324,12 @@ def test_no_adapter_no_wrapping(tiny_llama, adapters):
     assert llm.engine.lora.step is None
 
 
-def test_adapter_over_int8_weights_is_batch_independent(tiny_llama, adapters):
-    """Quantized projections are wrapped the same way; int8 is batch-invariant, so each
-    adapter alone equals the mixed batch exactly."""
-    llm = engine(tiny_llama, adapters, quantization="int8")
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+def test_adapter_over_quantized_weights_is_batch_independent(tiny_llama, adapters, quantization):
+    """Quantized projections are wrapped the same way; int8 weights (and W8A8, whose int32
+    sums are exact and scales per row) are batch-invariant, so each adapter alone equals the
+    mixed batch exactly."""
+    llm = engine(tiny_llama, adapters, quantization=quantization)
     names = [None, "all", "qv"]
     alone = {n: llm.generate(PROMPTS[1], PARAMS, adapter=n)[0].token_ids for n in names}
     assert alone["all"] != alone[None]
