@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from leanserve.kernels import native
 from leanserve.models.llama import AttnBatch, KVPool, build_model
 from leanserve.models.loader import _per_expert
 from leanserve.models import quant
@@ -71,7 +72,7 @@ def test_w8a8_native_and_torch_paths_agree(monkeypatch, dtype):
 
     assert native() is not None, "the native kernels must build on this machine (g++ and ninja)"
     for bias in (False, True):
-        layer = W8A8Linear(float_linear(576, 960, bias, dtype))
+        layer = W8A8Linear(float_linear(576, 960, bias, dtype), amx=False)
         x = torch.randn(9, 576, dtype=dtype) * torch.logspace(-3, 2, 9)[:, None].to(dtype)
         x[4] = 0  # a zero row: scale 0, output exactly the bias
         x[6, 100] = float("nan")
@@ -86,6 +87,33 @@ def test_w8a8_native_and_torch_paths_agree(monkeypatch, dtype):
         else:
             assert torch.equal(fast[keep], slow[keep]) and not fast[4].any()
         assert not fast[keep].isnan().any()
+
+
+needs_amx = pytest.mark.skipif(native() is None or not native().amx_int8_available(),
+                               reason="this CPU (or its OS) offers no AMX-INT8 tiles")
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 64, 100])
+@pytest.mark.parametrize("n_in,n_out", [(576, 960), (1536, 576), (64, 16), (128, 48)])
+def test_w8a8_on_amx_tiles_gives_the_onednn_paths_bits(dtype, rows, n_in, n_out):
+    """Our AMX-INT8 kernel against oneDNN's int8 product on the same weights: the same bits,
+    bias or not, for row counts around the 16-row tiles and the 32 x 32 blocks, widths of one
+    and of an odd number of 16-column blocks; NaN rows stay NaN and alone."""
+    for bias in (False, True):
+        linear = float_linear(n_in, n_out, bias, dtype, seed=rows)
+        tiles, onednn = W8A8Linear(linear), W8A8Linear(linear, amx=False)
+        assert tiles.amx and not onednn.amx
+        x = torch.randn(rows, n_in, dtype=dtype) * torch.logspace(-3, 2, rows)[:, None].to(dtype)
+        x[rows // 2] = 0
+        if rows > 2:
+            x[1, 3] = float("nan")
+        out = tiles(x)
+        torch.testing.assert_close(out, onednn(x), rtol=0, atol=0, equal_nan=True)
+        assert not out[rows // 2].isnan().any() and (rows <= 2 or out[1].isnan().all())
+    with pytest.raises(RuntimeError, match="columns"):
+        tiles(torch.randn(2, n_in + 64, dtype=dtype))
 
 
 def test_w8a8_activation_rows_quantize_like_the_int8_kv_cache():

@@ -17,7 +17,7 @@ from .llama import MLP, CausalLM, KVPool
 from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear, W8A8Linear
 
 # LinearKind in paged_attention.cpp
-DENSE, PACKED, INT8, INT4, W8A8 = range(5)
+DENSE, PACKED, INT8, INT4, W8A8, W8A8_AMX = range(6)
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
@@ -32,7 +32,7 @@ def linear_spec(m: nn.Module) -> tuple | None:
     if type(m) is Int4Linear:
         return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, False
     if type(m) is W8A8Linear:
-        return W8A8, m.packed, m.scales, m.bias, 0, 0, None, False
+        return W8A8_AMX if m.amx else W8A8, m.packed, m.scales, m.bias, 0, 0, None, False
     if type(m) is AutoLinear:
         small = linear_spec(m.small)
         packed = type(m.dense) is PackedLinear
