@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 # -ffast-math lets the vectorizer reorder float sums and use glibc's vector expf (the kernel
-# never forms an infinity or a NaN on valid input); AMX is off because some VMs advertise it
-# yet fault on its instructions.
+# never forms an infinity or a NaN on valid input). AMX is off for the compiler's own code
+# (some VMs advertise it yet fault on its instructions): the one AMX kernel (W8A8) enables
+# it for its own functions and runs only after asking the OS for the tile state.
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-ffast-math"]
 
 
