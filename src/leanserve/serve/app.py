@@ -233,6 +233,18 @@ class OpenAIServer:
             except Exception as e:  # re-raised in the consumer
                 queue.put_nowait((i, e))
 
+        def check(item: RequestOutput) -> None:
+            if item.finished:
+                self._finished(item, user)
+                if item.adapter_error:
+                    raise APIError(400, item.adapter_error, param="model", code="invalid_adapter")
+
+        if len(streams) == 1:  # the usual n=1: no task and queue hop per token (~7% of a core at 64 streams)
+            async with contextlib.aclosing(streams[0]) as stream:  # closed (and aborted) with this generator
+                async for item in stream:
+                    check(item)
+                    yield 0, item
+            return
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         remaining = len(streams)
         try:
@@ -243,10 +255,7 @@ class OpenAIServer:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                if item.finished:
-                    self._finished(item, user)
-                    if item.adapter_error:
-                        raise APIError(400, item.adapter_error, param="model", code="invalid_adapter")
+                check(item)
                 yield i, item
         finally:
             for t in tasks:
