@@ -16,7 +16,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import anyio._backends._asyncio  # noqa: F401 - see below
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,7 +38,10 @@ from .protocol import APIError
 # anyio (4.16 here) loads its asyncio backend lazily, at the first task group, which is the
 # first streamed response; once, with 64 streams arriving together, that import failed
 # ("No module named 'anyio._core._resources'") and the request got a 500. Importing the
-# backend with this module does it once, at start-up, before any request.
+# backend with this module does it once, at start-up, before any request (a private module:
+# if a later anyio moves it, the lazy import is all there is).
+with contextlib.suppress(ImportError):
+    import anyio._backends._asyncio  # noqa: F401
 
 log = logging.getLogger("leanserve.serve")
 
