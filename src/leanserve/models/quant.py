@@ -108,8 +108,8 @@ class W8A8Linear(nn.Module):
     the matrix units' rate at every batch size. Where the CPU has AMX-INT8 the product runs
     on the tiles in our own kernel (`w8a8_linear_amx`: the weight packed for them at load),
     else in oneDNN. On SmolLM2-135M's shapes, 2 threads, one layer's four projections took
-    184 us at 64 rows on the tiles, 328 through oneDNN and ~500 in bf16 (one row: 104, 177,
-    ~390). The price is accuracy: quantizing activations puts the built-in model's chosen-token
+    184 us at 64 rows on the tiles, 328 through oneDNN and ~450 in packed bf16 (one row: 104,
+    177, ~290). The price is accuracy: quantizing activations puts the built-in model's chosen-token
     log-probabilities ~0.13 off transformers' on average (bf16: ~0.02), so it is opt-in, like
     vLLM's W8A8 checkpoints. The int32 sums are exact and the scales per row, so both paths
     give the same bits and a row's result does not depend on the rows it shares a call with.
