@@ -553,7 +553,7 @@ bool amx_int8_available() {
   static const bool ok = [] {
     const char* env = std::getenv("LEANSERVE_AMX");
     if (env != nullptr && std::string(env) == "0") return false;
-#if defined(__x86_64__) && defined(SYS_arch_prctl)
+#if defined(__x86_64__) && defined(__AVX512F__) && defined(SYS_arch_prctl)  // the kernel below needs both
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
