@@ -89,16 +89,23 @@ def test_energy_rows_in_table_and_comparison():
 def test_bench_serve_energy_against_leanserve(tmp_path, capsys):
     server = ServerProcess(*small_engine(), "--dtype", "float32", "--energy-meter", "estimate",
                            "--watts-per-core", "10")
+    args = ["--base-url", server.url + "/v1", "--concurrency", "2", "--num-prompts", "4", "--input-len", "32",
+            "--output-len", "8", "--measure-pid", str(server.proc.pid), "--watts-per-core", "10"]
     try:
-        out_json = tmp_path / "run.json"
-        status = loadgen.main(["--base-url", server.url + "/v1", "--concurrency", "2", "--num-prompts", "4",
-                               "--input-len", "16", "--output-len", "8", "--json", str(out_json),
-                               "--measure-pid", str(server.proc.pid), "--watts-per-core", "10"])
+        out_json, again_json = tmp_path / "run.json", tmp_path / "again.json"
+        status = loadgen.main(args + ["--json", str(out_json)])
+        out = capsys.readouterr()
+        # The same arguments again: the same prompts, now in the server's prefix cache.
+        again = loadgen.main(args + ["--json", str(again_json)])
+        repeated = capsys.readouterr()
     finally:
         server.stop()
-    assert status == 0
-    out = capsys.readouterr().out
-    assert "server /metrics" in out and "CPU time of pids" in out
+    assert status == 0 and again == 0
+    assert "server /metrics" in out.out and "CPU time of pids" in out.out
+    first_rate = json.loads(out_json.read_text())["levels"][0]["prefix_cache_hit_rate"]
+    second_rate = json.loads(again_json.read_text())["levels"][0]["prefix_cache_hit_rate"]
+    assert first_rate == 0.0 and "prefix cache supplied" not in out.err
+    assert second_rate > 0.4 and "prefix cache supplied" in repeated.err
 
     energy = json.loads(out_json.read_text())["levels"][0]["summary"]["energy"]
     assert energy["output_tokens"] == 32

@@ -79,7 +79,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: TTFT at most this")
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: TPOT at most this")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take in all")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the same seed gives the same prompts: against a server that ran them before,"
+                         " its prefix cache will serve them (the level then reports its hit rate)")
     ap.add_argument("--label", default=None, help="name of this run in tables, plots and comparisons")
     ap.add_argument("--json", default=None, metavar="PATH", help="write results, command and machine here")
     ap.add_argument("--plot", default=None, metavar="PATH.png", help="plot tok/s, TTFT and TPOT against load")
@@ -277,8 +279,9 @@ async def _get(client: aiohttp.ClientSession, url: str) -> str:
 
 
 async def server_energy(client: aiohttp.ClientSession, base: str) -> dict | None:
-    """A leanserve server's energy counters from /metrics: `{"total_j", "idle_j",
-    "energy_source"}`; None for a server without them (not leanserve, or no /metrics)."""
+    """A leanserve server's counters from /metrics: `{"total_j", "idle_j", "energy_source",
+    "prefix_queried", "prefix_hits"}`; None for a server without them (not leanserve, or no
+    /metrics)."""
     try:
         text = await _get(client, f"{base}/metrics")
         samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
@@ -287,9 +290,20 @@ async def server_energy(client: aiohttp.ClientSession, base: str) -> dict | None
     if "leanserve_energy_joules_total" not in samples:
         return None
     source = samples.get("leanserve_energy_source_info")
+    queried, hits = samples.get("leanserve_prefix_cache_queries_tokens_total"), \
+        samples.get("leanserve_prefix_cache_hits_tokens_total")
     return {"total_j": samples["leanserve_energy_joules_total"].value,
             "idle_j": samples["leanserve_idle_energy_joules_total"].value,
-            "energy_source": source.labels.get("source", "unknown") if source else "unknown"}
+            "energy_source": source.labels.get("source", "unknown") if source else "unknown",
+            "prefix_queried": queried.value if queried else None, "prefix_hits": hits.value if hits else None}
+
+
+def prefix_hit_rate(before: dict, after: dict) -> float | None:
+    """The share of the level's prompt tokens whose KV the server's prefix cache supplied."""
+    if before.get("prefix_queried") is None or after.get("prefix_queried") is None:
+        return None
+    queried = after["prefix_queried"] - before["prefix_queried"]
+    return (after["prefix_hits"] - before["prefix_hits"]) / queried if queried > 0 else 0.0
 
 
 def pid_meter(args) -> ProcessesMeter | None:
@@ -327,6 +341,12 @@ async def measured_level(client: aiohttp.ClientSession, base: str, url: str, bod
     after = await server_energy(client, base) if before else None
     if after:
         energy["server"] = report.server_energy(before, after, tokens)
+        level["prefix_cache_hit_rate"] = rate = prefix_hit_rate(before, after)
+        if rate and rate > 0.05 and not args.shared_prefix_len:
+            # Same arguments, same prompts: a rerun against a warm server measures cached prompts.
+            print(f"bench serve: note: the server's prefix cache supplied {rate:.0%} of this level's prompt "
+                  "tokens (the prompts repeat an earlier run's; pass another --seed for fresh ones)",
+                  file=sys.stderr)
     return records, duration, (dict(energy, output_tokens=tokens) if energy else None)
 
 
