@@ -278,7 +278,7 @@ async def _get(client: aiohttp.ClientSession, url: str) -> str:
         return await response.text()
 
 
-async def server_energy(client: aiohttp.ClientSession, base: str) -> dict | None:
+async def server_counters(client: aiohttp.ClientSession, base: str) -> dict | None:
     """A leanserve server's counters from /metrics: `{"total_j", "idle_j", "energy_source",
     "prefix_queried", "prefix_hits"}`; None for a server without them (not leanserve, or no
     /metrics)."""
@@ -323,7 +323,7 @@ async def _sample_memory(meter: ProcessesMeter, every: float = 1.0) -> None:
 async def measured_level(client: aiohttp.ClientSession, base: str, url: str, bodies: list[dict], args, level: dict,
                          seed: int, server: bool) -> tuple[list[RequestRecord], float, dict | None]:
     """`run_level` with the server's energy counters (`server`) and the pid meter read around it."""
-    before = await server_energy(client, base) if server else None
+    before = await server_counters(client, base) if server else None
     meter = pid_meter(args)
     sampler = asyncio.create_task(_sample_memory(meter)) if meter else None
     try:
@@ -338,7 +338,7 @@ async def measured_level(client: aiohttp.ClientSession, base: str, url: str, bod
         energy["pid"] = report.pid_energy(meter.read_joules(), meter.cpu_seconds(), tokens, pids=args.measure_pid,
                                           children=args.measure_children, watts_per_core=meter.watts_per_core,
                                           watts_per_gb=meter.watts_per_gb)
-    after = await server_energy(client, base) if before else None
+    after = await server_counters(client, base) if before else None
     if after:
         energy["server"] = report.server_energy(before, after, tokens)
         level["prefix_cache_hit_rate"] = rate = prefix_hit_rate(before, after)
@@ -403,7 +403,7 @@ async def _run(args, payloads: list) -> dict | None:
             print(f"bench serve: the probe request to {url} failed: status {probe.status}: {probe.error}",
                   file=sys.stderr)
             return None
-        server = await server_energy(client, base) is not None
+        server = await server_counters(client, base) is not None
         levels = []
         loads = [("concurrency", c) for c in args.concurrency] if args.request_rate is None \
             else [("request_rate", r) for r in args.request_rate]
