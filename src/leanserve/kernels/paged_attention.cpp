@@ -582,6 +582,9 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_int8_blocks(const int8_t* 
                                                                    const int8_t* wp, int64_t nb0, int64_t nb1,
                                                                    const Epilogue& epilogue) {
   const TileConfig cfg;
+  // GCC's ldtilecfg builtin is modelled as reading one byte, so dead-store elimination may drop
+  // the rest of the config (it did for a small function's config: LDTILECFG then faulted).
+  asm volatile("" : : "m"(cfg) : "memory");
   _tile_loadconfig(&cfg);
   alignas(64) int32_t c[32 * 32];
   const int64_t kb_n = K / 64, Mp = (M + 15) / 16 * 16;
