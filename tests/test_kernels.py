@@ -162,6 +162,63 @@ def test_packed_linear_matches_plain_linear(rows):
         torch.testing.assert_close(packed(x).float(), linear(x).float(), atol=2e-2, rtol=2e-2)
 
 
+needs_amx_bf16 = pytest.mark.skipif(native() is None or not native().amx_bf16_available(),
+                                    reason="this CPU (or OS) gives no AMX-BF16")
+
+
+@needs_amx_bf16
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 16, 33, 64, 130])
+@pytest.mark.parametrize("n_in,n_out", [(576, 960), (1536, 576), (96, 48)])
+def test_bf16_on_amx_tiles_matches_onednn_and_float(rows, n_in, n_out, bias):
+    """The tile kernel against oneDNN's packed bf16 linear and a float32 product of the same
+    bf16 numbers: both round float32 sums once, so they agree to a bf16 step; column counts
+    that are not a whole pair of tiles (48) and row counts that are not whole tiles (7, 33)
+    take the kernel's edge paths."""
+    torch.manual_seed(rows * n_out)
+    linear = nn.Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, n_in, dtype=torch.bfloat16)
+    tiles, onednn = PackedLinear(linear), PackedLinear(linear, amx=False)
+    assert tiles.amx and not onednn.amx
+    with torch.inference_mode():
+        got, ref = tiles(x), onednn(x)
+        exact = x.float() @ linear.weight.float().t() + (linear.bias.float() if bias else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n_out)
+    # one rounding of (nearly) the same float32 sum: within a bf16 step of the exact value
+    torch.testing.assert_close(got.float(), exact, atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(got.float(), ref.float(), atol=1e-2, rtol=8e-3)
+    assert (got != ref).float().mean() < 0.01
+
+
+@needs_amx_bf16
+def test_bf16_on_amx_tiles_is_batch_invariant():
+    """A row's output is the same bits whether it is alone in the call or among 100 others
+    (oneDNN picks its kernel by the row count, so its rows may change with the batch)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=False).to(torch.bfloat16)
+    tiles = PackedLinear(linear)
+    x = torch.randn(101, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        together = tiles(x)
+        for i in (0, 17, 100):
+            assert torch.equal(tiles(x[i:i + 1]), together[i:i + 1])
+        assert torch.equal(tiles(x[3:40]), together[3:40])
+        assert torch.equal(tiles(x.view(1, 101, 576)), together.view(1, 101, 1536))  # leading dims kept
+
+
+@needs_amx_bf16
+def test_bf16_on_amx_tiles_rejects_what_it_cannot_take():
+    linear = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    tiles = PackedLinear(linear)
+    with pytest.raises(RuntimeError, match="columns"):
+        native().bf16_linear_amx(torch.randn(2, 32, dtype=torch.bfloat16), tiles.packed)
+    with pytest.raises(RuntimeError, match="bf16"):
+        native().bf16_linear_amx(torch.randn(2, 64), tiles.packed)
+    # shapes the tiles cannot cover whole fall back to oneDNN's layout
+    assert not PackedLinear(nn.Linear(48, 32).to(torch.bfloat16)).amx
+    assert not PackedLinear(nn.Linear(64, 24).to(torch.bfloat16)).amx
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize("dtype,quantization,kv", [("float32", None, "auto"), ("bfloat16", None, "auto"),
                                                    ("bfloat16", "int8", "auto"), ("bfloat16", "int4", "auto"),

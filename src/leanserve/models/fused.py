@@ -17,26 +17,25 @@ from .llama import MLP, CausalLM, KVPool
 from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear, W8A8Linear
 
 # LinearKind in paged_attention.cpp
-DENSE, PACKED, INT8, INT4, W8A8, W8A8_AMX = range(6)
+DENSE, PACKED, INT8, INT4, W8A8, W8A8_AMX, BF16_AMX = range(7)
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
-    """(kind, weight, extra, bias, group, max_rows, dense, dense_packed) for the native plan,
+    """(kind, weight, extra, bias, group, max_rows, dense, dense_kind) for the native plan,
     None if it cannot run `m` (LinearSpec in paged_attention.cpp)."""
     if type(m) is nn.Linear:
-        return DENSE, m.weight, None, m.bias, 0, 0, None, False
+        return DENSE, m.weight, None, m.bias, 0, 0, None, DENSE
     if type(m) is PackedLinear:
-        return PACKED, m.packed, None, m.bias, 0, 0, None, False
+        return BF16_AMX if m.amx else PACKED, m.packed, None, m.bias, 0, 0, None, DENSE
     if type(m) is Int8Linear:
-        return INT8, m.weight, m.scales, m.bias, 0, 0, None, False
+        return INT8, m.weight, m.scales, m.bias, 0, 0, None, DENSE
     if type(m) is Int4Linear:
-        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, False
+        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, DENSE
     if type(m) is W8A8Linear:
-        return W8A8_AMX if m.amx else W8A8, m.packed, m.scales, m.bias, 0, 0, None, False
+        return W8A8_AMX if m.amx else W8A8, m.packed, m.scales, m.bias, 0, 0, None, DENSE
     if type(m) is AutoLinear:
-        small = linear_spec(m.small)
-        packed = type(m.dense) is PackedLinear
-        return *small[:5], m.max_rows, m.dense.packed if packed else m.dense.weight, packed
+        small, dense = linear_spec(m.small), linear_spec(m.dense)
+        return *small[:5], m.max_rows, dense[1], dense[0]
     return None
 
 
