@@ -212,6 +212,7 @@ def test_quantized_model_logits_are_close_to_the_float_models(monkeypatch, arch,
     ref = all_logits(tiny_model(arch, torch.float32), ids)
     model = tiny_model(arch)
     monkeypatch.setitem(quant.MAX_ROWS, Int4Linear, 1000)
+    monkeypatch.setitem(quant.MAX_ROWS_AMX, Int4Linear, 1000)
     quantize_model(model, method)
     out = all_logits(model, ids)
     assert relative_error(out, ref) < max_error

@@ -33,6 +33,11 @@ AUTO_MAX_ROWS = 4
 # int4 kernel vs bf16 (ms): 1 row 8.3 / 16.7, 4 rows 12.3 / 17.6, 6 rows 17.8 / 18.5, 8 rows
 # 19.9 / 19.2, 16 rows 33.4 / 22.4.
 INT4_MAX_ROWS = 6
+# The same two when the bf16 weights run on the AMX-BF16 tiles (PackedLinear.amx): a decode
+# step's projections plus lm_head, int8 / int4 / bf16 tiles (ms): 1 row 10.8 / 7.6 / 10.8,
+# 4 rows 14.0 / 10.0 / 10.8, 6 rows 21.9 / 15.4 / 11.0. int8 only ties at one row; int4
+# pays up to 4.
+AMX_AUTO_MAX_ROWS, AMX_INT4_MAX_ROWS = 1, 4
 
 
 class Int8Linear(nn.Module):
@@ -158,15 +163,17 @@ class W8A8Linear(nn.Module):
 _ONE, _ZERO = torch.ones(1), torch.zeros(1, dtype=torch.int64)
 
 MAX_ROWS = {Int8Linear: AUTO_MAX_ROWS, Int4Linear: INT4_MAX_ROWS}
+MAX_ROWS_AMX = {Int8Linear: AMX_AUTO_MAX_ROWS, Int4Linear: AMX_INT4_MAX_ROWS}
 
 
 class AutoLinear(nn.Module):
     """A weight-only kernel (`small`: int8 or int4) for calls of up to `max_rows` rows, the
-    dense bf16 matmul above (oneDNN-packed when the CPU has bf16 support, see PackedLinear).
+    dense bf16 matmul above (PackedLinear: the AMX tiles or oneDNN); the row limit depends on
+    which of the two the dense weights use.
 
     Costs the quantized copy on top of the dense weights. Which kernel a row goes through
-    then depends on how many rows share its call, and the dense matmul is not batch-invariant,
-    so a sequence's greedy tokens can depend on what it was batched with.
+    then depends on how many rows share its call, so a sequence's greedy tokens can depend
+    on what it was batched with.
     """
 
     def __init__(self, linear: nn.Linear, max_rows: int | None = None, small: type = Int8Linear):
@@ -174,7 +181,8 @@ class AutoLinear(nn.Module):
         self.small = small(linear)
         # shares the embedding's tensor when the lm_head is tied (unless packed: a copy)
         self.dense = PackedLinear(linear) if PackedLinear.available(linear.weight.dtype) else linear
-        self.max_rows = MAX_ROWS[small] if max_rows is None else max_rows
+        table = MAX_ROWS_AMX if getattr(self.dense, "amx", False) else MAX_ROWS
+        self.max_rows = table[small] if max_rows is None else max_rows
 
     def forward(self, x):
         if x.numel() <= self.max_rows * x.shape[-1]:
