@@ -228,8 +228,9 @@ def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtyp
     """Steps run every layer in one native call (models/fused.py); the module path runs the
     same kernels one by one. Six sequences and a 24-token step budget, so steps mix decodes
     with prefill chunks that start fresh or continue over cached blocks, and `auto` takes
-    both of its kernels (int8 up to 1 row beside the AMX tiles, 4 beside oneDNN; dense above). No prefix cache: the second run
-    would start from the first run's cached blocks, another path."""
+    both of its kernels (int8 up to 1 row beside the AMX tiles, 4 beside oneDNN; dense
+    above). No prefix cache: the second run would start from the first run's cached blocks,
+    another path."""
     from leanserve import LLM, SamplingParams
 
     assert native() is not None, "the native kernels must build on this machine (g++ and ninja)"
