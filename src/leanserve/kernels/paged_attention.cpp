@@ -601,7 +601,7 @@ struct alignas(64) TileConfig {  // palette 1: every tile 16 rows of 64 bytes
 // time, so a row's result does not depend on the other rows of the call. Each block's
 // epilogue runs after the next block's tile instructions are issued, on the other of two
 // buffers, so it overlaps the tile unit's work (and never reads what a tile store just
-// wrote): 10% less time at 512 rows, 3% at 64.
+// wrote): bf16 6.5% less time at 512 rows, 2.4% at 64; int8 level to 3% less.
 template <typename T, typename Epilogue>
 __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_blocks(const T* x, int64_t M, int64_t K,
                                                                       const T* wp, int64_t nb0, int64_t nb1,
@@ -658,6 +658,16 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_blocks(const T* x
   _tile_release();
 }
 
+// The whole product over the threads: column blocks go to them in pairs (two C tiles wide),
+// each thread a contiguous run, so each streams its part of the weight in one pass (taking
+// the next pairs from a shared counter instead was 4-17% slower).
+template <typename T, typename Epilogue>
+void amx_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue) {
+  at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    amx_blocks(x, M, K, wp, 2 * begin, std::min(2 * end, N / 16), epilogue);
+  });
+}
+
 }  // namespace
 #endif
 
@@ -699,10 +709,7 @@ torch::Tensor w8a8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
         rescale_row(acc, sp[m0 + i], bp ? bp + n0 : nullptr, op_ + (m0 + i) * N + n0, cols);
       }
     };
-    const int64_t pairs = (N / 16 + 1) / 2;  // column blocks go to threads in pairs (two C tiles wide)
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-      amx_blocks(qp, M, K, wp, 2 * begin, std::min(2 * end, N / 16), epilogue);
-    });
+    amx_product(qp, M, K, wp, N, epilogue);
   });
 #endif
   auto shape = x.sizes().vec();
@@ -770,10 +777,7 @@ torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
       }
     }
   };
-  const int64_t pairs = (N / 16 + 1) / 2;  // column blocks go to threads in pairs (two C tiles wide)
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    amx_blocks(xp, M, K, wp, 2 * begin, std::min(2 * end, N / 16), epilogue);
-  });
+  amx_product(xp, M, K, wp, N, epilogue);
 #endif
   auto shape = x.sizes().vec();
   shape.back() = N;

@@ -40,6 +40,17 @@ INT4_MAX_ROWS = 6
 AMX_AUTO_MAX_ROWS, AMX_INT4_MAX_ROWS = 1, 4
 
 
+def pack_for_tiles(w: torch.Tensor) -> torch.Tensor:
+    """An [n, k] weight (int8 or bf16) in the AMX B-tile layout the native kernels read:
+    [n / 16, k / g, 16, g] with g the inputs of one 64-byte tile row (64 int8, 32 bf16); tile
+    row r holds, for each of 16 output columns, the 4 (int8) or 2 (bf16) consecutive inputs
+    that one tile instruction multiplies together."""
+    n, k = w.shape
+    pair = 4 // w.element_size()  # inputs per 32-bit lane
+    g = 16 * pair
+    return w.reshape(n // 16, 16, k // g, 16, pair).permute(0, 2, 3, 1, 4).reshape(n // 16, k // g, 16, g).contiguous()
+
+
 class Int8Linear(nn.Module):
     """int8 weights with one scale per output channel (symmetric: scale = absmax / 127).
 
@@ -129,9 +140,7 @@ class W8A8Linear(nn.Module):
         kernels = native()
         n, k = q.shape
         self.amx = amx and kernels is not None and kernels.amx_int8_available() and n % 16 == 0 and k % 64 == 0
-        # AMX: [n / 16, k / 64, 16, 64], tile row r holding inputs 4r..4r+3 of 16 output columns
-        packed = q.view(n // 16, 16, k // 64, 16, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 64, 16, 64) \
-            if self.amx else torch.ops.onednn.qlinear_prepack(q, None)
+        packed = pack_for_tiles(q) if self.amx else torch.ops.onednn.qlinear_prepack(q, None)
         self.register_buffer("packed", packed.contiguous())
         self.register_buffer("scales", scales)  # float32, as oneDNN wants
         self.register_buffer("zero_points", torch.zeros(w.shape[0], dtype=torch.int64))
@@ -215,9 +224,7 @@ class PackedLinear(nn.Module):
         kernels = native()
         self.amx = amx and w.dtype == torch.bfloat16 and kernels is not None and kernels.amx_bf16_available() \
             and n % 16 == 0 and k % 32 == 0
-        # AMX: [n / 16, k / 32, 16, 32], tile row r holding inputs 2r, 2r + 1 of 16 output columns
-        packed = w.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 16, 32) \
-            if self.amx else torch.ops.mkldnn._reorder_linear_weight(w, None)
+        packed = pack_for_tiles(w) if self.amx else torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.register_buffer("packed", packed.contiguous())
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
