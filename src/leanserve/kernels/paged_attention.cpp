@@ -623,6 +623,15 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_blocks(const T* x
     const bool two_n = nb + 1 < nb1;
     const char* b0 = reinterpret_cast<const char*>(wp) + nb * kb_n * 1024;
     const char* b1 = b0 + kb_n * 1024;
+    // The next pair's weights, asked into L2 a few lines per k-step over this pair's whole
+    // row sweep. The hardware prefetcher does not do it: it stops at each 4 KB page, and
+    // while the rows run the loop only re-reads this pair. SmolLM2's projections, 30 layers,
+    // 2 threads (us per layer): 350 -> 305 at 64 rows, 513 -> 462 at 128, 1480 -> 1400 at
+    // 512. Into L1 (T0) instead: level; front-loaded or two pairs ahead: slower.
+    const char* pf = b0 + (two_n ? 2 : 1) * kb_n * 1024;
+    const char* pf_end = nb + 2 < nb1 ? pf + std::min<int64_t>(2, nb1 - nb - 2) * kb_n * 1024 : pf;
+    const int64_t steps = (Mp + 31) / 32 * kb_n;
+    const int64_t per_step = ((pf_end - pf) / 64 + steps - 1) / steps;
     for (int64_t m = 0; m < Mp; m += 32) {
       const bool two_m = m + 16 < Mp;
       _tile_zero(0);
@@ -630,6 +639,7 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void amx_blocks(const T* x
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t kb = 0; kb < kb_n; ++kb) {
+        for (int64_t j = 0; j < per_step && pf < pf_end; ++j, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
         _tile_loadd(4, xb + m * xs + kb * 64, xs);
         _tile_loadd(6, b0 + kb * 1024, 64);
         if constexpr (kInt8) _tile_dpbssd(0, 4, 6); else _tile_dpbf16ps(0, 4, 6);
