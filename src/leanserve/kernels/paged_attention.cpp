@@ -399,32 +399,47 @@ inline float quantize_row<c10::BFloat16>(const c10::BFloat16* x, float* buf, int
 // One step's new keys (or values) into their cache slots. rows: [T, Hkv * D] (a view into
 // the qkv rows is fine); cache: [blocks, block_size, Hkv, D]. An int8 cache takes each
 // (token, kv head) row quantized by quantize_row, its scale into `scales` ([blocks, block_size, Hkv]).
-void write_kv(const torch::Tensor& rows, const torch::Tensor& slots, torch::Tensor cache,
-              std::optional<torch::Tensor> scales) {
+// check_kv checks the arguments once; write_kv_rows writes tokens [begin, end), so a caller
+// already running in parallel over the tokens (rope_write_kv_) can write its own.
+void check_kv(const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& cache,
+              const std::optional<torch::Tensor>& scales) {
   TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1 && cache.is_contiguous(), "bad kv rows or cache");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == rows.size(0), "bad slots");
-  const int64_t T = rows.size(0), width = rows.size(1), Hkv = cache.size(2), D = cache.size(3);
-  TORCH_CHECK(width == Hkv * D, "rows do not match the cache");
-  const int64_t* sl = slots.data_ptr<int64_t>();
+  TORCH_CHECK(rows.size(1) == cache.size(2) * cache.size(3), "rows do not match the cache");
   if (cache.scalar_type() != at::kChar) {
     TORCH_CHECK(cache.scalar_type() == rows.scalar_type(), "cache and rows differ in dtype");
-    const int64_t bytes = width * rows.element_size();
-    const char* src = static_cast<const char*>(rows.data_ptr());
-    char* dst = static_cast<char*>(cache.data_ptr());
-    for (int64_t t = 0; t < T; ++t) std::memcpy(dst + sl[t] * bytes, src + t * rows.stride(0) * rows.element_size(), bytes);
     return;
   }
   TORCH_CHECK(scales && scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
-                  scales->numel() == cache.numel() / D, "an int8 cache needs float32 scales");
+                  scales->numel() == cache.numel() / cache.size(3), "an int8 cache needs float32 scales");
+}
+
+void write_kv_rows(const torch::Tensor& rows, const int64_t* sl, torch::Tensor& cache,
+                   const std::optional<torch::Tensor>& scales, int64_t begin, int64_t end) {
+  const int64_t width = rows.size(1), Hkv = cache.size(2), D = cache.size(3);
+  if (cache.scalar_type() != at::kChar) {
+    const int64_t bytes = width * rows.element_size();
+    const char* src = static_cast<const char*>(rows.data_ptr());
+    char* dst = static_cast<char*>(cache.data_ptr());
+    for (int64_t t = begin; t < end; ++t)
+      std::memcpy(dst + sl[t] * bytes, src + t * rows.stride(0) * rows.element_size(), bytes);
+    return;
+  }
   int8_t* dst = cache.data_ptr<int8_t>();
   float* sc = scales->data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "write_kv", [&] {
     const scalar_t* src = rows.data_ptr<scalar_t>();
     std::vector<float> x(D);
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = begin; t < end; ++t)
       for (int64_t h = 0; h < Hkv; ++h)
         sc[sl[t] * Hkv + h] = quantize_row(src + t * rows.stride(0) + h * D, x.data(), D, dst + (sl[t] * Hkv + h) * D);
   });
+}
+
+void write_kv(const torch::Tensor& rows, const torch::Tensor& slots, torch::Tensor cache,
+              std::optional<torch::Tensor> scales) {
+  check_kv(rows, slots, cache, scales);
+  write_kv_rows(rows, slots.data_ptr<int64_t>(), cache, scales, 0, rows.size(0));
 }
 
 // Rows [0, M) of x [M, K] to int8 as the int8 KV cache's rows are (quantize_row): q [*, K], scales [*].
@@ -827,9 +842,10 @@ void rms_norm_kernel(scalar_t* x, scalar_t* residual, const scalar_t* w, scalar_
   });
 }
 
-template <typename scalar_t>
+// `after(begin, end)` runs on the thread that rotated rows [begin, end), right after.
+template <typename scalar_t, typename After>
 void rope_kernel(scalar_t* qkv, const int64_t* pos, const float* cos, const float* sin, int64_t T, int64_t width,
-                 int64_t heads, int64_t D) {
+                 int64_t heads, int64_t D, const After& after) {
   const int64_t half = D / 2;
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -844,6 +860,7 @@ void rope_kernel(scalar_t* qkv, const int64_t* pos, const float* cos, const floa
         }
       }
     }
+    after(begin, end);
   });
 }
 
@@ -881,8 +898,9 @@ torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, t
 
 // Rotary embedding (half-split layout) in place on the first `heads` heads of each row of
 // qkv ([T, width]): the query and key heads. cos, sin: float32 [max_len, D].
-void rope_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, int64_t heads,
-           int64_t head_dim) {
+template <typename After>
+void rope_with(torch::Tensor& qkv, const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin,
+               int64_t heads, int64_t head_dim, const After& after) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, width] with contiguous rows");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
               cos.size(1) == head_dim, "cos/sin must be float32 [max_len, head_dim]");
@@ -890,7 +908,32 @@ void rope_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch:
   auto pos = positions.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_", [&] {
     rope_kernel<scalar_t>(qkv.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), cos.data_ptr<float>(),
-                          sin.data_ptr<float>(), qkv.size(0), qkv.stride(0), heads, head_dim);
+                          sin.data_ptr<float>(), qkv.size(0), qkv.stride(0), heads, head_dim, after);
+  });
+}
+
+void rope_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+           int64_t head_dim) {
+  rope_with(qkv, positions, cos, sin, heads, head_dim, [](int64_t, int64_t) {});
+}
+
+// rope_ on the query and key heads of qkv ([T, (heads + 2 * kv_heads) * head_dim]), then the
+// rows' keys and values into their cache slots (write_kv), each thread writing the rows it
+// just rotated: the same numbers as rope_ then write_kv twice, in one parallel pass instead
+// of three calls, two of them on one thread. 30 layers, SmolLM2's shapes, 2 threads: 0.46 ->
+// 0.25 ms at 64 rows, 2.18 -> 1.27 ms at 512 (the decode step of 64 sequences is ~34 ms).
+void rope_write_kv_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+                    int64_t kv_heads, int64_t head_dim, torch::Tensor slots, torch::Tensor k_cache,
+                    torch::Tensor v_cache, std::optional<torch::Tensor> k_scale, std::optional<torch::Tensor> v_scale) {
+  const int64_t kv_width = kv_heads * head_dim, q_width = heads * head_dim;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == q_width + 2 * kv_width, "qkv must be [T, (heads + 2 kv_heads) D]");
+  const auto k = qkv.narrow(1, q_width, kv_width), v = qkv.narrow(1, q_width + kv_width, kv_width);
+  check_kv(k, slots, k_cache, k_scale);
+  check_kv(v, slots, v_cache, v_scale);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  rope_with(qkv, positions, cos, sin, heads + kv_heads, head_dim, [&](int64_t begin, int64_t end) {
+    write_kv_rows(k, sl, k_cache, k_scale, begin, end);
+    write_kv_rows(v, sl, v_cache, v_scale, begin, end);
   });
 }
 
@@ -1104,10 +1147,8 @@ class ForwardPlan {
         h = rms_norm(x, residual, L.ln1, eps_);
       }
       at::Tensor qkv = proj(L.qkv, h, 4 * i);
-      rope_(qkv, positions, cos_, sin_, nh_ + nkv_, hd_);
-      // this step's keys and values into their cache slots
-      write_kv(qkv.narrow(1, q_width, kv_width), slots, L.k_cache, L.k_scale);
-      write_kv(qkv.narrow(1, q_width + kv_width, kv_width), slots, L.v_cache, L.v_scale);
+      // rotary embedding, then this step's keys and values into their cache slots
+      rope_write_kv_(qkv, positions, cos_, sin_, nh_, nkv_, hd_, slots, L.k_cache, L.v_cache, L.k_scale, L.v_scale);
       at::Tensor q = qkv.narrow(1, 0, q_width).view({T, nh_, hd_});
       at::Tensor attn;
       if (chunks.empty()) {
@@ -1163,6 +1204,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "a step's keys or values into their cache slots (int8: quantized per row)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding x into a residual in place");
   m.def("rope_", &rope_, "rotary embedding in place on the query and key heads of qkv rows");
+  m.def("rope_write_kv_", &rope_write_kv_, "rope_, then the rows' keys and values into their cache slots");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("first_argmax", &first_argmax, "index of each row's first maximum");
   m.def("gather_dequant", &gather_dequant, "whole blocks of an int8 cache, dequantized");
