@@ -249,6 +249,59 @@ def test_fused_plan_matches_the_module_path(monkeypatch, tiny_models, arch, dtyp
     assert runs[0] == runs[1]  # bitwise: the same kernels on the same inputs
 
 
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_equal_fresh_prefill_chunks_share_one_attention_call_with_the_same_numbers(monkeypatch, use_native, dtype):
+    """Adjacent prompts of one length, each starting fresh, are one SDPA batch
+    (AttnBatch.prefill_chunks); each prompt's rows come out bit for bit as when it is the
+    step's only chunk. A chunk of another length, or one over cached blocks, stays apart."""
+    if not use_native:
+        monkeypatch.setattr(llama, "native", lambda: None)
+    torch.manual_seed(0)
+    H, Hkv, D, bs, n = 9, 3, 64, 16, 24
+    q, k, v = torch.randn(4 * n, H, D, dtype=dtype), torch.randn(4 * n, Hkv, D, dtype=dtype), torch.randn(4 * n, Hkv, D, dtype=dtype)
+    # three fresh 24-token prompts, then a 10-token one, each from block 8 * i of the pool
+    meta = [[0, n, 0], [n, n, 0], [2 * n, n, 0], [3 * n, 10, 0]]
+    slots = torch.cat([torch.arange(10 if i == 3 else n) + 8 * bs * i for i in range(4)])
+    rows = 3 * n + 10
+    positions = torch.cat([torch.arange(n)] * 3 + [torch.arange(10)])
+    none = torch.zeros(0, dtype=torch.long)
+
+    def attend(sl, qq, kk, vv, pos, mt):
+        cache = llama.LayerCache(torch.zeros(40, bs, Hkv, D, dtype=dtype), torch.zeros(40, bs, Hkv, D, dtype=dtype))
+        batch = llama.AttnBatch(sl, none.view(0, 1), none, torch.tensor(mt), none)
+        out = llama.paged_attention(qq, kk, vv, cache, pos, batch, 0)
+        return out, batch.chunks
+
+    together, chunks = attend(slots, q[:rows], k[:rows], v[:rows], positions, meta)
+    assert [(c[0], c[1], c[4]) for c in chunks] == [(0, n, 3), (3 * n, 10, 1)]
+    for i, (start, length, _) in enumerate(meta):
+        alone, _ = attend(slots[start:start + length], q[start:start + length], k[start:start + length],
+                          v[start:start + length], positions[start:start + length], [[0, length, 0]])
+        assert torch.equal(alone, together[start:start + length])
+
+
+def test_the_fused_plan_batches_equal_prompts_as_the_module_path_does(monkeypatch, tiny_models):
+    """Four prompts of one length arrive together: their prefill chunks are one attention
+    call in the plan and in the module path, with the same numbers."""
+    from leanserve import LLM, SamplingParams
+
+    prompts = [[5 + i, 6, 7, 8, 9, 10, 11, 12, 13, 14] for i in range(4)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3)
+    llm = LLM(str(tiny_models["llama"]), dtype="bfloat16", num_kv_blocks=64, prefix_caching=False)
+    counts = []
+    chunks_of = llama.AttnBatch.prefill_chunks
+    monkeypatch.setattr(llama.AttnBatch, "prefill_chunks",
+                        lambda self, *a: counts.append([c[4] for c in chunks_of(self, *a)]) or self.chunks)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(llama.CausalLM, "fused", fused)
+        outs = llm.generate(prompts, params)
+        runs.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs])
+    assert [4] in counts
+    assert runs[0] == runs[1]
+
+
 def test_the_cli_passes_the_kv_cache_dtype_and_the_engine_checks_it():
     from leanserve import EngineConfig, cli
     from leanserve.engine.engine import LLMEngine

@@ -1075,6 +1075,7 @@ struct Chunk {
   int64_t start, length;
   std::optional<at::Tensor> blocks;  // context blocks to attend over, else the chunk's own keys
   std::optional<at::Tensor> mask;    // additive mask; none: plain causal
+  int64_t count;                     // chunks of `length` rows from `start`, one SDPA batch
 };
 
 struct LayerSpec {
@@ -1108,7 +1109,8 @@ class ForwardPlan {
   }
 
   // x: [T, hidden] embeddings of the step's tokens: B decodes first, then prefill chunks,
-  // each (start row, length, context blocks or None, additive mask or None: causal alone).
+  // each (start row, length, context blocks or None, additive mask or None: causal alone,
+  // count: that many chunks of `length` rows, batched; AttnBatch.prefill_chunks).
   // Returns (x, residual) after the last layer, as the module path does (the final norm and
   // the lm_head stay in Python).
   // lora_fn, lora_step: 0, or a LoRA step's entry (engine/lora.py native_hook), called after each
@@ -1130,7 +1132,7 @@ class ForwardPlan {
       for (auto item : chunk_list) {
         auto t = item.cast<py::tuple>();
         chunks.push_back({t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<std::optional<at::Tensor>>(),
-                          t[3].cast<std::optional<at::Tensor>>()});
+                          t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>()});
       }
     }
     c10::InferenceMode guard;
@@ -1160,19 +1162,20 @@ class ForwardPlan {
                                                                  seq_lens, window_, scale, L.k_scale, L.v_scale));
         at::Tensor k = qkv.narrow(1, q_width, kv_width).view({T, nkv_, hd_});
         at::Tensor v = qkv.narrow(1, q_width + kv_width, kv_width).view({T, nkv_, hd_});
-        for (const Chunk& c : chunks) {
+        for (const Chunk& c : chunks) {  // as the module path (llama.py paged_attention)
+          const int64_t rows = c.count * c.length;
           at::Tensor ks, vs;
           if (c.blocks) {
             ks = L.gather(L.k_cache, L.k_scale, *c.blocks, qkv.scalar_type());
             vs = L.gather(L.v_cache, L.v_scale, *c.blocks, qkv.scalar_type());
           } else {
-            ks = k.narrow(0, c.start, c.length);
-            vs = v.narrow(0, c.start, c.length);
+            ks = k.narrow(0, c.start, rows);
+            vs = v.narrow(0, c.start, rows);
           }
-          at::Tensor o = at::scaled_dot_product_attention(
-              q.narrow(0, c.start, c.length).transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
-              vs.transpose(0, 1).unsqueeze(0), c.mask, 0.0, !c.mask.has_value(), std::nullopt, true);
-          attn.narrow(0, c.start, c.length).copy_(o[0].transpose(0, 1));
+          auto batch = [&](const at::Tensor& t) { return t.unflatten(0, {c.count, -1}).transpose(1, 2); };
+          at::Tensor o = at::scaled_dot_product_attention(batch(q.narrow(0, c.start, rows)), batch(ks), batch(vs),
+                                                          c.mask, 0.0, !c.mask.has_value(), std::nullopt, true);
+          attn.narrow(0, c.start, rows).copy_(o.transpose(1, 2).flatten(0, 1));
         }
       }
       h = rms_norm(proj(L.o, attn.view({T, q_width}), 4 * i + 1), residual, L.ln2, eps_);

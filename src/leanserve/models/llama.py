@@ -135,10 +135,15 @@ class AttnBatch:
         return cls(torch.arange(n), none.view(0, 1), none, torch.tensor([[0, n, 0]]), none)
 
     def prefill_chunks(self, positions: torch.Tensor, block_size: int, window: int, dtype: torch.dtype) -> list:
-        """Each prefill chunk as attention takes it: (start row, length, context blocks or None,
-        additive mask [1, 1, length, keys] or None for plain causal). Built at the first layer
-        and reused by the others (rebuilding the masks per layer, and SDPA converting bool
-        masks, were ~8% of a cached-prefix prefill); the native plan takes the same list."""
+        """The prefill chunks as attention takes them: (start row, length, context blocks or
+        None, additive mask [1, 1, length, keys] or None for plain causal, count). Adjacent
+        fresh chunks of one length (plain causal over their own keys) are one entry of
+        `count` chunks, rows [start, start + count * length): one SDPA call takes them as a
+        batch, with the same numbers as one call each (SDPA's rows do not depend on the
+        batch): 0.68x the time for four 128-token chunks, and a prefill of 64 such prompts
+        went from 156 to 147 µs per token. Built at the first layer and reused by the others
+        (rebuilding the masks per layer, and SDPA converting bool masks, were ~8% of a
+        cached-prefix prefill); the native plan takes the same list."""
         if self.chunks is None:
             self.chunks, offset = [], 0
             for start, length, ctx in self.prefill_meta.tolist():
@@ -150,7 +155,12 @@ class AttnBatch:
                     k_pos = torch.arange(ctx * block_size) if ctx else positions[start:start + length]
                     mask = torch.zeros(length, len(k_pos), dtype=dtype)
                     mask = mask.masked_fill_(~visible(q_pos, k_pos[None, :], window), float("-inf"))[None, None]
-                self.chunks.append((start, length, blocks, mask))
+                last = self.chunks[-1] if self.chunks else None
+                if (mask is None and last is not None and last[3] is None and last[2] is None and last[1] == length
+                        and last[0] + last[4] * length == start):
+                    self.chunks[-1] = (*last[:4], last[4] + 1)
+                else:
+                    self.chunks.append((start, length, blocks, mask, 1))
         return self.chunks
 
     def decode_visible(self, block_size: int, window: int) -> torch.Tensor:
@@ -234,16 +244,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         vd = vd.view(B, -1, nkv, hd).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_visible(bs, window), enable_gqa=True)
         out[:B] = o.squeeze(2)
-    for start, length, blocks, mask in batch.prefill_chunks(positions, bs, window, q.dtype):
-        rows = slice(start, start + length)
+    for start, length, blocks, mask, count in batch.prefill_chunks(positions, bs, window, q.dtype):
+        rows = slice(start, start + count * length)
         if blocks is None:
             ks, vs = k[rows], v[rows]
         else:
             ks, vs = cache.gather(blocks, q.dtype)
         o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
-            vs.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        out[rows] = o[0].transpose(0, 1)
+            q[rows].unflatten(0, (count, -1)).transpose(1, 2), ks.unflatten(0, (count, -1)).transpose(1, 2),
+            vs.unflatten(0, (count, -1)).transpose(1, 2), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        out[rows] = o.transpose(1, 2).flatten(0, 1)
     return out
 
 
