@@ -219,6 +219,36 @@ def test_bf16_on_amx_tiles_rejects_what_it_cannot_take():
     assert not PackedLinear(nn.Linear(64, 24).to(torch.bfloat16)).amx
 
 
+@needs_amx_bf16
+@pytest.mark.parametrize("rows", [1, 37, 64])
+def test_gate_up_on_the_tiles_gives_its_output_and_its_swiglu_in_the_epilogue(rows):
+    """A gate_up weight packed with gate and up blocks interleaved (PackedLinear(swiglu=True))
+    returns the plain packing's output bit for bit, and the kernel's SwiGLU epilogue gives
+    silu_mul of that output bit for bit, close to float32 silu(gate) * up."""
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 3072, bias=False).to(torch.bfloat16)
+    plain, interleaved = PackedLinear(linear), PackedLinear(linear, swiglu=True)
+    assert interleaved.swiglu and not plain.swiglu
+    x = torch.randn(rows, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        gate_up = plain(x)
+        assert torch.equal(interleaved(x), gate_up)
+        act = native().bf16_linear_amx(x, interleaved.packed, None, 2)
+        assert act.shape == (rows, 1536)
+        assert torch.equal(act, native().silu_mul(gate_up))
+        g, u = gate_up.float().chunk(2, dim=-1)
+        torch.testing.assert_close(act.float(), F.silu(g) * u, atol=2e-2, rtol=1e-2)
+
+
+@needs_amx_bf16
+def test_swiglu_packing_is_only_for_what_it_can_take():
+    assert not PackedLinear(nn.Linear(64, 256).to(torch.bfloat16), swiglu=True).swiglu  # a bias
+    assert not PackedLinear(nn.Linear(64, 48, bias=False).to(torch.bfloat16), swiglu=True).swiglu  # 48 % 32
+    tiles = PackedLinear(nn.Linear(64, 64, bias=False).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="swiglu"):
+        native().bf16_linear_amx(torch.randn(2, 64, dtype=torch.bfloat16), tiles.packed, torch.zeros(64), 2)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize("dtype,quantization,kv", [("float32", None, "auto"), ("bfloat16", None, "auto"),
                                                    ("bfloat16", "int8", "auto"), ("bfloat16", "int4", "auto"),

@@ -65,6 +65,21 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   }
 }
 
+#if defined(__AVX512BF16__)
+extern "C" __m512 _ZGVeN16v_expf(__m512);  // glibc's libmvec expf, 16 lanes (what GCC vectorizes std::exp to)
+
+// 16 bf16 values (in the low bits of 32-bit lanes' top halves) widened to float32.
+inline __m512 widen_bf16(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+// SwiGLU of 16 columns, silu(g) * u from bf16 values, rounded once to bf16 (nearest even):
+// silu_mul and the fused gate_up epilogue (bf16_linear_amx) both run this, so their numbers
+// are the same bits.
+inline __m256i silu_mul16(__m512 g, __m512 u) {
+  const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u));
+}
+#endif
+
 // Caches in int8 carry one float32 scale per (token, kv head): `ks`/`vs` [blocks, block_size,
 // kv_heads], nullptr for caches in the model dtype. A key's dot product, and a value's
 // weight, are multiplied by its scale.
@@ -754,8 +769,13 @@ torch::Tensor w8a8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 
 // y = x @ w^T: x bf16 [..., K], the weight packed by PackedLinear ([N / 16, K / 32, 16, 32]:
 // tile row r holds, for 16 output columns, 2 consecutive inputs each), optional bias.
+// swiglu: 0, a plain weight; else the weight of a gate_up projection packed with its gate
+// and up column blocks interleaved (PackedLinear(swiglu=True): each 32-column tile pair holds
+// gate columns 16j.. and the matching up columns), no bias. 1: the output as usual, [gate |
+// up]; 2: the MLP's activation silu(gate) * up ([M, N / 2], silu_mul's numbers), made in the
+// epilogue from the tiles' sums, so the gate_up output is never written and read back.
 torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packed,
-                              const std::optional<torch::Tensor>& bias) {
+                              const std::optional<torch::Tensor>& bias, int64_t swiglu) {
   TORCH_CHECK(amx_bf16_available(), "AMX-BF16 is not available here");
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == 16 &&
                   packed.size(3) == 32 && packed.is_contiguous(), "packed must be bf16 [N / 16, K / 32, 16, 32]");
@@ -770,7 +790,11 @@ torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
     padded.narrow(0, M, Mp - M).zero_();
     x2 = padded;
   }
-  auto out = torch::empty({M, N}, x.options());
+  TORCH_CHECK(swiglu == 0 || (swiglu <= 2 && !bias && N % 32 == 0), "bad swiglu call");
+#if !defined(__AVX512BF16__)
+  TORCH_CHECK(swiglu == 0, "the SwiGLU epilogue needs AVX512-BF16");
+#endif
+  auto out = torch::empty({M, swiglu == 2 ? N / 2 : N}, x.options());
   std::optional<torch::Tensor> b;
   if (bias) b = bias->to(at::kFloat).contiguous();
 #if defined(__x86_64__) && defined(__AVX512F__)
@@ -779,6 +803,22 @@ torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* op_ = out.data_ptr<at::BFloat16>();
   auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+#if defined(__AVX512BF16__)
+    if (swiglu) {  // a gate block and its up block; their output columns start at n0 / 2
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m256i g = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + i * 32));
+        const __m256i u = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + i * 32 + 16));
+        if (swiglu == 2) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op_ + (m0 + i) * (N / 2) + n0 / 2),
+                              silu_mul16(widen_bf16(g), widen_bf16(u)));
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op_ + (m0 + i) * N + n0 / 2), g);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(op_ + (m0 + i) * N + N / 2 + n0 / 2), u);
+        }
+      }
+      return;
+    }
+#endif
     for (int64_t i = 0; i < rows; ++i) {
       at::BFloat16* o = op_ + (m0 + i) * N + n0;
 #if defined(__AVX512BF16__)
@@ -805,7 +845,7 @@ torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   amx_product(xp, M, K, wp, N, epilogue);
 #endif
   auto shape = x.sizes().vec();
-  shape.back() = N;
+  shape.back() = swiglu == 2 ? N / 2 : N;
   return out.view(shape);
 }
 
@@ -871,7 +911,15 @@ void silu_mul_kernel(const scalar_t* gate_up, scalar_t* out, int64_t rows, int64
       const scalar_t* g = gate_up + r * 2 * n;
       const scalar_t* u = g + n;
       scalar_t* o = out + r * n;
-      for (int64_t j = 0; j < n; ++j) {
+      int64_t j = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        auto ld = [](const scalar_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+        for (; j + 16 <= n; j += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), silu_mul16(widen_bf16(ld(g + j)), widen_bf16(ld(u + j))));
+      }
+#endif
+      for (; j < n; ++j) {
         const float gv = to_f(g[j]);
         o[j] = from_f<scalar_t>(gv / (1.f + std::exp(-gv)) * to_f(u[j]));
       }
@@ -1031,7 +1079,8 @@ torch::Tensor first_argmax(torch::Tensor x) {
 
 namespace {
 
-enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3, kW8A8 = 4, kW8A8Amx = 5, kBf16Amx = 6 };
+enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3, kW8A8 = 4, kW8A8Amx = 5, kBf16Amx = 6,
+                             kBf16AmxSwiglu = 7 };
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -1048,13 +1097,14 @@ struct LinearSpec {
   int64_t group;                      // int4 group size
   int64_t max_rows;                   // with `dense`: calls of more rows take the dense weight
   std::optional<at::Tensor> dense;    // the bf16 weight, for many rows
-  int64_t dense_kind;                 // how `dense` is stored: kDense, kPacked or kBf16Amx
+  int64_t dense_kind;                 // how `dense` is stored: kDense, kPacked, kBf16Amx(Swiglu)
   std::optional<at::Tensor> zero_points;  // W8A8: the weights' (zero) zero points, int64
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (dense && x.size(0) > max_rows) {
       if (dense_kind == kPacked) return packed_linear(x, *dense, bias);
-      if (dense_kind == kBf16Amx) return bf16_linear_amx(x, *dense, bias);
+      if (dense_kind == kBf16Amx || dense_kind == kBf16AmxSwiglu)
+        return bf16_linear_amx(x, *dense, bias, dense_kind == kBf16AmxSwiglu);
       return at::linear(x, *dense, bias);
     }
     at::Tensor y;
@@ -1062,7 +1112,8 @@ struct LinearSpec {
       case kPacked: return packed_linear(x, w, bias);
       case kW8A8: return w8a8_linear(x, w, *extra, *zero_points, bias);
       case kW8A8Amx: return w8a8_linear_amx(x, w, *extra, bias);
-      case kBf16Amx: return bf16_linear_amx(x, w, bias);
+      case kBf16Amx: return bf16_linear_amx(x, w, bias, 0);
+      case kBf16AmxSwiglu: return bf16_linear_amx(x, w, bias, 1);
       case kInt8: y = at::_weight_int8pack_mm(x, w, *extra); break;
       case kInt4: y = at::_weight_int4pack_mm_for_cpu(x, w, group, *extra); break;
       default: return at::linear(x, w, bias);
@@ -1179,7 +1230,9 @@ class ForwardPlan {
         }
       }
       h = rms_norm(proj(L.o, attn.view({T, q_width}), 4 * i + 1), residual, L.ln2, eps_);
-      x = proj(L.down, silu_mul(proj(L.gate_up, h, 4 * i + 2)), 4 * i + 3);
+      const bool swiglu = L.gate_up.kind == kBf16AmxSwiglu && !L.gate_up.dense && !lora;  // fused epilogue
+      x = proj(L.down, swiglu ? bf16_linear_amx(h, L.gate_up.w, std::nullopt, 2) : silu_mul(proj(L.gate_up, h, 4 * i + 2)),
+               4 * i + 3);
     }
     return {x, residual};
   }
@@ -1217,7 +1270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("bias") = py::none());
   m.def("amx_bf16_available", &amx_bf16_available, "whether bf16_linear_amx can run here");
   m.def("bf16_linear_amx", &bf16_linear_amx, "bf16 on AMX tiles: rows x a weight packed for them",
-        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(), py::arg("swiglu") = 0);
   m.def("w8a8_linear", &w8a8_linear, "int8 activations x int8 weights (oneDNN), rescaled to x's dtype",
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_zero_points"), py::arg("bias") = py::none());
   py::class_<ForwardPlan>(m, "ForwardPlan")

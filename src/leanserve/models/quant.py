@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..kernels import native
-from .llama import CausalLM, SparseMoE, quantize_kv
+from .llama import MLP, CausalLM, SparseMoE, quantize_kv
 
 METHODS = ("int8", "int4", "auto", "w8a8")
 
@@ -216,14 +216,21 @@ class PackedLinear(nn.Module):
     lm_head keeps the embedding's tensor untouched and gets its own packed copy.
     """
 
-    def __init__(self, linear: nn.Linear, amx: bool = True):
-        """amx=False keeps oneDNN's layout even where the tiles could run (tests compare the two)."""
+    def __init__(self, linear: nn.Linear, amx: bool = True, swiglu: bool = False):
+        """amx=False keeps oneDNN's layout even where the tiles could run (tests compare the two).
+        swiglu: `linear` is an MLP's gate_up projection ([gate; up] rows). On the tiles its
+        16-column blocks are then packed gate, up, gate, up..., so that each tile pair's sums
+        hold matching gate and up columns: `forward` still returns [gate | up], and the fused
+        plan asks the kernel for silu(gate) * up directly (kernels' bf16_linear_amx)."""
         super().__init__()
         w = linear.weight.detach()
         n, k = w.shape
         kernels = native()
         self.amx = amx and w.dtype == torch.bfloat16 and kernels is not None and kernels.amx_bf16_available() \
             and n % 16 == 0 and k % 32 == 0
+        self.swiglu = self.amx and swiglu and linear.bias is None and n % 32 == 0
+        if self.swiglu:
+            w = w.view(2, n // 32, 16, k).transpose(0, 1).reshape(n, k)
         packed = pack_for_tiles(w) if self.amx else torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.register_buffer("packed", packed.contiguous())
         self.bias = linear.bias
@@ -236,11 +243,12 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         if self.amx:
-            return native().bf16_linear_amx(x, self.packed, self.bias)
+            return native().bf16_linear_amx(x, self.packed, self.bias, int(self.swiglu))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, amx={self.amx}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, amx={self.amx}"
+                + (", swiglu=True" if self.swiglu else ""))
 
 
 def _quantized(linear: nn.Linear, method: str) -> nn.Module:
@@ -253,11 +261,12 @@ def _quantized(linear: nn.Linear, method: str) -> nn.Module:
 
 
 def _replace_linears(model: CausalLM, make, make_head) -> None:
-    """Replaces, in place, the linear layers of the decoder layers (not Mixtral's router) and the lm_head."""
+    """Replaces, in place, the linear layers of the decoder layers (not Mixtral's router) and
+    the lm_head: make(linear, gate_up), gate_up telling an MLP's gate_up projection."""
     for parent in list(model.layers.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not (isinstance(parent, SparseMoE) and name == "gate"):
-                setattr(parent, name, make(child))
+                setattr(parent, name, make(child, isinstance(parent, MLP) and name == "gate_up_proj"))
     model.lm_head = make_head(model.lm_head)
 
 
@@ -267,7 +276,7 @@ def quantize_model(model: CausalLM, method: str) -> None:
         raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "w8a8" and not W8A8Linear.available():
         raise ValueError("quantization 'w8a8' needs torch's oneDNN int8 kernels, which this torch build lacks")
-    _replace_linears(model, lambda lin: _quantized(lin, method),
+    _replace_linears(model, lambda lin, gate_up: _quantized(lin, method),
                      lambda lin: _quantized(lin, "auto" if method == "int4" else method))
 
 
@@ -276,5 +285,5 @@ def pack_model(model: CausalLM) -> bool:
     """Packs the bf16 linear layers for oneDNN (see PackedLinear); False if this CPU cannot."""
     if not PackedLinear.available(model.embed_tokens.weight.dtype):
         return False
-    _replace_linears(model, PackedLinear, PackedLinear)
+    _replace_linears(model, lambda lin, gate_up: PackedLinear(lin, swiglu=gate_up), PackedLinear)
     return True
