@@ -1226,7 +1226,7 @@ class ForwardPlan {
           auto batch = [&](const at::Tensor& t) { return t.unflatten(0, {c.count, -1}).transpose(1, 2); };
           at::Tensor o = at::scaled_dot_product_attention(batch(q.narrow(0, c.start, rows)), batch(ks), batch(vs),
                                                           c.mask, 0.0, !c.mask.has_value(), std::nullopt, true);
-          attn.narrow(0, c.start, rows).copy_(o.transpose(1, 2).flatten(0, 1));
+          attn.narrow(0, c.start, rows).unflatten(0, {c.count, -1}).copy_(o.transpose(1, 2));  // one strided copy
         }
       }
       h = rms_norm(proj(L.o, attn.view({T, q_width}), 4 * i + 1), residual, L.ln2, eps_);

@@ -253,7 +253,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         o = F.scaled_dot_product_attention(
             q[rows].unflatten(0, (count, -1)).transpose(1, 2), ks.unflatten(0, (count, -1)).transpose(1, 2),
             vs.unflatten(0, (count, -1)).transpose(1, 2), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        out[rows] = o.transpose(1, 2).flatten(0, 1)
+        out[rows].unflatten(0, (count, -1)).copy_(o.transpose(1, 2))  # one strided copy
     return out
 
 
