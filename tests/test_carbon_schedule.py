@@ -58,6 +58,14 @@ def test_mean_is_time_weighted(forecast):
     assert forecast.mean(T0 + 12 * H, 0) == 80
 
 
+def test_the_mean_of_a_short_run_inside_one_hour_is_that_hours_value(forecast):
+    """A run of milliseconds at a unix-time start: the float error of start + seconds - start
+    must not leak into the mean (it made a constant 500 come out as 500.002)."""
+    start = forecast.times[5] + 0.37
+    for seconds in (0.0213, 0.001, 1.5, 1000.0):
+        assert forecast.mean(start, seconds) == forecast.at(start)
+
+
 def test_picks_the_cleanest_hours_in_the_window(forecast):
     assert choose_start(forecast, T0, H, T0 + 24 * H) == T0 + 12 * H  # the single cleanest hour
     # three hours of work: 11-14 (mean 85) beats 12-15 (101.7) and 10-13 (106.7)

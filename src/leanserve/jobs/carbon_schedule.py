@@ -43,7 +43,10 @@ class Forecast:
             nxt = min(self.times[i], end) if i < len(self.times) else end
             total += self.at(t) * (nxt - t)
             t, i = nxt, i + 1
-        return total / seconds
+        # divide by the span the segments cover (end - start), not by `seconds`: at unix-time
+        # magnitudes start + seconds - start is off by up to ~2e-7 s, which for a run of a few
+        # milliseconds made a constant 500 g/kWh average 500.002
+        return total / (end - start)
 
 
 def parse_forecast(text: str, source: str = "forecast") -> Forecast:
