@@ -33,15 +33,26 @@ def chunk_flops(args: ModelArgs, start: int, n: int, sampled: bool) -> float:
       masks a sliding window rather than skipping keys, so every key counts.
     Norms, RoPE, activations and softmax are left out (well under 1%).
     """
-    h, d = args.hidden_size, args.head_dim
-    attn_weights = h * (args.num_heads + 2 * args.num_kv_heads) * d + args.num_heads * d * h
-    mlp_weights = 3 * h * args.intermediate_size
-    if args.num_experts:
-        mlp_weights = h * args.num_experts + args.num_experts_per_tok * mlp_weights
-    weights = args.num_layers * (attn_weights + mlp_weights)
-    keys = n * start + n * (n + 1) // 2  # sum over the new tokens of (position + 1)
-    attention = 4 * args.num_layers * args.num_heads * d * keys
-    return 2 * n * weights + (2 * h * args.vocab_size if sampled else 0) + attention
+    return FlopModel(args)(start, n, sampled)
+
+
+class FlopModel:
+    """`chunk_flops` with the model's constants worked out once: the ledger calls it for
+    every sequence of every step."""
+
+    def __init__(self, args: ModelArgs):
+        h, d = args.hidden_size, args.head_dim
+        attn_weights = h * (args.num_heads + 2 * args.num_kv_heads) * d + args.num_heads * d * h
+        mlp_weights = 3 * h * args.intermediate_size
+        if args.num_experts:
+            mlp_weights = h * args.num_experts + args.num_experts_per_tok * mlp_weights
+        self.per_token = 2 * args.num_layers * (attn_weights + mlp_weights)
+        self.logits = 2 * h * args.vocab_size
+        self.per_key = 4 * args.num_layers * args.num_heads * d
+
+    def __call__(self, start: int, n: int, sampled: bool) -> float:
+        keys = n * start + n * (n + 1) // 2  # sum over the new tokens of (position + 1)
+        return n * self.per_token + (self.logits if sampled else 0) + self.per_key * keys
 
 
 class Work(NamedTuple):
@@ -80,14 +91,26 @@ class Bill:
         return self.step_sequences / self.steps if self.steps else 0.0
 
     def __add__(self, other: Bill) -> Bill:
-        sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
-                if f.name != "energy_source"}
+        sums = {name: getattr(self, name) + getattr(other, name) for name in _SUMMED}
         return Bill(**sums, energy_source=self.energy_source or other.energy_source)
+
+    def add_share(self, step: Bill, share: float, step_sequences: int) -> None:
+        """In place: `share` of one step's bill, as `self + Bill(step * share, 1 step)`
+        would give, without building two Bills per sequence per step."""
+        self.energy_joules += step.energy_joules * share
+        self.carbon_grams += step.carbon_grams * share
+        self.cost_usd += step.cost_usd * share
+        self.active_seconds += step.active_seconds * share
+        self.steps += 1
+        self.step_sequences += step_sequences
 
     def usage(self) -> dict:
         """The fields `usage.leanserve` carries."""
         return {"energy_joules": round(self.energy_joules, 6), "carbon_grams": round(self.carbon_grams, 9),
                 "cost_usd": round(self.cost_usd, 9), "energy_source": self.energy_source}
+
+
+_SUMMED = tuple(f.name for f in fields(Bill) if f.name != "energy_source")
 
 
 class EnergyLedger:
@@ -102,6 +125,7 @@ class EnergyLedger:
                  clock: Callable[[], float] = time.time):
         self.meter = meter
         self.args = model_args
+        self._flops = FlopModel(model_args)
         self.carbon = carbon or CarbonConfig()
         self.clock = clock
         self.source = meter.source
@@ -149,13 +173,14 @@ class EnergyLedger:
                 self._idle += self._charge(joules, seconds, ts)
                 return
             step = self._charge(joules, seconds, ts)
-            flops = [chunk_flops(self.args, w.start, w.new_tokens, w.sampled) for w in work]
-            total = sum(flops)
-            for w, f in zip(work, flops):
-                share = f / total
-                part = Bill(step.energy_joules * share, step.carbon_grams * share, step.cost_usd * share,
-                            step.active_seconds * share, 1, len(work), self.source)
-                self._open[w.request_id] = self._open.get(w.request_id, Bill(energy_source=self.source)) + part
+            flops = self._flops
+            shares = [flops(w.start, w.new_tokens, w.sampled) for w in work]
+            total = sum(shares)
+            for w, f in zip(work, shares):
+                bill = self._open.get(w.request_id)
+                if bill is None:
+                    bill = self._open[w.request_id] = Bill(energy_source=self.source)
+                bill.add_share(step, f / total, len(work))
             self._billed += Bill(step.energy_joules, step.carbon_grams, step.cost_usd, step.active_seconds,
                                 1, len(work), self.source)
 
