@@ -1,4 +1,8 @@
 """The native decode-attention kernel and packed bf16 linears against plain torch."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,11 +30,14 @@ def reference(q, kc, vc, tables, lens, window):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
 @pytest.mark.parametrize("window", [0, 20])
-def test_native_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim, window):
+@pytest.mark.parametrize("bs", [16, 32])
+def test_native_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim, window, bs):
+    """bf16 with head_dim 64 or 128 takes the AMX key pass where the CPU has it (both ways of
+    holding the query tiles: 9/3/64 keeps them, 8/2/128 reloads them), the AVX-512 one elsewhere."""
     kernels = native()
     assert kernels is not None, "the native kernels must build on this machine (g++ and ninja)"
     gen = torch.Generator().manual_seed(heads * head_dim + window)
-    B, bs, nblocks = 6, 16, 50
+    B, nblocks = 6, 50
     kc = torch.randn(nblocks, bs, kv_heads, head_dim, generator=gen).to(dtype)
     vc = torch.randn(nblocks, bs, kv_heads, head_dim, generator=gen).to(dtype)
     q = torch.randn(B, heads, head_dim, generator=gen).to(dtype)
@@ -108,6 +115,33 @@ def test_native_decode_row_does_not_depend_on_its_batch():
     for i in range(8):
         alone = kernels.paged_decode_attention(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], 0, 0.125)
         assert torch.equal(alone, batched[i:i + 1])
+
+
+_AVX512_DECODE = """
+import sys, torch
+from leanserve.kernels import native
+q, kc, vc, tables, lens = torch.load(sys.argv[1])
+torch.save(native().paged_decode_attention(q, kc, vc, tables, lens, 0, 0.125), sys.argv[2])
+"""
+
+
+def test_amx_and_avx512_decode_attention_agree(tmp_path):
+    """The AVX-512 key pass (LEANSERVE_AMX_DECODE=0, read once per process: so in a child)
+    is what CPUs without AMX run; on this machine it would otherwise go untested."""
+    kernels = native()
+    gen = torch.Generator().manual_seed(3)
+    kc = torch.randn(40, 16, 3, 64, generator=gen).to(torch.bfloat16)
+    vc = torch.randn(40, 16, 3, 64, generator=gen).to(torch.bfloat16)
+    q = torch.randn(8, 9, 64, generator=gen).to(torch.bfloat16)
+    tables, lens = torch.randperm(40, generator=gen).view(8, 5), torch.tensor([5, 80, 33, 17, 64, 2, 49, 71])
+    torch.save((q, kc, vc, tables, lens), tmp_path / "in.pt")
+    env = dict(os.environ, LEANSERVE_AMX_DECODE="0")
+    subprocess.run([sys.executable, "-c", _AVX512_DECODE, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=600)
+    avx512 = torch.load(tmp_path / "out.pt")
+    here = kernels.paged_decode_attention(q, kc, vc, tables, lens, 0, 0.125)
+    torch.testing.assert_close(here.float(), avx512.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(avx512.float(), reference(q, kc, vc, tables, lens, 0), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])
