@@ -233,20 +233,29 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const C* kc, const C
       }
       std::fill(ov.begin(), ov.end(), _mm512_setzero_ps());
       prefetch(vc, first / bs);
-      for (int64_t t = first, blk = first / bs, off = first % bs; t < len; ++t) {
-        prefetch_row(vc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
-        const int64_t slot = table[blk] * bs + off;
-        const C* vp = vc + slot * row;
-        if (++off == bs) off = 0, ++blk;
+      // A block at a time, and within it one kv head at a time: that head's G x NV accumulators
+      // then stay in registers (all H x NV of them do not fit; kept in memory, each token's
+      // FMAs waited on store forwarding). The same FMAs in the same order: the same bits.
+      for (int64_t blk = first / bs; blk <= (len - 1) / bs; ++blk) {
+        const int64_t t0 = std::max(first, blk * bs), t1 = std::min(len, (blk + 1) * bs);
+        const int64_t slot0 = table[blk] * bs - blk * bs;  // + t: token t's slot
         for (int64_t kh = 0; kh < Hkv; ++kh) {
-          __m512 vv[NV];
-          for (int v = 0; v < NV; ++v) vv[v] = load16(vp + kh * D + v * 16);
-          const float vscale = kScaled ? vs[slot * Hkv + kh] : 1.f;
-          for (int i = 0; i < G; ++i) {
-            const int64_t h = kh * G + i;
-            const __m512 pv = _mm512_set1_ps(kScaled ? scores[h * n + (t - first)] * vscale : scores[h * n + (t - first)]);
-            for (int v = 0; v < NV; ++v) ov[h * NV + v] = _mm512_fmadd_ps(pv, vv[v], ov[h * NV + v]);
+          __m512 acc[G * NV];
+          for (int j = 0; j < G * NV; ++j) acc[j] = ov[kh * G * NV + j];
+          for (int64_t t = t0; t < t1; ++t) {
+            if (kh == 0) prefetch_row(vc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
+            const int64_t slot = slot0 + t;
+            const C* vp = vc + slot * row + kh * D;
+            __m512 vv[NV];
+            for (int v = 0; v < NV; ++v) vv[v] = load16(vp + v * 16);
+            const float vscale = kScaled ? vs[slot * Hkv + kh] : 1.f;
+            for (int i = 0; i < G; ++i) {
+              const int64_t h = kh * G + i;
+              const __m512 pv = _mm512_set1_ps(kScaled ? scores[h * n + (t - first)] * vscale : scores[h * n + (t - first)]);
+              for (int v = 0; v < NV; ++v) acc[i * NV + v] = _mm512_fmadd_ps(pv, vv[v], acc[i * NV + v]);
+            }
           }
+          for (int j = 0; j < G * NV; ++j) ov[kh * G * NV + j] = acc[j];
         }
       }
       for (int64_t h = 0; h < H; ++h) {
