@@ -105,6 +105,36 @@ def test_bf16_requests_do_not_depend_on_their_batch(builtin_gguf):
     assert len({tuple(t) for t in alone}) == len(CHAT_PROMPTS)  # real, distinct answers
 
 
+def test_greedy_steps_take_their_tokens_from_the_lm_head_kernel(builtin_gguf, monkeypatch):
+    """bf16 on the AMX tiles: when every row of a step is plain greedy, the lm_head's own
+    kernel picks the tokens (no logits written out). The same tokens as the sampler's argmax
+    over the logits; rows with logprobs, penalties or a banned EOS keep the sampler."""
+    from leanserve.kernels import native
+    from leanserve.engine.sampling import Sampler
+    from leanserve.models.quant import PackedLinear
+
+    if native() is None or not native().amx_bf16_available():
+        pytest.skip("the fused lm_head argmax needs the AMX-BF16 tile kernel")
+    llm = LLM(str(builtin_gguf), num_kv_blocks=128, block_size=16, prefix_caching=False)
+    calls = []
+    fused = PackedLinear.argmax
+    monkeypatch.setattr(PackedLinear, "argmax", lambda self, x: calls.append(len(x)) or fused(self, x))
+    params = SamplingParams(max_tokens=16, **GREEDY)
+    prompts = CHAT_PROMPTS[:4]
+    got = [out.token_ids for out in llm.generate(prompts, params)]
+    assert calls and sum(calls) >= 4 * 15  # every step's tokens came from the kernel
+    monkeypatch.setattr(Sampler, "argmax_only", staticmethod(lambda seqs, eos: False))
+    calls.clear()
+    assert [out.token_ids for out in llm.generate(prompts, params)] == got
+    assert not calls
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(PackedLinear, "argmax", lambda self, x: calls.append(len(x)) or fused(self, x))
+    llm.generate(prompts[0], SamplingParams(max_tokens=4, logprobs=2, **GREEDY))
+    llm.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0.0, min_tokens=4))  # EOS banned
+    assert not calls
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=16, **GREEDY),
     SamplingParams(temperature=0.8, seed=123, top_p=0.9, top_k=20, max_tokens=16, ignore_eos=True),

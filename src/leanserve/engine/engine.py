@@ -204,13 +204,16 @@ class LLMEngine:
         for seq, _ in batch:
             if seq.metrics.first_scheduled is None:
                 seq.metrics.first_scheduled = now
-        logits, to_sample = self.runner.execute(batch)
+        out, to_sample, argmax = self.runner.execute(batch, lambda seqs: self.sampler.argmax_only(seqs, self.eos_ids))
         for seq, n in batch:
             seq.num_computed += n
             self.kv.register_full_blocks(seq)
         if not to_sample:
             return outputs
-        tokens, logprobs = self.sampler(logits, to_sample, self.eos_ids)
+        if argmax:  # the model gave the tokens: greedy rows, nothing to apply to the logits
+            tokens, logprobs = out.tolist(), [None] * len(to_sample)
+        else:
+            tokens, logprobs = self.sampler(out, to_sample, self.eos_ids)
         now = time.perf_counter()
         for seq, token, lp in zip(to_sample, tokens, logprobs):
             if seq.metrics.first_token is None:

@@ -14,10 +14,11 @@ class ModelRunner:
         self.pool = pool
         self.block_size = block_size
 
-    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def execute(self, batch: list[tuple[Sequence, int]], greedy=None) -> tuple[torch.Tensor, list[Sequence], bool]:
         """Runs the scheduled tokens. Returns logits [S, vocab] (model dtype) for the S
-        sequences that reached their end in this step (so sample a next token), and those
-        sequences."""
+        sequences that reached their end in this step (so sample a next token), those
+        sequences, and False; or, when `greedy(those sequences)` says their tokens are the
+        argmax of the logits as they come, their tokens [S] (int64) and True."""
         bs = self.block_size
         quantized = self.pool.dtype == torch.int8
         decodes = [(s, n) for s, n in batch if n == 1 and s.num_computed > 0]
@@ -54,6 +55,7 @@ class ModelRunner:
                          prefill_blocks=torch.tensor(ctx_blocks, dtype=torch.long))
         if self.lora is not None:  # which rows run which LoRA adapter (engine/lora.py)
             self.lora.prepare_step(self.model, decodes + others)
-        logits = self.model(torch.tensor(ids), positions, attn, self.pool, torch.tensor(logit_rows, dtype=torch.long),
-                            float_logits=False)
-        return logits, sampled
+        argmax = bool(sampled) and greedy is not None and greedy(sampled)
+        out = self.model(torch.tensor(ids), positions, attn, self.pool, torch.tensor(logit_rows, dtype=torch.long),
+                         float_logits=False, greedy=argmax)
+        return out, sampled, argmax

@@ -38,6 +38,20 @@ class Sampler:
             gen = self.seq_generators[seq.seq_id] = torch.Generator().manual_seed(seq.params.seed)
         return gen
 
+    @staticmethod
+    def argmax_only(seqs: list[Sequence], eos_ids: set[int]) -> bool:
+        """Whether this step's tokens for `seqs` are the first argmax of their logits as the
+        model gives them: every row greedy, no logprobs, no penalties and no token banned
+        (`__call__` would then do exactly that). The model may then pick them itself."""
+        for seq in seqs:
+            p = seq.params
+            if not p.greedy or p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty \
+                    or p.frequency_penalty:
+                return False
+            if seq.num_output < p.min_tokens and (p.stop_token_ids or not p.ignore_eos and eos_ids):
+                return False
+        return True
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]
                  ) -> tuple[list[int], list[Logprob | None]]:
         """logits: [B, vocab], one row per sequence, in the model dtype or float32. Returns

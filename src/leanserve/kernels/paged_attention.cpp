@@ -1063,6 +1063,61 @@ torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   return out.view(shape);
 }
 
+// Greedy decoding's lm_head: each row's first_argmax of x @ w^T rounded to bf16, without
+// writing the logits ([rows, vocab]: 6 MB at 64 rows of SmolLM2) and reading them back. Each
+// thread keeps a running best per row over its columns, which it visits in increasing order
+// (a contiguous run of them, lowest first for thread 0), taking a strictly greater value only:
+// so the first maximum, as first_argmax on the written logits gives.
+torch::Tensor bf16_linear_amx_argmax(const torch::Tensor& x, const torch::Tensor& packed) {
+  TORCH_CHECK(amx_bf16_available(), "AMX-BF16 is not available here");
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == 16 &&
+                  packed.size(3) == 32 && packed.is_contiguous(), "packed must be bf16 [N / 16, K / 32, 16, 32]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, K]");
+  const int64_t K = packed.size(1) * 32, N = packed.size(0) * 16;
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns; the weight takes ", K);
+  auto x2 = x.contiguous();
+  const int64_t M = x2.size(0), Mp = (M + 15) / 16 * 16;
+  if (Mp != M) {  // tile rows past M are read, never used: give them memory (zeros)
+    auto padded = torch::zeros({Mp, K}, x2.options());
+    padded.narrow(0, 0, M).copy_(x2);
+    x2 = padded;
+  }
+  auto out = torch::zeros({M}, x.options().dtype(at::kLong));
+#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BF16__)
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> best(threads * M, -std::numeric_limits<float>::infinity());
+  std::vector<int64_t> where(threads * M, 0);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+    const int64_t t = at::get_thread_num();
+    for (int64_t i = 0; i < rows; ++i) {
+      float& b = best[t * M + m0 + i];
+      int64_t& w = where[t * M + m0 + i];
+      for (int64_t j = 0; j < cols; j += 16) {  // the bf16 value of each sum, widened back
+        const __m512 v = widen_bf16((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + i * 32 + j)));
+        const float m = _mm512_reduce_max_ps(v);
+        if (m > b) {
+          b = m;
+          w = n0 + j + __builtin_ctz(static_cast<unsigned>(_mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ)));
+        }
+      }
+    }
+  };
+  amx_product(xp, M, K, wp, N, epilogue);
+  int64_t* op_ = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r) {
+    float b = best[r];
+    op_[r] = where[r];
+    for (int64_t t = 1; t < threads; ++t)
+      if (best[t * M + r] > b) b = best[t * M + r], op_[r] = where[t * M + r];
+  }
+#else
+  TORCH_CHECK(false, "bf16_linear_amx_argmax needs AVX512-BF16");
+#endif
+  return out;
+}
+
 // ---- Fused elementwise work around the projections ----------------------------------
 // Eager torch spends ~8 small kernel calls on an RMSNorm and ~12 on a rotary embedding,
 // each paying dispatch and a pass over memory; at decode sizes those calls, not the
@@ -1485,6 +1540,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_bf16_available", &amx_bf16_available, "whether bf16_linear_amx can run here");
   m.def("bf16_linear_amx", &bf16_linear_amx, "bf16 on AMX tiles: rows x a weight packed for them",
         py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(), py::arg("swiglu") = 0);
+  m.def("bf16_linear_amx_argmax", &bf16_linear_amx_argmax,
+        "each row's first argmax of bf16_linear_amx(x, packed), without writing the products", py::arg("x"),
+        py::arg("packed"));
   m.def("w8a8_linear", &w8a8_linear, "int8 activations x int8 weights (oneDNN), rescaled to x's dtype",
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_zero_points"), py::arg("bias") = py::none());
   py::class_<ForwardPlan>(m, "ForwardPlan")

@@ -445,16 +445,19 @@ class CausalLM(nn.Module):
         return lora.native_hook() or False
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, batch: AttnBatch, pool: KVPool, logit_rows, float_logits: bool = True):
+    def forward(self, input_ids, positions, batch: AttnBatch, pool: KVPool, logit_rows, float_logits: bool = True,
+                greedy: bool = False):
         """Runs the step's tokens; returns the logits of the rows in `logit_rows` only, in
         float32, or with `float_logits=False` in the model dtype (the engine converts only
-        what sampling needs: at 128 rows the float32 copy alone was ~4 ms of a decode step)."""
+        what sampling needs: at 128 rows the float32 copy alone was ~4 ms of a decode step).
+        `greedy`: those rows' first argmax over the model-dtype logits instead ([rows] int64),
+        from the lm_head's own kernel where it has one (no logits written out)."""
         x = self.embed_tokens(input_ids)
         if (plan := self.plan(pool)) is not None:
             x, residual = plan.run(x, positions, batch.slot_mapping, batch.decode_blocks, batch.decode_lens,
                                    batch.prefill_chunks(positions, pool.k[0].shape[1], self.args.sliding_window or 0,
                                                         x.dtype), *(self._lora_hook() or ()))
-            return self._logits(x, residual, logit_rows, float_logits)
+            return self._logits(x, residual, logit_rows, float_logits, greedy)
         rope = Rope(self.rope_cos, self.rope_sin)
         if native() is None:  # the torch fallback rotates with per-token rows in the model dtype
             rope.cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)
@@ -462,10 +465,19 @@ class CausalLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, positions, batch, pool.layer(i))
-        return self._logits(x, residual, logit_rows, float_logits)
+        return self._logits(x, residual, logit_rows, float_logits, greedy)
 
-    def _logits(self, x, residual, rows, float_logits: bool) -> torch.Tensor:
-        logits = self.lm_head(self.norm(x[rows], residual[rows]))
+    def _logits(self, x, residual, rows, float_logits: bool, greedy: bool = False) -> torch.Tensor:
+        h = self.norm(x[rows], residual[rows])
+        if greedy:
+            fused = getattr(self.lm_head, "argmax", None)
+            tokens = fused(h) if fused is not None else None
+            if tokens is None:
+                from ..engine.sampling import first_argmax
+
+                tokens = first_argmax(self.lm_head(h))
+            return tokens
+        logits = self.lm_head(h)
         return logits.float() if float_logits else logits
 
 

@@ -246,6 +246,13 @@ class PackedLinear(nn.Module):
             return native().bf16_linear_amx(x, self.packed, self.bias, int(self.swiglu))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's first argmax of `forward(x)` ([rows, in] -> [rows] int64) without writing
+        the products out (the lm_head of greedy decoding); None where only `forward` runs."""
+        if not self.amx or self.swiglu or self.bias is not None or x.dim() != 2:
+            return None
+        return native().bf16_linear_amx_argmax(x, self.packed)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, amx={self.amx}"
                 + (", swiglu=True" if self.swiglu else ""))
