@@ -117,6 +117,26 @@ def test_native_decode_row_does_not_depend_on_its_batch():
         assert torch.equal(alone, batched[i:i + 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_native_rms_norm_matches_its_torch_definition(dtype, with_residual):
+    """residual += x (rounded to the dtype), then as transformers: normalise in float32, round,
+    scale by the weight. 576 columns (the bf16 vector path) and 40 (the scalar loop)."""
+    kernels = native()
+    gen = torch.Generator().manual_seed(5)
+    for n in (576, 40):
+        x = torch.randn(37, n, generator=gen).to(dtype)
+        res = torch.randn(37, n, generator=gen).to(dtype) if with_residual else None
+        w = torch.randn(n, generator=gen).to(dtype)
+        h = (res.float() + x.float()).to(dtype) if with_residual else x
+        ref = (w.float() * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).float())
+        out = kernels.rms_norm(x, None if res is None else res, w, 1e-5)
+        if with_residual:
+            assert torch.equal(res, h)  # the residual stream, updated in place
+        torch.testing.assert_close(out.float(), ref.to(dtype).float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 _AVX512_DECODE = """
 import sys, torch
 from leanserve.kernels import native
