@@ -8,18 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import native
+from ..kernels import first_argmax
 from .sequence import Logprob, Sequence
-
-
-def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """The index of each row's first maximum, as `argmax(dim=-1)` gives it. bf16 logits go
-    to the native kernel, one vectorized pass (128 x 49152: ~0.3 ms, against ~3 ms for the
-    float32 copy plus torch's max); anything else to `max(dim=-1)`, which promises the same
-    index and is ~6x faster than argmax on CPU here."""
-    if x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(-1) == 1 and (kernels := native()) is not None:
-        return kernels.first_argmax(x)
-    return x.max(dim=-1).indices
 
 
 class Sampler:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..kernels import native
+from ..kernels import first_argmax, native
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
 
@@ -473,8 +473,6 @@ class CausalLM(nn.Module):
             fused = getattr(self.lm_head, "argmax", None)
             tokens = fused(h) if fused is not None else None
             if tokens is None:
-                from ..engine.sampling import first_argmax
-
                 tokens = first_argmax(self.lm_head(h))
             return tokens
         logits = self.lm_head(h)
