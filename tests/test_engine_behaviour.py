@@ -108,7 +108,7 @@ def test_bf16_requests_do_not_depend_on_their_batch(builtin_gguf):
 def test_greedy_steps_take_their_tokens_from_the_lm_head_kernel(builtin_gguf, monkeypatch):
     """bf16 on the AMX tiles: when every row of a step is plain greedy, the lm_head's own
     kernel picks the tokens (no logits written out). The same tokens as the sampler's argmax
-    over the logits; rows with logprobs, penalties or a banned EOS keep the sampler."""
+    over the logits; rows with logprobs or a banned EOS keep the sampler."""
     from leanserve.kernels import native
     from leanserve.engine.sampling import Sampler
     from leanserve.models.quant import PackedLinear

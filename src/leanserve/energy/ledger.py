@@ -124,7 +124,6 @@ class EnergyLedger:
     def __init__(self, meter: Meter, model_args: ModelArgs, carbon: CarbonConfig | None = None,
                  clock: Callable[[], float] = time.time):
         self.meter = meter
-        self.args = model_args
         self._flops = FlopModel(model_args)
         self.carbon = carbon or CarbonConfig()
         self.clock = clock

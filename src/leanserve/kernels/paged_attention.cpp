@@ -988,8 +988,12 @@ torch::Tensor w8a8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 // gate columns 16j.. and the matching up columns), no bias. 1: the output as usual, [gate |
 // up]; 2: the MLP's activation silu(gate) * up ([M, N / 2], silu_mul's numbers), made in the
 // epilogue from the tiles' sums, so the gate_up output is never written and read back.
-torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packed,
-                              const std::optional<torch::Tensor>& bias, int64_t swiglu) {
+namespace {
+// The checks and the rows of bf16_linear_amx and bf16_linear_amx_argmax: x [..., K] as
+// contiguous rows, padded with zeros to a multiple of 16 (tile rows past M are read, never
+// stored or used). Returns (rows, M, K, N).
+std::tuple<torch::Tensor, int64_t, int64_t, int64_t> amx_bf16_rows(const torch::Tensor& x,
+                                                                   const torch::Tensor& packed) {
   TORCH_CHECK(amx_bf16_available(), "AMX-BF16 is not available here");
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == 16 &&
                   packed.size(3) == 32 && packed.is_contiguous(), "packed must be bf16 [N / 16, K / 32, 16, 32]");
@@ -998,12 +1002,21 @@ torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " columns; the weight takes ", K);
   auto x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0), Mp = (M + 15) / 16 * 16;
-  if (Mp != M) {  // tile rows past M are read, never stored: give them memory (zeros)
+  if (Mp != M) {
     auto padded = torch::empty({Mp, K}, x2.options());
     padded.narrow(0, 0, M).copy_(x2);
     padded.narrow(0, M, Mp - M).zero_();
     x2 = padded;
   }
+  return {x2, M, K, N};
+}
+}  // namespace
+
+torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packed,
+                              const std::optional<torch::Tensor>& bias, int64_t swiglu) {
+  torch::Tensor x2;
+  int64_t M, K, N;  // named variables, not a structured binding: the epilogues capture them
+  std::tie(x2, M, K, N) = amx_bf16_rows(x, packed);
   TORCH_CHECK(swiglu == 0 || (swiglu <= 2 && !bias && N % 32 == 0), "bad swiglu call");
 #if !defined(__AVX512BF16__)
   TORCH_CHECK(swiglu == 0, "the SwiGLU epilogue needs AVX512-BF16");
@@ -1069,19 +1082,10 @@ torch::Tensor bf16_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 // (a contiguous run of them, lowest first for thread 0), taking a strictly greater value only:
 // so the first maximum, as first_argmax on the written logits gives.
 torch::Tensor bf16_linear_amx_argmax(const torch::Tensor& x, const torch::Tensor& packed) {
-  TORCH_CHECK(amx_bf16_available(), "AMX-BF16 is not available here");
-  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == 16 &&
-                  packed.size(3) == 32 && packed.is_contiguous(), "packed must be bf16 [N / 16, K / 32, 16, 32]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, K]");
-  const int64_t K = packed.size(1) * 32, N = packed.size(0) * 16;
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns; the weight takes ", K);
-  auto x2 = x.contiguous();
-  const int64_t M = x2.size(0), Mp = (M + 15) / 16 * 16;
-  if (Mp != M) {  // tile rows past M are read, never used: give them memory (zeros)
-    auto padded = torch::zeros({Mp, K}, x2.options());
-    padded.narrow(0, 0, M).copy_(x2);
-    x2 = padded;
-  }
+  TORCH_CHECK(x.dim() == 2, "x must be [rows, K]");
+  torch::Tensor x2;
+  int64_t M, K, N;  // named variables, not a structured binding: the epilogues capture them
+  std::tie(x2, M, K, N) = amx_bf16_rows(x, packed);
   auto out = torch::zeros({M}, x.options().dtype(at::kLong));
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BF16__)
   const int64_t threads = at::get_num_threads();
