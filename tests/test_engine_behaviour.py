@@ -87,17 +87,17 @@ CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."
 @pytest.mark.slow
 def test_bf16_requests_do_not_depend_on_their_batch(builtin_gguf):
     """The built-in model in bf16, eight prompts greedy for 48 tokens, each alone and all
-    together. Where the CPU has AMX-BF16 every projection runs in our tile kernel, whose rows
+    together. Where the CPU has AMX-BF16 or AVX512-BF16 every projection runs in our kernel, whose rows
     do not depend on the other rows of the call, and decode attention reads each sequence on
     its own; with each prompt prefilled in one chunk (no prefix cache) the tokens are equal.
     (oneDNN's bf16 kernels change their summation order with the row count: there, some of
     these prompts parted after a few tokens.)"""
     from leanserve.kernels import native
 
-    if native() is None or not native().amx_bf16_available():
-        pytest.skip("bf16 batch invariance needs the AMX-BF16 tile kernel")
+    if native() is None or not native().bf16_packed_available():
+        pytest.skip("bf16 batch invariance needs our packed bf16 kernel (AMX-BF16 or AVX512-BF16)")
     llm = LLM(str(builtin_gguf), num_kv_blocks=128, block_size=16, prefix_caching=False)
-    assert llm.engine.runner.model.layers[0].mlp.gate_up_proj.amx
+    assert llm.engine.runner.model.layers[0].mlp.gate_up_proj.own
     params = SamplingParams(max_tokens=48, **GREEDY)
     alone = [llm.generate(p, params)[0].token_ids for p in CHAT_PROMPTS]
     together = [out.token_ids for out in llm.generate(CHAT_PROMPTS, params)]
@@ -106,15 +106,15 @@ def test_bf16_requests_do_not_depend_on_their_batch(builtin_gguf):
 
 
 def test_greedy_steps_take_their_tokens_from_the_lm_head_kernel(builtin_gguf, monkeypatch):
-    """bf16 on the AMX tiles: when every row of a step is plain greedy, the lm_head's own
+    """bf16 in our packed kernel: when every row of a step is plain greedy, the lm_head's own
     kernel picks the tokens (no logits written out). The same tokens as the sampler's argmax
     over the logits; rows with logprobs or a banned EOS keep the sampler."""
     from leanserve.kernels import native
     from leanserve.engine.sampling import Sampler
     from leanserve.models.quant import PackedLinear
 
-    if native() is None or not native().amx_bf16_available():
-        pytest.skip("the fused lm_head argmax needs the AMX-BF16 tile kernel")
+    if native() is None or not native().bf16_packed_available():
+        pytest.skip("the fused lm_head argmax needs our packed bf16 kernel (AMX-BF16 or AVX512-BF16)")
     llm = LLM(str(builtin_gguf), num_kv_blocks=128, block_size=16, prefix_caching=False)
     calls = []
     fused = PackedLinear.argmax

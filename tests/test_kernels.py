@@ -216,24 +216,24 @@ def test_packed_linear_matches_plain_linear(rows):
         torch.testing.assert_close(packed(x).float(), linear(x).float(), atol=2e-2, rtol=2e-2)
 
 
-needs_amx_bf16 = pytest.mark.skipif(native() is None or not native().amx_bf16_available(),
-                                    reason="this CPU (or OS) gives no AMX-BF16")
+needs_packed_bf16 = pytest.mark.skipif(native() is None or not native().bf16_packed_available(),
+                                       reason="this CPU (or OS) gives neither AMX-BF16 nor AVX512-BF16")
 
 
-@needs_amx_bf16
+@needs_packed_bf16
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 16, 33, 64, 130])
 @pytest.mark.parametrize("n_in,n_out", [(576, 960), (1536, 576), (96, 48)])
-def test_bf16_on_amx_tiles_matches_onednn_and_float(rows, n_in, n_out, bias):
-    """The tile kernel against oneDNN's packed bf16 linear and a float32 product of the same
-    bf16 numbers: both round float32 sums once, so they agree to a bf16 step; column counts
-    that are not a whole pair of tiles (48) and row counts that are not whole tiles (7, 33)
-    take the kernel's edge paths."""
+def test_packed_bf16_kernel_matches_onednn_and_float(rows, n_in, n_out, bias):
+    """Our kernel (AMX tiles, else AVX512-BF16) against oneDNN's packed bf16 linear and a
+    float32 product of the same bf16 numbers: both round float32 sums once, so they agree to
+    a bf16 step; column counts that are not a whole pair of tiles or group of four blocks
+    (48, 960 = 15 groups) and row counts that are not whole tiles (7, 33) take the edge paths."""
     torch.manual_seed(rows * n_out)
     linear = nn.Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
     x = torch.randn(rows, n_in, dtype=torch.bfloat16)
-    tiles, onednn = PackedLinear(linear), PackedLinear(linear, amx=False)
-    assert tiles.amx and not onednn.amx
+    tiles, onednn = PackedLinear(linear), PackedLinear(linear, own=False)
+    assert tiles.own and not onednn.own
     with torch.inference_mode():
         got, ref = tiles(x), onednn(x)
         exact = x.float() @ linear.weight.float().t() + (linear.bias.float() if bias else 0)
@@ -244,8 +244,8 @@ def test_bf16_on_amx_tiles_matches_onednn_and_float(rows, n_in, n_out, bias):
     assert (got != ref).float().mean() < 0.01
 
 
-@needs_amx_bf16
-def test_bf16_on_amx_tiles_is_batch_invariant():
+@needs_packed_bf16
+def test_packed_bf16_kernel_is_batch_invariant():
     """A row's output is the same bits whether it is alone in the call or among 100 others
     (oneDNN picks its kernel by the row count, so its rows may change with the batch)."""
     torch.manual_seed(0)
@@ -260,7 +260,40 @@ def test_bf16_on_amx_tiles_is_batch_invariant():
         assert torch.equal(tiles(x.view(1, 101, 576)), together.view(1, 101, 1536))  # leading dims kept
 
 
-@needs_amx_bf16
+_PACKED_BF16 = """
+import sys, torch
+from leanserve.kernels import native
+x, packed = torch.load(sys.argv[1])
+k = native()
+torch.save((k.amx_bf16_available(), k.bf16_linear_packed(x, packed), k.bf16_linear_packed_argmax(x, packed)), sys.argv[2])
+"""
+
+
+@needs_packed_bf16
+def test_amx_and_avx512_bf16_products_agree(tmp_path):
+    """The same packed weight on both of our kernels: the AVX512-BF16 one in a child process
+    with LEANSERVE_AMX=0 (read once per process), so on a machine with AMX the path that CPUs
+    without it run is tested too. Both round float32 sums once: within a bf16 step, and the
+    same greedy tokens."""
+    torch.manual_seed(5)
+    linear = nn.Linear(576, 16 * 37, bias=False).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    x = torch.randn(23, 576, dtype=torch.bfloat16)
+    torch.save((x, packed.packed), tmp_path / "in.pt")
+    env = dict(os.environ, LEANSERVE_AMX="0")
+    subprocess.run([sys.executable, "-c", _PACKED_BF16, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=600)
+    child_amx, avx512, avx512_argmax = torch.load(tmp_path / "out.pt")
+    assert not child_amx
+    with torch.inference_mode():
+        here = packed(x)
+    exact = x.float() @ linear.weight.float().t()
+    torch.testing.assert_close(avx512.float(), exact, atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(here.float(), avx512.float(), atol=1e-2, rtol=8e-3)
+    assert torch.equal(avx512_argmax, avx512.float().argmax(dim=-1))
+
+
+@needs_packed_bf16
 @pytest.mark.parametrize("rows", [1, 5, 64, 70])
 def test_lm_head_argmax_is_first_argmax_of_the_logits(rows):
     """PackedLinear.argmax (greedy decoding's lm_head) == first_argmax of forward's bf16
@@ -284,22 +317,22 @@ def test_lm_head_argmax_is_first_argmax_of_the_logits(rows):
     assert (got == 3).any() or rows == 1  # the ties happen, and the first of them wins
 
 
-@needs_amx_bf16
-def test_bf16_on_amx_tiles_rejects_what_it_cannot_take():
+@needs_packed_bf16
+def test_packed_bf16_kernel_rejects_what_it_cannot_take():
     linear = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
     tiles = PackedLinear(linear)
     with pytest.raises(RuntimeError, match="columns"):
-        native().bf16_linear_amx(torch.randn(2, 32, dtype=torch.bfloat16), tiles.packed)
+        native().bf16_linear_packed(torch.randn(2, 32, dtype=torch.bfloat16), tiles.packed)
     with pytest.raises(RuntimeError, match="bf16"):
-        native().bf16_linear_amx(torch.randn(2, 64), tiles.packed)
+        native().bf16_linear_packed(torch.randn(2, 64), tiles.packed)
     # shapes the tiles cannot cover whole fall back to oneDNN's layout
-    assert not PackedLinear(nn.Linear(48, 32).to(torch.bfloat16)).amx
-    assert not PackedLinear(nn.Linear(64, 24).to(torch.bfloat16)).amx
+    assert not PackedLinear(nn.Linear(48, 32).to(torch.bfloat16)).own
+    assert not PackedLinear(nn.Linear(64, 24).to(torch.bfloat16)).own
 
 
-@needs_amx_bf16
+@needs_packed_bf16
 @pytest.mark.parametrize("rows", [1, 37, 64])
-def test_gate_up_on_the_tiles_gives_its_output_and_its_swiglu_in_the_epilogue(rows):
+def test_packed_gate_up_gives_its_output_and_its_swiglu_in_the_epilogue(rows):
     """A gate_up weight packed with gate and up blocks interleaved (PackedLinear(swiglu=True))
     returns the plain packing's output bit for bit, and the kernel's SwiGLU epilogue gives
     silu_mul of that output bit for bit, close to float32 silu(gate) * up."""
@@ -311,20 +344,20 @@ def test_gate_up_on_the_tiles_gives_its_output_and_its_swiglu_in_the_epilogue(ro
     with torch.inference_mode():
         gate_up = plain(x)
         assert torch.equal(interleaved(x), gate_up)
-        act = native().bf16_linear_amx(x, interleaved.packed, None, 2)
+        act = native().bf16_linear_packed(x, interleaved.packed, None, 2)
         assert act.shape == (rows, 1536)
         assert torch.equal(act, native().silu_mul(gate_up))
         g, u = gate_up.float().chunk(2, dim=-1)
         torch.testing.assert_close(act.float(), F.silu(g) * u, atol=2e-2, rtol=1e-2)
 
 
-@needs_amx_bf16
+@needs_packed_bf16
 def test_swiglu_packing_is_only_for_what_it_can_take():
     assert not PackedLinear(nn.Linear(64, 256).to(torch.bfloat16), swiglu=True).swiglu  # a bias
     assert not PackedLinear(nn.Linear(64, 48, bias=False).to(torch.bfloat16), swiglu=True).swiglu  # 48 % 32
     tiles = PackedLinear(nn.Linear(64, 64, bias=False).to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="swiglu"):
-        native().bf16_linear_amx(torch.randn(2, 64, dtype=torch.bfloat16), tiles.packed, torch.zeros(64), 2)
+        native().bf16_linear_packed(torch.randn(2, 64, dtype=torch.bfloat16), tiles.packed, torch.zeros(64), 2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])

@@ -17,7 +17,7 @@ from .llama import MLP, CausalLM, KVPool
 from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear, W8A8Linear
 
 # LinearKind in paged_attention.cpp
-DENSE, PACKED, INT8, INT4, W8A8, W8A8_AMX, BF16_AMX, BF16_AMX_SWIGLU = range(8)
+DENSE, PACKED, INT8, INT4, W8A8, W8A8_AMX, BF16_PACKED, BF16_PACKED_SWIGLU = range(8)
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
@@ -26,7 +26,7 @@ def linear_spec(m: nn.Module) -> tuple | None:
     if type(m) is nn.Linear:
         return DENSE, m.weight, None, m.bias, 0, 0, None, DENSE
     if type(m) is PackedLinear:
-        kind = (BF16_AMX_SWIGLU if m.swiglu else BF16_AMX) if m.amx else PACKED
+        kind = (BF16_PACKED_SWIGLU if m.swiglu else BF16_PACKED) if m.own else PACKED
         return kind, m.packed, None, m.bias, 0, 0, None, DENSE
     if type(m) is Int8Linear:
         return INT8, m.weight, m.scales, m.bias, 0, 0, None, DENSE

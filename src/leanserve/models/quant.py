@@ -190,7 +190,7 @@ class AutoLinear(nn.Module):
         self.small = small(linear)
         # shares the embedding's tensor when the lm_head is tied (unless packed: a copy)
         self.dense = PackedLinear(linear) if PackedLinear.available(linear.weight.dtype) else linear
-        table = MAX_ROWS_AMX if getattr(self.dense, "amx", False) else MAX_ROWS
+        table = MAX_ROWS_AMX if getattr(self.dense, "own", False) else MAX_ROWS
         self.max_rows = table[small] if max_rows is None else max_rows
 
     def forward(self, x):
@@ -205,33 +205,37 @@ class AutoLinear(nn.Module):
 class PackedLinear(nn.Module):
     """bf16 weights reordered once, at load, for the CPU's matrix units.
 
-    Where the CPU has AMX-BF16, the weight is packed for the tiles and the product runs in
-    our own kernel (`bf16_linear_amx`); elsewhere it is reordered into oneDNN's blocked
-    layout. A plain `F.linear` in bf16 hands oneDNN a row-major weight, which it reorders on
-    every call: on SmolLM2-135M's shapes that reorder was ~35% of a step's projection time
-    at any batch size (1 thread: 13.1 ms packed vs 21.5 ms plain per step at 32 rows). The
-    tile kernel then takes one layer's four projections (2 threads) from 575 to 376 us at 64
-    rows and from 363 to 269 at one, and a row's result no longer depends on how many rows
-    share the call. Either packed weight is opaque, so this module has no `.weight`: a tied
-    lm_head keeps the embedding's tensor untouched and gets its own packed copy.
+    Where the CPU has AMX-BF16 or AVX512-BF16, the weight is packed for the AMX tiles
+    (`pack_for_tiles`) and the product runs in our own kernel (`bf16_linear_packed`: on the
+    tiles, else on AVX512-BF16 dot products, which read the same layout); elsewhere it is
+    reordered into oneDNN's blocked layout. A plain `F.linear` in bf16 hands oneDNN a
+    row-major weight, which it reorders on every call: on SmolLM2-135M's shapes that reorder
+    was ~35% of a step's projection time at any batch size (1 thread: 13.1 ms packed vs 21.5
+    ms plain per step at 32 rows). Our kernel then takes one layer's four projections (2
+    threads) on the tiles from 575 to 376 us at 64 rows and from 363 to 269 at one; on AMD
+    Zen 4 (AVX512-BF16) from ~2.0 to ~1.4 ms at 64 rows and from ~700 to ~300 us at one. Its
+    row's result does not depend on how many rows share the call. Either packed weight is
+    opaque, so this module has no `.weight`: a tied lm_head keeps the embedding's tensor
+    untouched and gets its own packed copy.
     """
 
-    def __init__(self, linear: nn.Linear, amx: bool = True, swiglu: bool = False):
-        """amx=False keeps oneDNN's layout even where the tiles could run (tests compare the two).
-        swiglu: `linear` is an MLP's gate_up projection ([gate; up] rows). On the tiles its
-        16-column blocks are then packed gate, up, gate, up..., so that each tile pair's sums
-        hold matching gate and up columns: `forward` still returns [gate | up], and the fused
-        plan asks the kernel for silu(gate) * up directly (kernels' bf16_linear_amx)."""
+    def __init__(self, linear: nn.Linear, own: bool = True, swiglu: bool = False):
+        """own=False keeps oneDNN's layout even where our kernel could run (tests compare the
+        two). swiglu: `linear` is an MLP's gate_up projection ([gate; up] rows). For our
+        kernel its 16-column blocks are then packed gate, up, gate, up..., so that each pair
+        of blocks holds matching gate and up columns: `forward` still returns [gate | up], and
+        the fused plan asks the kernel for silu(gate) * up directly (`bf16_linear_packed`)."""
         super().__init__()
         w = linear.weight.detach()
         n, k = w.shape
         kernels = native()
-        self.amx = amx and w.dtype == torch.bfloat16 and kernels is not None and kernels.amx_bf16_available() \
+        self.own = own and w.dtype == torch.bfloat16 and kernels is not None and kernels.bf16_packed_available() \
             and n % 16 == 0 and k % 32 == 0
-        self.swiglu = self.amx and swiglu and linear.bias is None and n % 32 == 0
+        self.amx = self.own and kernels.amx_bf16_available()  # on the tiles (else AVX512-BF16)
+        self.swiglu = self.own and swiglu and linear.bias is None and n % 32 == 0
         if self.swiglu:
             w = w.view(2, n // 32, 16, k).transpose(0, 1).reshape(n, k)
-        packed = pack_for_tiles(w) if self.amx else torch.ops.mkldnn._reorder_linear_weight(w, None)
+        packed = pack_for_tiles(w) if self.own else torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.register_buffer("packed", packed.contiguous())
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -242,19 +246,20 @@ class PackedLinear(nn.Module):
             torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
     def forward(self, x):
-        if self.amx:
-            return native().bf16_linear_amx(x, self.packed, self.bias, int(self.swiglu))
+        if self.own:
+            return native().bf16_linear_packed(x, self.packed, self.bias, int(self.swiglu))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """Each row's first argmax of `forward(x)` ([rows, in] -> [rows] int64) without writing
         the products out (the lm_head of greedy decoding); None where only `forward` runs."""
-        if not self.amx or self.swiglu or self.bias is not None or x.dim() != 2:
+        if not self.own or self.swiglu or self.bias is not None or x.dim() != 2:
             return None
-        return native().bf16_linear_amx_argmax(x, self.packed)
+        return native().bf16_linear_packed_argmax(x, self.packed)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, amx={self.amx}"
+        kernel = ("amx" if self.amx else "avx512-bf16") if self.own else "onednn"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
                 + (", swiglu=True" if self.swiglu else ""))
 
 
