@@ -72,7 +72,7 @@ def test_w8a8_native_and_torch_paths_agree(monkeypatch, dtype):
 
     assert native() is not None, "the native kernels must build on this machine (g++ and ninja)"
     for bias in (False, True):
-        layer = W8A8Linear(float_linear(576, 960, bias, dtype), amx=False)
+        layer = W8A8Linear(float_linear(576, 960, bias, dtype), own=False)
         x = torch.randn(9, 576, dtype=dtype) * torch.logspace(-3, 2, 9)[:, None].to(dtype)
         x[4] = 0  # a zero row: scale 0, output exactly the bias
         x[6, 100] = float("nan")
@@ -89,22 +89,23 @@ def test_w8a8_native_and_torch_paths_agree(monkeypatch, dtype):
         assert not fast[keep].isnan().any()
 
 
-needs_amx = pytest.mark.skipif(native() is None or not native().amx_int8_available(),
-                               reason="this CPU (or its OS) offers no AMX-INT8 tiles")
+needs_packed_int8 = pytest.mark.skipif(native() is None or not native().w8a8_packed_available(),
+                                       reason="this CPU (or its OS) offers neither AMX-INT8 nor AVX512-VNNI")
 
 
-@needs_amx
+@needs_packed_int8
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 64, 100])
 @pytest.mark.parametrize("n_in,n_out", [(576, 960), (1536, 576), (64, 16), (128, 48)])
-def test_w8a8_on_amx_tiles_gives_the_onednn_paths_bits(dtype, rows, n_in, n_out):
-    """Our AMX-INT8 kernel against oneDNN's int8 product on the same weights: the same bits,
+def test_w8a8_packed_kernel_gives_the_onednn_paths_bits(dtype, rows, n_in, n_out):
+    """Our kernel (AMX-INT8 tiles, else AVX512-VNNI, whose unsigned x signed products need the
+    weights' column sums taken back out) against oneDNN's int8 product on the same weights: the same bits,
     bias or not, for row counts around the 16-row tiles and the 32 x 32 blocks, widths of one
     and of an odd number of 16-column blocks; NaN rows stay NaN and alone."""
     for bias in (False, True):
         linear = float_linear(n_in, n_out, bias, dtype, seed=rows)
-        tiles, onednn = W8A8Linear(linear), W8A8Linear(linear, amx=False)
-        assert tiles.amx and not onednn.amx
+        tiles, onednn = W8A8Linear(linear), W8A8Linear(linear, own=False)
+        assert tiles.own and not onednn.own
         x = torch.randn(rows, n_in, dtype=dtype) * torch.logspace(-3, 2, rows)[:, None].to(dtype)
         x[rows // 2] = 0
         if rows > 2:

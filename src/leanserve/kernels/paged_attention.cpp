@@ -36,6 +36,7 @@
 
 bool amx_bf16_available();  // below, with the AMX linears
 bool bf16_packed_available();
+bool amx_int8_available();
 
 namespace {
 
@@ -644,7 +645,7 @@ bool amx_feature(unsigned bit) {
 }
 }  // namespace
 
-// whether w8a8_linear_amx can run here
+// whether w8a8_linear_packed can run here
 bool amx_int8_available() {
   static const bool ok = amx_feature(25);
   return ok;
@@ -656,12 +657,21 @@ bool amx_bf16_available() {
   return ok;
 }
 
-// whether bf16_linear_packed can run here: on the AMX tiles, else on AVX512-BF16 dot products
+// whether bf16_linear_packed / w8a8_linear_packed can run here: on the AMX tiles, else on
+// AVX512-BF16 / AVX512-VNNI dot products (the module is built for this CPU: -march=native)
 bool bf16_packed_available() {
-#if defined(__x86_64__) && defined(__AVX512BF16__)
+#if defined(__x86_64__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   return true;
 #else
   return amx_bf16_available();
+#endif
+}
+
+bool w8a8_packed_available() {
+#if defined(__x86_64__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return amx_int8_available();
 #endif
 }
 
@@ -934,108 +944,155 @@ void amx_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const
 }
 
 
-#if defined(__AVX512BF16__)
-// ---- bf16 on AVX512-BF16 dot products, for CPUs without the tile unit ---------------------
-// The tiles' packed layout ([N / 16, K / 32, 16, 32]) is also VDPBF16PS's: a column block's
-// rows are its K pairs in order, each one zmm of 16 columns x 2 inputs. So a CPU with
-// AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake) runs the same packed weights with
-// the same epilogues: per K pair, C zmm of weights, each of R rows' pair broadcast from
-// memory, R x C accumulators (R x C = 24: the latency of 2 dot products a cycle is covered
-// and 29 of the 32 registers are used). As on the tiles, a C element sums only its own row's
-// products, in K order, so a row's result does not depend on the other rows of the call.
-template <int R, int C>
-inline void dp_tile(const uint16_t* x, int64_t K, const uint16_t* b, float* out) {
-  __m512 acc[R][C];
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+// ---- The same products on AVX-512 dot products, for CPUs without the tile unit -------------
+// The tiles' packed layout ([N / 16, K / KT, 16, 64 bytes]) is also what VDPBF16PS and
+// VPDPBUSD read: a column block's 64-byte rows are its K pairs (bf16) or quads (int8) in
+// order, 16 columns each, one zmm. So a CPU with AVX512-BF16 / AVX512-VNNI but no AMX (AMD
+// Zen 4, Intel Cooper Lake / Ice Lake) runs the same packed weights with the same epilogues:
+// per K step, C zmm of weights, each of R rows' 4 input bytes broadcast from memory, R x C
+// accumulators (6 x 4 = 24: the latency of the dot products is covered and 29 of the 32
+// registers are used). As on the tiles, an element sums only its own row's products, in K
+// order, so a row's result does not depend on the other rows of the call.
+// VPDPBUSD multiplies unsigned by signed bytes: the int8 rows go in as x + 128 (the sign bit
+// flipped once for the call, dp_unsigned_rows: flipping each broadcast instead made the
+// kernel slower than bf16) and the epilogue gets sum - 128 * (column sum of w), the exact
+// int32 sums again.
+// acc += a (unsigned bytes) . w (signed bytes), 4 to a lane. GCC 12's builtin for this does
+// not tie the accumulator to the output: in dp_tile it added a register copy per
+// instruction, and the int8 kernel ran slower than the bf16 one.
+inline void dpbusd(__m512i& acc, __m512i a, __m512i w) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w)); }
+
+template <typename T, int R, int C>
+inline void dp_tile(const T* x, int64_t K, const T* b, const __m512i* bias128, void* out) {
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  using V = std::conditional_t<kInt8, __m512i, __m512>;  // int32 or float32 sums (one type: casts made GCC spill)
+  V acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  const int64_t bs = K * 16;  // elements from one column block to the next
-  for (int64_t p = 0; p < K / 2; ++p) {
-    __m512bh w[C];
-    for (int c = 0; c < C; ++c) w[c] = (__m512bh)_mm512_loadu_si512(b + c * bs + p * 32);
+    for (int c = 0; c < C; ++c) {
+      if constexpr (kInt8) acc[r][c] = _mm512_setzero_si512();
+      else acc[r][c] = _mm512_setzero_ps();
+    }
+  const char* xb = reinterpret_cast<const char*>(x);
+  const char* bb = reinterpret_cast<const char*>(b);
+  const int64_t bs = K * 16 * sizeof(T), xs = K * sizeof(T), steps = xs / 4;  // bytes; 4-byte K steps
+  for (int64_t p = 0; p < steps; ++p) {
+    __m512i w[C];
+    for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(bb + c * bs + p * 64);
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * K + 2 * p, sizeof(pair));
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, w[c]);
+      int32_t four;
+      std::memcpy(&four, xb + r * xs + p * 4, sizeof(four));
+      const __m512i a = _mm512_set1_epi32(four);  // int8: already x + 128 (dp_unsigned_rows)
+      for (int c = 0; c < C; ++c) {
+        if constexpr (kInt8) dpbusd(acc[r][c], a, w[c]);
+        else acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a, (__m512bh)w[c]);
+      }
     }
   }
-  // as the tiles store their sums: rows of 32 floats, column blocks 2h and 2h + 1 at out + h * R * 32
+  // as the tiles store their sums: rows of 32 elements, column blocks 2h and 2h + 1 at out + h * R * 32
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm512_store_ps(out + (c / 2) * R * 32 + r * 32 + (c % 2) * 16, acc[r][c]);
+    for (int c = 0; c < C; ++c) {
+      float* o = static_cast<float*>(out) + (c / 2) * R * 32 + r * 32 + (c % 2) * 16;
+      if constexpr (kInt8) _mm512_store_si512(o, _mm512_sub_epi32(acc[r][c], bias128[c]));
+      else _mm512_store_ps(o, acc[r][c]);
+    }
 }
 
-template <int C, int R, typename Epilogue>
-inline void dp_rows(const uint16_t* x, int64_t m0, int64_t K, const uint16_t* b, int64_t n0, const Epilogue& epilogue) {
-  alignas(64) float sums[(C + 1) / 2 * R * 32];
-  dp_tile<R, C>(x + m0 * K, K, b, sums);
+inline void dp_unsigned_rows(int8_t* q, int64_t n) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) _mm512_storeu_si512(q + i, _mm512_xor_si512(_mm512_loadu_si512(q + i), flip));
+  for (; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<uint8_t>(q[i]) ^ 0x80u);
+}
+
+template <typename T, int C, int R, typename Epilogue>
+inline void dp_rows(const T* x, int64_t m0, int64_t K, const T* b, const __m512i* bias128, int64_t n0,
+                    const Epilogue& epilogue) {
+  using Acc = std::conditional_t<std::is_same_v<T, int8_t>, int32_t, float>;
+  alignas(64) Acc sums[(C + 1) / 2 * R * 32];
+  dp_tile<T, R, C>(x + m0 * K, K, b, bias128, sums);
   for (int h = 0; 2 * h < C; ++h) epilogue(sums + h * R * 32, m0, R, n0 + 32 * h, std::min(2, C - 2 * h) * 16);
 }
 
 // The last `left` (< R) rows as one smaller tile.
-template <int C, int R, typename Epilogue>
-inline void dp_tail(const uint16_t* x, int64_t m0, int64_t left, int64_t K, const uint16_t* b, int64_t n0,
+template <typename T, int C, int R, typename Epilogue>
+inline void dp_tail(const T* x, int64_t m0, int64_t left, int64_t K, const T* b, const __m512i* bias128, int64_t n0,
                     const Epilogue& epilogue) {
   if constexpr (R > 0) {
-    if (left == R) dp_rows<C, R>(x, m0, K, b, n0, epilogue);
-    else dp_tail<C, R - 1>(x, m0, left, K, b, n0, epilogue);
+    if (left == R) dp_rows<T, C, R>(x, m0, K, b, bias128, n0, epilogue);
+    else dp_tail<T, C, R - 1>(x, m0, left, K, b, bias128, n0, epilogue);
   }
 }
 
 // All M rows against the C column blocks from column n0, R rows at a time. Blocking K (so a
-// chunk's weights stay in L1 while the rows pass) was level to 10% slower: the weights come
-// from L2 fast enough for one dot product a cycle, which is this kernel's ceiling on Zen 4.
-template <int C, int R, typename Epilogue>
-void dp_columns(const uint16_t* x, int64_t M, int64_t K, const uint16_t* b, int64_t n0, const Epilogue& epilogue) {
+// chunk's weights stay in L1 while the rows pass) was level to 10% slower on Zen 4: the
+// weights come from L2 fast enough for the one 512-bit dot product a cycle it can issue.
+template <typename T, int C, int R, typename Epilogue>
+void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const Epilogue& epilogue) {
+  alignas(64) __m512i bias128[C];  // int8: 128 x each column's weight sum
+  if constexpr (std::is_same_v<T, int8_t>) {
+    const __m512i ones = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int c = 0; c < C; ++c) bias128[c] = _mm512_setzero_si512();
+    const char* bb = reinterpret_cast<const char*>(b);
+    for (int64_t p = 0; p < K / 4; ++p)
+      for (int c = 0; c < C; ++c)
+        dpbusd(bias128[c], ones, _mm512_loadu_si512(bb + c * K * 16 + p * 64));
+  }
   int64_t m = 0;
-  for (; m + R <= M; m += R) dp_rows<C, R>(x, m, K, b, n0, epilogue);
-  dp_tail<C, R - 1>(x, m, M - m, K, b, n0, epilogue);
+  for (; m + R <= M; m += R) dp_rows<T, C, R>(x, m, K, b, bias128, n0, epilogue);
+  dp_tail<T, C, R - 1>(x, m, M - m, K, b, bias128, n0, epilogue);
 }
 
 // The whole product over the threads, split as amx_product splits it: each thread a
 // contiguous run of 64-column groups, each group's weights read from memory once while all
 // the rows pass over them (6 x 4 blocks; 12 x 2 measured level).
-template <typename Epilogue>
-void dp_product(const uint16_t* x, int64_t M, int64_t K, const uint16_t* wp, int64_t N, const Epilogue& epilogue) {
+template <typename T, typename Epilogue>
+void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue) {
   const int64_t blocks = N / 16;
   at::parallel_for(0, (blocks + 3) / 4, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t nb = 4 * g, n = std::min<int64_t>(4, blocks - nb);
-      const uint16_t* b = wp + nb * K * 16;
+      const T* b = wp + nb * K * 16;
       if (n == 4) {
-        dp_columns<4, 6>(x, M, K, b, nb * 16, epilogue);
+        dp_columns<T, 4, 6>(x, M, K, b, nb * 16, epilogue);
       } else {  // the last group of a width that is not a multiple of 64
-        if (n >= 2) dp_columns<2, 12>(x, M, K, b, nb * 16, epilogue);
-        if (n & 1) dp_columns<1, 12>(x, M, K, b + (n - 1) * K * 16, (nb + n - 1) * 16, epilogue);
+        if (n >= 2) dp_columns<T, 2, 12>(x, M, K, b, nb * 16, epilogue);
+        if (n & 1) dp_columns<T, 1, 12>(x, M, K, b + (n - 1) * K * 16, (nb + n - 1) * 16, epilogue);
       }
     }
   });
 }
 #endif
 
-// bf16 x the packed weight: on the tiles where there are some, else on AVX512-BF16
-template <typename Epilogue>
-void bf16_product(const uint16_t* x, int64_t M, int64_t K, const uint16_t* wp, int64_t N, const Epilogue& epilogue) {
-#if defined(__AVX512BF16__)
-  if (!amx_bf16_available()) return dp_product(x, M, K, wp, N, epilogue);
+// x times the packed weight: on the tiles where there are some, else on AVX-512 dot products
+// (int8 rows: x is changed, see dp_unsigned_rows)
+template <typename T, typename Epilogue>
+void packed_product(T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue) {
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  if (!(std::is_same_v<T, int8_t> ? amx_int8_available() : amx_bf16_available())) {
+    if constexpr (std::is_same_v<T, int8_t>) dp_unsigned_rows(x, M * K);
+    return dp_product(static_cast<const T*>(x), M, K, wp, N, epilogue);
+  }
 #endif
   amx_product(x, M, K, wp, N, epilogue);
 }
+
 }  // namespace
 #endif
 
 // y = x @ w^T for W8A8: x [..., K] quantized per row (quantize_row), the int8 weight packed
 // by W8A8Linear for the tiles ([N / 16, K / 64, 16, 64]: tile row r holds, for 16 output
 // columns, 4 consecutive inputs each), float32 per-column scales, optional bias; out in x's dtype.
-torch::Tensor w8a8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
+torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
                               const std::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(amx_int8_available(), "AMX-INT8 is not available here");
+  TORCH_CHECK(w8a8_packed_available(), "neither AMX-INT8 nor AVX512-VNNI is available here");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 64 &&
                   packed.is_contiguous(), "packed must be int8 [N / 16, K / 64, 16, 64]");
   const int64_t K = packed.size(1) * 64, N = packed.size(0) * 16;
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " columns; the weight takes ", K);
   TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.is_contiguous() && w_scales.numel() == N, "bad w_scales");
   auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0), Mp = (M + 15) / 16 * 16;
+  const int64_t M = x2.size(0), Mp = amx_int8_available() ? (M + 15) / 16 * 16 : M;
   auto q = torch::empty({Mp, K}, x.options().dtype(at::kChar));
   auto xs = torch::empty({Mp}, x.options().dtype(at::kFloat));
   quantize_rows_into(x2, q.data_ptr<int8_t>(), xs.data_ptr<float>());
@@ -1047,9 +1104,9 @@ torch::Tensor w8a8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   const float* ws = w_scales.data_ptr<float>();
   const float* sp = xs.data_ptr<float>();
   const float* bp = b ? b->data_ptr<float>() : nullptr;
-  const int8_t* qp = q.data_ptr<int8_t>();
+  int8_t* qp = q.data_ptr<int8_t>();
   const int8_t* wp = packed.data_ptr<int8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "w8a8_linear_amx", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "w8a8_linear_packed", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
     // sums * w_scale rounded to float32 (oneDNN's output), then rescale_row: the oneDNN path's numbers
     auto epilogue = [&](const int32_t* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
@@ -1061,7 +1118,7 @@ torch::Tensor w8a8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
         rescale_row(acc, sp[m0 + i], bp ? bp + n0 : nullptr, op_ + (m0 + i) * N + n0, cols);
       }
     };
-    amx_product(qp, M, K, wp, N, epilogue);
+    packed_product(qp, M, K, wp, N, epilogue);
   });
 #endif
   auto shape = x.sizes().vec();
@@ -1127,7 +1184,7 @@ torch::Tensor bf16_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
   if (bias) b = bias->to(at::kFloat).contiguous();
 #if defined(__x86_64__) && defined(__AVX512F__)
   const float* bp = b ? b->data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  auto* xp = reinterpret_cast<uint16_t*>(x2.data_ptr<at::BFloat16>());  // only read (the int8 rows are changed)
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   at::BFloat16* op_ = out.data_ptr<at::BFloat16>();
   auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
@@ -1170,7 +1227,7 @@ torch::Tensor bf16_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
       }
     }
   };
-  bf16_product(xp, M, K, wp, N, epilogue);
+  packed_product(xp, M, K, wp, N, epilogue);
 #endif
   auto shape = x.sizes().vec();
   shape.back() = swiglu == 2 ? N / 2 : N;
@@ -1192,7 +1249,7 @@ torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Ten
   const int64_t threads = at::get_num_threads();
   std::vector<float> best(threads * M, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> where(threads * M, 0);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  auto* xp = reinterpret_cast<uint16_t*>(x2.data_ptr<at::BFloat16>());  // only read (the int8 rows are changed)
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
     const int64_t t = at::get_thread_num();
@@ -1209,7 +1266,7 @@ torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Ten
       }
     }
   };
-  bf16_product(xp, M, K, wp, N, epilogue);
+  packed_product(xp, M, K, wp, N, epilogue);
   int64_t* op_ = out.data_ptr<int64_t>();
   for (int64_t r = 0; r < M; ++r) {
     float b = best[r];
@@ -1493,7 +1550,7 @@ torch::Tensor first_argmax(torch::Tensor x) {
 
 namespace {
 
-enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3, kW8A8 = 4, kW8A8Amx = 5, kBf16Packed = 6,
+enum LinearKind : int64_t { kDense = 0, kPacked = 1, kInt8 = 2, kInt4 = 3, kW8A8 = 4, kW8A8Packed = 5, kBf16Packed = 6,
                              kBf16PackedSwiglu = 7 };
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
@@ -1525,7 +1582,7 @@ struct LinearSpec {
     switch (kind) {
       case kPacked: return packed_linear(x, w, bias);
       case kW8A8: return w8a8_linear(x, w, *extra, *zero_points, bias);
-      case kW8A8Amx: return w8a8_linear_amx(x, w, *extra, bias);
+      case kW8A8Packed: return w8a8_linear_packed(x, w, *extra, bias);
       case kBf16Packed: return bf16_linear_packed(x, w, bias, 0);
       case kBf16PackedSwiglu: return bf16_linear_packed(x, w, bias, 1);
       case kInt8: y = at::_weight_int8pack_mm(x, w, *extra); break;
@@ -1679,8 +1736,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("first_argmax", &first_argmax, "index of each row's first maximum");
   m.def("gather_dequant", &gather_dequant, "whole blocks of an int8 cache, dequantized");
   m.def("quantize_rows", &quantize_rows, "each row to int8 with its absmax / 127 scale");
-  m.def("amx_int8_available", &amx_int8_available, "whether w8a8_linear_amx can run here");
-  m.def("w8a8_linear_amx", &w8a8_linear_amx, "W8A8 on AMX tiles: int8 rows x a weight packed for them",
+  m.def("amx_int8_available", &amx_int8_available, "whether w8a8_linear_packed runs on AMX tiles here");
+  m.def("w8a8_packed_available", &w8a8_packed_available,
+        "whether w8a8_linear_packed can run here (AMX-INT8 tiles or AVX512-VNNI)");
+  m.def("w8a8_linear_packed", &w8a8_linear_packed,
+        "W8A8: int8 rows x a weight packed for the tiles (AMX-INT8, else AVX512-VNNI)",
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("bias") = py::none());
   m.def("amx_bf16_available", &amx_bf16_available, "whether bf16_linear_packed runs on AMX tiles here");
   m.def("bf16_packed_available", &bf16_packed_available,

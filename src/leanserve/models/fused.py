@@ -17,7 +17,7 @@ from .llama import MLP, CausalLM, KVPool
 from .quant import AutoLinear, Int4Linear, Int8Linear, PackedLinear, W8A8Linear
 
 # LinearKind in paged_attention.cpp
-DENSE, PACKED, INT8, INT4, W8A8, W8A8_AMX, BF16_PACKED, BF16_PACKED_SWIGLU = range(8)
+DENSE, PACKED, INT8, INT4, W8A8, W8A8_PACKED, BF16_PACKED, BF16_PACKED_SWIGLU = range(8)
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
@@ -33,7 +33,7 @@ def linear_spec(m: nn.Module) -> tuple | None:
     if type(m) is Int4Linear:
         return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, DENSE
     if type(m) is W8A8Linear:
-        return W8A8_AMX if m.amx else W8A8, m.packed, m.scales, m.bias, 0, 0, None, DENSE
+        return W8A8_PACKED if m.own else W8A8, m.packed, m.scales, m.bias, 0, 0, None, DENSE
     if type(m) is AutoLinear:
         small, dense = linear_spec(m.small), linear_spec(m.dense)
         return *small[:5], m.max_rows, dense[1], dense[0]

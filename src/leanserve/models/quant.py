@@ -121,26 +121,27 @@ class W8A8Linear(nn.Module):
 
     Weight-only kernels stop paying from a few rows up, because they dequantize into bf16
     arithmetic; this one multiplies int8 by int8, so it halves the weight bytes and doubles
-    the matrix units' rate at every batch size. Where the CPU has AMX-INT8 the product runs
-    on the tiles in our own kernel (`w8a8_linear_amx`: the weight packed for them at load),
-    else in oneDNN. On SmolLM2-135M's shapes, 2 threads, one layer's four projections took
-    184 us at 64 rows on the tiles, 328 through oneDNN and ~450 in packed bf16 (one row: 104,
-    177, ~290). The price is accuracy: quantizing activations puts the built-in model's chosen-token
+    the matrix units' rate at every batch size. Where the CPU has AMX-INT8 or AVX512-VNNI the
+    product runs in our own kernel (`w8a8_linear_packed`: the weight packed for the tiles at
+    load; on the tiles, else on VNNI dot products), elsewhere in oneDNN. On SmolLM2-135M's
+    shapes, 2 threads, one layer's four projections took 184 us at 64 rows on the tiles, 328
+    through oneDNN and ~450 in packed bf16 (one row: 104, 177, ~290). The price is accuracy: quantizing activations puts the built-in model's chosen-token
     log-probabilities ~0.13 off transformers' on average (bf16: ~0.02), so it is opt-in, like
     vLLM's W8A8 checkpoints. The int32 sums are exact and the scales per row, so both paths
     give the same bits and a row's result does not depend on the rows it shares a call with.
     """
 
-    def __init__(self, linear: nn.Linear, amx: bool = True):
-        """amx=False keeps oneDNN's layout even where the tiles could run (tests compare the two)."""
+    def __init__(self, linear: nn.Linear, own: bool = True):
+        """own=False keeps oneDNN's layout even where our kernel could run (tests compare the two)."""
         super().__init__()
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
         kernels = native()
         n, k = q.shape
-        self.amx = amx and kernels is not None and kernels.amx_int8_available() and n % 16 == 0 and k % 64 == 0
-        packed = pack_for_tiles(q) if self.amx else torch.ops.onednn.qlinear_prepack(q, None)
+        self.own = own and kernels is not None and kernels.w8a8_packed_available() and n % 16 == 0 and k % 64 == 0
+        self.amx = self.own and kernels.amx_int8_available()  # on the tiles (else AVX512-VNNI)
+        packed = pack_for_tiles(q) if self.own else torch.ops.onednn.qlinear_prepack(q, None)
         self.register_buffer("packed", packed.contiguous())
         self.register_buffer("scales", scales)  # float32, as oneDNN wants
         self.register_buffer("zero_points", torch.zeros(w.shape[0], dtype=torch.int64))
@@ -152,8 +153,8 @@ class W8A8Linear(nn.Module):
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
     def forward(self, x):
-        if self.amx:
-            return native().w8a8_linear_amx(x, self.packed, self.scales, self.bias)
+        if self.own:
+            return native().w8a8_linear_packed(x, self.packed, self.scales, self.bias)
         if (kernels := native()) is not None:
             return kernels.w8a8_linear(x, self.packed, self.scales, self.zero_points, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
@@ -166,7 +167,8 @@ class W8A8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, amx={self.amx}"
+        kernel = ("amx" if self.amx else "avx512-vnni") if self.own else "onednn"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
 _ONE, _ZERO = torch.ones(1), torch.zeros(1, dtype=torch.int64)
