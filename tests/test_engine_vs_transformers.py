@@ -173,7 +173,7 @@ def test_builtin_model_greedy_equals_transformers(builtin_llm, builtin_gguf):
 # mean error, max error)
 LOSSY_MODES = {
     "int8-kv": (dict(kv_cache_dtype="int8"), (24, 0.05, 0.4)),
-    "w8a8": (dict(quantization="w8a8"), (12, 0.2, 0.5)),
+    "w8a8": (dict(quantization="w8a8"), (12, 0.2, 0.7)),
     "w8a8+int8-kv": (dict(quantization="w8a8", kv_cache_dtype="int8"), (24, 0.2, 0.9)),
 }
 
@@ -185,7 +185,8 @@ def test_builtin_model_in_a_lossy_mode_stays_close_to_transformers(builtin_gguf,
     arithmetic per step. Measured against transformers on three chat prompts x 24 tokens, the
     chosen tokens' log-probabilities are off on average / at worst by: int8 KV ~0.04 / ~0.26,
     w8a8 ~0.13 / ~0.32, both ~0.11 / ~0.64 (the plain bf16 engine: ~0.02 / ~0.09; float32:
-    under 1e-3). Where the greedy paths part
+    under 1e-3), on a Sapphire Rapids; on an AMD EPYC (Zen 4, no AMX: the same int8 sums, but
+    the attention's rounding differs) w8a8's worst was 0.60. Where the greedy paths part
     (w8a8 can part at the first token), each side's token is in the other's top 5."""
     options, (min_count, max_mean, max_error) = LOSSY_MODES[mode]
     llm = LLM(None, **options)

@@ -29,7 +29,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -645,7 +644,7 @@ bool amx_feature(unsigned bit) {
 }
 }  // namespace
 
-// whether w8a8_linear_packed can run here
+// whether w8a8_linear_packed can run on the tiles here
 bool amx_int8_available() {
   static const bool ok = amx_feature(25);
   return ok;
@@ -943,7 +942,6 @@ void amx_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const
   });
 }
 
-
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 // ---- The same products on AVX-512 dot products, for CPUs without the tile unit -------------
 // The tiles' packed layout ([N / 16, K / KT, 16, 64 bytes]) is also what VDPBF16PS and
@@ -958,6 +956,7 @@ void amx_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const
 // flipped once for the call, dp_unsigned_rows: flipping each broadcast instead made the
 // kernel slower than bf16) and the epilogue gets sum - 128 * (column sum of w), the exact
 // int32 sums again.
+
 // acc += a (unsigned bytes) . w (signed bytes), 4 to a lane. GCC 12's builtin for this does
 // not tie the accumulator to the output: in dp_tile it added a register copy per
 // instruction, and the int8 kernel ran slower than the bf16 one.
@@ -998,6 +997,7 @@ inline void dp_tile(const T* x, int64_t K, const T* b, const __m512i* bias128, v
     }
 }
 
+// int8 rows to VPDPBUSD's unsigned bytes, in place: x + 128, the sign bit flipped
 inline void dp_unsigned_rows(int8_t* q, int64_t n) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   int64_t i = 0;

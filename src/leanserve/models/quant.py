@@ -33,10 +33,10 @@ AUTO_MAX_ROWS = 4
 # int4 kernel vs bf16 (ms): 1 row 8.3 / 16.7, 4 rows 12.3 / 17.6, 6 rows 17.8 / 18.5, 8 rows
 # 19.9 / 19.2, 16 rows 33.4 / 22.4.
 INT4_MAX_ROWS = 6
-# The same two when the bf16 weights run on the AMX-BF16 tiles (PackedLinear.amx): a decode
-# step's projections plus lm_head, int8 / int4 / bf16 tiles (ms): 1 row 10.8 / 7.6 / 10.8,
-# 4 rows 14.0 / 10.0 / 10.8, 6 rows 21.9 / 15.4 / 11.0. int8 only ties at one row; int4
-# pays up to 4.
+# The same two when the bf16 weights run in our packed kernel (PackedLinear.own), measured on
+# the AMX-BF16 tiles: a decode step's projections plus lm_head, int8 / int4 / bf16 tiles
+# (ms): 1 row 10.8 / 7.6 / 10.8, 4 rows 14.0 / 10.0 / 10.8, 6 rows 21.9 / 15.4 / 11.0. int8
+# only ties at one row; int4 pays up to 4. (Not re-measured for the AVX512-BF16 path.)
 AMX_AUTO_MAX_ROWS, AMX_INT4_MAX_ROWS = 1, 4
 
 
