@@ -1,4 +1,3 @@
-import gguf
 import pytest
 
 from leanserve.engine.detokenizer import IncrementalDetokenizer
@@ -10,7 +9,7 @@ TEXT = "Sure! The answer is 42. 日本語 works 🤖👨‍👩‍👧 too, END 
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.from_gguf(gguf.GGUFReader(builtin_model_path()))
+    return Tokenizer.from_gguf(builtin_model_path())
 
 
 @pytest.fixture(scope="module")

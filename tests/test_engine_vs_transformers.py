@@ -62,6 +62,17 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, **generate_kwargs) 
 
 
 @functools.cache
+def builtin_reference(gguf: Path, prompt: tuple[int, ...], max_new_tokens: int) -> Reference:
+    """transformers' greedy answer on the built-in model (loaded once: four tests ask for the same)."""
+    return hf_greedy(builtin_hf(gguf), list(prompt), max_new_tokens)
+
+
+@functools.cache
+def builtin_hf(gguf: Path):
+    return load_hf(gguf.parent, gguf_file=gguf.name)
+
+
+@functools.cache
 def tiny_reference(model_dir: Path) -> list[Reference]:
     model = load_hf(model_dir)
     return [hf_greedy(model, p, NUM_NEW) for p in PROMPTS]
@@ -158,9 +169,8 @@ def test_builtin_model_greedy_equals_transformers(builtin_llm, builtin_gguf):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
     outs = builtin_llm.generate(prompts, params)
 
-    hf = load_hf(builtin_gguf.parent, gguf_file=builtin_gguf.name)
     for question, prompt, out in zip(CHAT_QUESTIONS, prompts, outs):
-        ref = hf_greedy(hf, prompt, 24)
+        ref = builtin_reference(builtin_gguf, tuple(prompt), 24)
         assert_tokens_equal(out.token_ids, ref.tokens, f"built-in model on {question!r}")
         assert_logprobs_close(out, ref)
 
@@ -196,10 +206,9 @@ def test_builtin_model_in_a_lossy_mode_stays_close_to_transformers(builtin_gguf,
     conversations = [[{"role": "user", "content": q}] for q in CHAT_QUESTIONS]
     prompts = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in conversations]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5))
-    hf = load_hf(builtin_gguf.parent, gguf_file=builtin_gguf.name)
     errors = []
     for prompt, out in zip(prompts, outs):
-        ref = hf_greedy(hf, prompt, 24)
+        ref = builtin_reference(builtin_gguf, tuple(prompt), 24)
         for pos, (lp, ref_token) in enumerate(zip(out.logprobs, ref.tokens)):
             if lp.token_id != ref_token:
                 assert lp.token_id in ref.logprobs[pos].topk(5).indices.tolist(), f"position {pos}"

@@ -14,6 +14,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralF
 
 from leanserve.errors import ModelLoadError
 from leanserve.models.loader import SUPPORTED_ARCHITECTURES, builtin_model_path, load_model_files
+from leanserve.models.gguf_file import GGUFFile, dequantize
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
@@ -252,3 +253,46 @@ def test_unsupported_gguf_architecture(tmp_path):
         write()
     with pytest.raises(ModelLoadError, match="'phi3'.*'llama', 'qwen2'"):
         load_model_files(str(tmp_path / "phi.gguf"))
+
+
+BLOCK_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32", "Q6_K"]
+
+
+@pytest.mark.parametrize("kind", BLOCK_FORMATS)
+def test_gguf_dequantization_equals_the_gguf_package(kind):
+    """Our torch dequantizers (and the fallback for the other formats) give the gguf package's
+    values, bit for bit, on data the gguf package quantized."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    values = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 3
+    if kind == "Q6_K":  # no quantizer in the gguf package: any bytes are a valid Q6_K tensor
+        data = np.random.default_rng(1).integers(0, 256, (8, 512 // 256 * 210), dtype=np.uint8)
+        data.view(np.float16)[:, -1] = np.float16(0.01)  # a finite scale at the end of each block
+    else:
+        data = gguf.quants.quantize(values, qtype)
+    expected = gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(-1)
+    ours = dequantize(data.view(np.uint8).reshape(-1), qtype)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, torch.from_numpy(expected.copy()))
+
+
+def test_gguf_fields_and_tensors_equal_the_gguf_packages_reader(tmp_path):
+    path = tmp_path / "fields.gguf"
+    write_gguf(path, "llama")
+    writer = gguf.GGUFWriter(str(tmp_path / "more.gguf"), "llama")
+    writer.add_uint8("t.u8", 200), writer.add_int16("t.i16", -3), writer.add_uint64("t.u64", 2**40)
+    writer.add_float64("t.f64", 0.1), writer.add_bool("t.bool", True), writer.add_string("t.str", "héllo")
+    writer.add_array("t.floats", [0.5, -1.25]), writer.add_array("t.strings", ["a", "", "ç"])
+    writer.add_array("t.nested", [[1, 2], [3]])
+    writer.add_tensor("x", np.arange(12, dtype=np.float32).reshape(3, 4))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        write()
+    for file in (path, tmp_path / "more.gguf"):
+        ours, reference = GGUFFile(str(file)), gguf.GGUFReader(str(file))
+        expected = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+        if "t.nested" in expected:  # the gguf package's contents() flattens arrays of arrays
+            assert ours.fields.pop("t.nested") == [[1, 2], [3]] and expected.pop("t.nested") == [1, 2, 3]
+        assert ours.fields == expected
+        assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+        for t, r in zip(ours.tensors, reference.tensors):
+            assert t.shape == tuple(int(d) for d in r.shape) and t.tensor_type == r.tensor_type
+            assert t.data.tobytes() == r.data.tobytes(), t.name

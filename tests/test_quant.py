@@ -229,9 +229,9 @@ CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.",
 
 @pytest.fixture(scope="module")
 def builtin_prompts(builtin_gguf):
-    from leanserve import LLM
+    from leanserve.models.tokenizer import Tokenizer
 
-    tokenizer = LLM(dtype="bfloat16", num_kv_blocks=16).tokenizer
+    tokenizer = Tokenizer.from_gguf(str(builtin_gguf))
     return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
             for p in CHAT_PROMPTS]
 

@@ -26,7 +26,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def smol():
-    return Tokenizer.from_gguf(gguf.GGUFReader(builtin_model_path()))
+    return Tokenizer.from_gguf(builtin_model_path())
 
 
 def test_special_tokens(smol):
@@ -165,7 +165,7 @@ def test_sentencepiece_gguf_matches_sentencepiece(tmp_path):
     writer.add_unk_token_id(sp.unk_id())
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
         write()
-    tok = Tokenizer.from_gguf(gguf.GGUFReader(str(tmp_path / "spm.gguf")))
+    tok = Tokenizer.from_gguf(str(tmp_path / "spm.gguf"))
 
     for text in TEXTS[:4] + TEXTS[5:7] + ["x", "  two  spaces"]:
         ids = tok.encode(text)  # llama.cpp adds BOS to a SentencePiece vocabulary unless told otherwise
@@ -182,4 +182,4 @@ def test_unsupported_gguf_tokenizer(tmp_path):
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
         write()
     with pytest.raises(ModelLoadError, match="'bert'"):
-        Tokenizer.from_gguf(gguf.GGUFReader(str(tmp_path / "bert.gguf")))
+        Tokenizer.from_gguf(str(tmp_path / "bert.gguf"))

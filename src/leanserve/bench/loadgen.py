@@ -116,8 +116,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_tokenizer(path: str | None):
     """Only the tokenizer: no weights are loaded."""
-    import gguf
-
     from ..models.loader import builtin_model_path
     from ..models.tokenizer import Tokenizer
 
@@ -126,7 +124,7 @@ def load_tokenizer(path: str | None):
         return Tokenizer.from_hf_folder(path)
     if not (os.path.isfile(path) and path.endswith(".gguf")):
         raise ValueError(f"{path}: not a .gguf file or a Hugging Face folder")
-    return Tokenizer.from_gguf(gguf.GGUFReader(path))
+    return Tokenizer.from_gguf(path)
 
 
 def one_token_words(tokenizer) -> list[int]:

@@ -658,21 +658,16 @@ bool amx_bf16_available() {
 
 // whether bf16_linear_packed / w8a8_linear_packed can run here: on the AMX tiles, else on
 // AVX512-BF16 / AVX512-VNNI dot products (the module is built for this CPU: -march=native)
-bool bf16_packed_available() {
+constexpr bool kDotProducts =
 #if defined(__x86_64__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  return true;
+    true;
 #else
-  return amx_bf16_available();
+    false;
 #endif
-}
 
-bool w8a8_packed_available() {
-#if defined(__x86_64__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  return true;
-#else
-  return amx_int8_available();
-#endif
-}
+bool bf16_packed_available() { return kDotProducts || amx_bf16_available(); }
+
+bool w8a8_packed_available() { return kDotProducts || amx_int8_available(); }
 
 #if defined(__x86_64__) && defined(__AVX512F__)
 namespace {

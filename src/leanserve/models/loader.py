@@ -18,12 +18,11 @@ import os
 import re
 from dataclasses import dataclass
 
-import gguf
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from leanserve.errors import ModelLoadError
+from leanserve.models.gguf_file import GGUFFile
 from leanserve.models.tokenizer import Tokenizer, gguf_field, read_json
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM"}
@@ -132,18 +131,17 @@ _GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w
 
 def _load_gguf(path: str) -> ModelFiles:
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError, struct errors, IndexError... on damaged files
+        reader = GGUFFile(path)
+    except Exception as e:  # ValueError, struct.error, UnicodeDecodeError... on damaged files
         raise ModelLoadError(f"{path}: cannot be read as GGUF (damaged or truncated?): {e}") from e
     config = _gguf_config(reader, path)
     permute = gguf_field(reader, "general.architecture") == "llama"
     weights = {}
     for t in reader.tensors:
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+            w = t.to_torch()
         except Exception as e:
             raise ModelLoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be read: {e}") from e
-        w = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: F32 data is a view of the mapped file
         m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)", t.name)
         layer, kind, suffix = m.groups() if m else (None, None, None)
         if kind in _GGUF_EXPERTS and layer is not None:
@@ -166,7 +164,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _gguf_config(reader: gguf.GGUFReader, path: str) -> dict:
+def _gguf_config(reader: GGUFFile, path: str) -> dict:
     arch = gguf_field(reader, "general.architecture")
     experts = gguf_field(reader, f"{arch}.expert_count", 0)
     hf_arch = {"llama": "MixtralForCausalLM" if experts else "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch)

@@ -20,6 +20,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as _Backend
 
 from leanserve.errors import InvalidRequest, ModelLoadError
+from leanserve.models.gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,9 @@ _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", 
 _GPT2 = {"default", "gpt2", "gpt-2", "mpt", "olmo"}
 
 
-def gguf_field(reader: gguf.GGUFReader, key: str, default=None):
+def gguf_field(reader: GGUFFile, key: str, default=None):
     """One metadata value of a GGUF file (str, number, bool or list), or `default`."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    return reader.fields.get(key, default)
 
 
 class Tokenizer:
@@ -117,8 +117,11 @@ class Tokenizer:
         return cls(backend, bos, eos, _folder_chat_template(path, config), eos_ids)
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
-        """Rebuild llama.cpp's tokenizer: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE)."""
+    def from_gguf(cls, reader: GGUFFile | str) -> Tokenizer:
+        """Rebuild llama.cpp's tokenizer: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE).
+        `reader`: the file, read, or its path."""
+        if isinstance(reader, str):
+            reader = GGUFFile(reader)
         kind = gguf_field(reader, "tokenizer.ggml.model")
         tokens = gguf_field(reader, "tokenizer.ggml.tokens")
         if kind not in ("gpt2", "llama") or not tokens:
