@@ -1038,23 +1038,23 @@ void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const 
   dp_tail<T, C, R - 1>(x, m, M - m, K, b, bias128, n0, epilogue);
 }
 
-// The whole product over the threads, split as amx_product splits it: each thread a
-// contiguous run of 64-column groups, each group's weights read from memory once while all
-// the rows pass over them (6 x 4 blocks; 12 x 2 measured level).
+// The whole product over the threads: each thread a contiguous run of column-block pairs
+// (as amx_product splits them), so the split is even to a pair: SmolLM2's o_proj and
+// down_proj have 36 blocks, which whole groups of four split 20 / 16. Within its run a thread
+// takes groups of four blocks (6 x 4 sums), then the pair left over (12 x 2: measured level
+// with 6 x 4), each group's weights read from memory once while all the rows pass over them.
 template <typename T, typename Epilogue>
 void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue) {
   const int64_t blocks = N / 16;
-  at::parallel_for(0, (blocks + 3) / 4, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t nb = 4 * g, n = std::min<int64_t>(4, blocks - nb);
-      const T* b = wp + nb * K * 16;
-      if (n == 4) {
-        dp_columns<T, 4, 6>(x, M, K, b, nb * 16, epilogue);
-      } else {  // the last group of a width that is not a multiple of 64
-        if (n >= 2) dp_columns<T, 2, 12>(x, M, K, b, nb * 16, epilogue);
-        if (n & 1) dp_columns<T, 1, 12>(x, M, K, b + (n - 1) * K * 16, (nb + n - 1) * 16, epilogue);
-      }
+  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    const int64_t last = std::min(2 * end, blocks);
+    int64_t nb = 2 * begin;
+    for (; nb + 4 <= last; nb += 4) dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue);
+    if (last - nb >= 2) {
+      dp_columns<T, 2, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue);
+      nb += 2;
     }
+    if (last - nb == 1) dp_columns<T, 1, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue);
   });
 }
 #endif
