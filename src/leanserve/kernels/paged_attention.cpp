@@ -957,8 +957,11 @@ void amx_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const
 // instruction, and the int8 kernel ran slower than the bf16 one.
 inline void dpbusd(__m512i& acc, __m512i a, __m512i w) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w)); }
 
+// pf, lines: cache lines to ask L2 for while the tile runs, spread over its K steps (the next
+// column group's weights, see dp_columns)
 template <typename T, int R, int C>
-inline void dp_tile(const T* x, int64_t K, const T* b, const __m512i* bias128, void* out) {
+inline void dp_tile(const T* x, int64_t K, const T* b, const __m512i* bias128, void* out, const char* pf,
+                    int64_t lines) {
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
   using V = std::conditional_t<kInt8, __m512i, __m512>;  // int32 or float32 sums (one type: casts made GCC spill)
   V acc[R][C];
@@ -970,7 +973,14 @@ inline void dp_tile(const T* x, int64_t K, const T* b, const __m512i* bias128, v
   const char* xb = reinterpret_cast<const char*>(x);
   const char* bb = reinterpret_cast<const char*>(b);
   const int64_t bs = K * 16 * sizeof(T), xs = K * sizeof(T), steps = xs / 4;  // bytes; 4-byte K steps
+  const int64_t every = lines > 0 ? std::max<int64_t>(1, steps / lines) : 0, per = lines > 0 ? (lines + steps - 1) / steps : 0;
+  const char* const pf_end = pf + lines * 64;
+  int64_t countdown = every;
   for (int64_t p = 0; p < steps; ++p) {
+    if (countdown && --countdown == 0) {
+      countdown = every;
+      for (int64_t j = 0; j < per && pf < pf_end; ++j, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+    }
     __m512i w[C];
     for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(bb + c * bs + p * 64);
     for (int r = 0; r < R; ++r) {
@@ -1002,28 +1012,32 @@ inline void dp_unsigned_rows(int8_t* q, int64_t n) {
 
 template <typename T, int C, int R, typename Epilogue>
 inline void dp_rows(const T* x, int64_t m0, int64_t K, const T* b, const __m512i* bias128, int64_t n0,
-                    const Epilogue& epilogue) {
+                    const Epilogue& epilogue, const char* pf = nullptr, int64_t lines = 0) {
   using Acc = std::conditional_t<std::is_same_v<T, int8_t>, int32_t, float>;
   alignas(64) Acc sums[(C + 1) / 2 * R * 32];
-  dp_tile<T, R, C>(x + m0 * K, K, b, bias128, sums);
+  dp_tile<T, R, C>(x + m0 * K, K, b, bias128, sums, pf, lines);
   for (int h = 0; 2 * h < C; ++h) epilogue(sums + h * R * 32, m0, R, n0 + 32 * h, std::min(2, C - 2 * h) * 16);
 }
 
 // The last `left` (< R) rows as one smaller tile.
 template <typename T, int C, int R, typename Epilogue>
 inline void dp_tail(const T* x, int64_t m0, int64_t left, int64_t K, const T* b, const __m512i* bias128, int64_t n0,
-                    const Epilogue& epilogue) {
+                    const Epilogue& epilogue, const char* pf, int64_t lines) {
   if constexpr (R > 0) {
-    if (left == R) dp_rows<T, C, R>(x, m0, K, b, bias128, n0, epilogue);
-    else dp_tail<T, C, R - 1>(x, m0, left, K, b, bias128, n0, epilogue);
+    if (left == R) dp_rows<T, C, R>(x, m0, K, b, bias128, n0, epilogue, pf, lines);
+    else dp_tail<T, C, R - 1>(x, m0, left, K, b, bias128, n0, epilogue, pf, lines);
   }
 }
 
 // All M rows against the C column blocks from column n0, R rows at a time. Blocking K (so a
 // chunk's weights stay in L1 while the rows pass) was level to 10% slower on Zen 4: the
 // weights come from L2 fast enough for the one 512-bit dot product a cycle it can issue.
+// next, next_bytes: the weights the thread multiplies after these (none: nullptr, 0), asked
+// for a share per row tile, so they are in L2 when that group starts: otherwise its first
+// row tile waits on memory (at 64 rows, 1 tile in 11).
 template <typename T, int C, int R, typename Epilogue>
-void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const Epilogue& epilogue) {
+void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const Epilogue& epilogue,
+                const T* next = nullptr, int64_t next_bytes = 0) {
   alignas(64) __m512i bias128[C];  // int8: 128 x each column's weight sum
   if constexpr (std::is_same_v<T, int8_t>) {
     const __m512i ones = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -1033,9 +1047,13 @@ void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const 
       for (int c = 0; c < C; ++c)
         dpbusd(bias128[c], ones, _mm512_loadu_si512(bb + c * K * 16 + p * 64));
   }
-  int64_t m = 0;
-  for (; m + R <= M; m += R) dp_rows<T, C, R>(x, m, K, b, bias128, n0, epilogue);
-  dp_tail<T, C, R - 1>(x, m, M - m, K, b, bias128, n0, epilogue);
+  const char* pf = reinterpret_cast<const char*>(next);
+  const int64_t tiles = (M + R - 1) / R, lines = tiles > 1 ? next_bytes / 64 : 0;  // one tile: streaming (measured slower)
+  int64_t m = 0, tile = 0;
+  auto share = [&](int64_t i) { return pf + lines * i / tiles * 64; };  // tile i's first line
+  for (; m + R <= M; m += R, ++tile)
+    dp_rows<T, C, R>(x, m, K, b, bias128, n0, epilogue, share(tile), (share(tile + 1) - share(tile)) / 64);
+  dp_tail<T, C, R - 1>(x, m, M - m, K, b, bias128, n0, epilogue, share(tile), (share(tile + 1) - share(tile)) / 64);
 }
 
 // The whole product over the threads: each thread a contiguous run of column-block pairs
@@ -1049,7 +1067,9 @@ void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const 
   at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     const int64_t last = std::min(2 * end, blocks);
     int64_t nb = 2 * begin;
-    for (; nb + 4 <= last; nb += 4) dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue);
+    for (; nb + 4 <= last; nb += 4)
+      dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, wp + (nb + 4) * K * 16,
+                          std::min<int64_t>(4, last - nb - 4) * K * 16 * static_cast<int64_t>(sizeof(T)));
     if (last - nb >= 2) {
       dp_columns<T, 2, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue);
       nb += 2;
