@@ -113,6 +113,12 @@ def test_w8a8_packed_kernel_gives_the_onednn_paths_bits(dtype, rows, n_in, n_out
         out = tiles(x)
         torch.testing.assert_close(out, onednn(x), rtol=0, atol=0, equal_nan=True)
         assert not out[rows // 2].isnan().any() and (rows <= 2 or out[1].isnan().all())
+        # the column sums made at load: 128 x each column's int8 weights, and the same bits as
+        # the kernel's own pass over the weights (no sums given)
+        blocks = tiles.packed.view(n_out // 16, n_in // 64, 16, 16, 4).int()  # [block, K/64, quad, column, 4]
+        assert torch.equal(tiles.sums128, 128 * blocks.sum(dim=(1, 2, 4)).flatten())
+        alone = native().w8a8_linear_packed(x, tiles.packed, tiles.scales, tiles.bias)
+        torch.testing.assert_close(alone, out, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(RuntimeError, match="columns"):
         tiles(torch.randn(2, n_in + 64, dtype=dtype))
 

@@ -1037,9 +1037,11 @@ inline void dp_tail(const T* x, int64_t m0, int64_t left, int64_t K, const T* b,
 // row tile waits on memory (at 64 rows, 1 tile in 11).
 template <typename T, int C, int R, typename Epilogue>
 void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const Epilogue& epilogue,
-                const T* next = nullptr, int64_t next_bytes = 0) {
-  alignas(64) __m512i bias128[C];  // int8: 128 x each column's weight sum
-  if constexpr (std::is_same_v<T, int8_t>) {
+                const T* next = nullptr, int64_t next_bytes = 0, const int32_t* sums128 = nullptr) {
+  alignas(64) __m512i bias128[C];  // int8: 128 x each column's weight sum (given, or one pass here)
+  if (std::is_same_v<T, int8_t> && sums128 != nullptr) {
+    for (int c = 0; c < C; ++c) bias128[c] = _mm512_loadu_si512(sums128 + n0 + 16 * c);
+  } else if constexpr (std::is_same_v<T, int8_t>) {
     const __m512i ones = _mm512_set1_epi8(static_cast<char>(0x80));
     for (int c = 0; c < C; ++c) bias128[c] = _mm512_setzero_si512();
     const char* bb = reinterpret_cast<const char*>(b);
@@ -1062,31 +1064,34 @@ void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const 
 // takes groups of four blocks (6 x 4 sums), then the pair left over (12 x 2: measured level
 // with 6 x 4), each group's weights read from memory once while all the rows pass over them.
 template <typename T, typename Epilogue>
-void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue) {
+void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue,
+                const int32_t* sums128) {
   const int64_t blocks = N / 16;
   at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     const int64_t last = std::min(2 * end, blocks);
     int64_t nb = 2 * begin;
     for (; nb + 4 <= last; nb += 4)
       dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, wp + (nb + 4) * K * 16,
-                          std::min<int64_t>(4, last - nb - 4) * K * 16 * static_cast<int64_t>(sizeof(T)));
+                          std::min<int64_t>(4, last - nb - 4) * K * 16 * static_cast<int64_t>(sizeof(T)), sums128);
     if (last - nb >= 2) {
-      dp_columns<T, 2, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue);
+      dp_columns<T, 2, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, nullptr, 0, sums128);
       nb += 2;
     }
-    if (last - nb == 1) dp_columns<T, 1, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue);
+    if (last - nb == 1) dp_columns<T, 1, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, nullptr, 0, sums128);
   });
 }
 #endif
 
 // x times the packed weight: on the tiles where there are some, else on AVX-512 dot products
-// (int8 rows: x is changed, see dp_unsigned_rows)
+// (int8 rows: x is changed, see dp_unsigned_rows; sums128: w8a8_column_sums of the weight,
+// else the dot-product path makes them at each call)
 template <typename T, typename Epilogue>
-void packed_product(T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue) {
+void packed_product(T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue,
+                    const int32_t* sums128 = nullptr) {
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   if (!(std::is_same_v<T, int8_t> ? amx_int8_available() : amx_bf16_available())) {
     if constexpr (std::is_same_v<T, int8_t>) dp_unsigned_rows(x, M * K);
-    return dp_product(static_cast<const T*>(x), M, K, wp, N, epilogue);
+    return dp_product(static_cast<const T*>(x), M, K, wp, N, epilogue, sums128);
   }
 #endif
   amx_product(x, M, K, wp, N, epilogue);
@@ -1098,14 +1103,32 @@ void packed_product(T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Ep
 // y = x @ w^T for W8A8: x [..., K] quantized per row (quantize_row), the int8 weight packed
 // by W8A8Linear for the tiles ([N / 16, K / 64, 16, 64]: tile row r holds, for 16 output
 // columns, 4 consecutive inputs each), float32 per-column scales, optional bias; out in x's dtype.
+// 128 x each column's sum of a packed int8 weight [N / 16, K / 64, 16, 64], int32 [N]: what the
+// AVX512-VNNI path subtracts from its unsigned-row sums, made once at load rather than with a
+// pass over the weights in every call (which at one row doubled the dot products).
+torch::Tensor w8a8_column_sums(const torch::Tensor& packed) {
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 64 &&
+                  packed.is_contiguous(), "packed must be int8 [N / 16, K / 64, 16, 64]");
+  const int64_t K = packed.size(1) * 64, N = packed.size(0) * 16;
+  auto out = torch::zeros({N}, packed.options().dtype(at::kInt));
+  const int8_t* w = packed.data_ptr<int8_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  for (int64_t n = 0; n < N; ++n)  // the packed block of column n: its 4 K values at p * 64 + (n % 16) * 4
+    for (int64_t p = 0; p < K / 4; ++p)
+      for (int64_t j = 0; j < 4; ++j) o[n] += 128 * w[(n / 16) * K * 16 + p * 64 + (n % 16) * 4 + j];
+  return out;
+}
+
 torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
-                              const std::optional<torch::Tensor>& bias) {
+                              const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& sums128) {
   TORCH_CHECK(w8a8_packed_available(), "neither AMX-INT8 nor AVX512-VNNI is available here");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 64 &&
                   packed.is_contiguous(), "packed must be int8 [N / 16, K / 64, 16, 64]");
   const int64_t K = packed.size(1) * 64, N = packed.size(0) * 16;
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " columns; the weight takes ", K);
   TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.is_contiguous() && w_scales.numel() == N, "bad w_scales");
+  TORCH_CHECK(!sums128 || (sums128->scalar_type() == at::kInt && sums128->is_contiguous() && sums128->numel() == N),
+              "sums128 must be w8a8_column_sums(packed)");
   auto x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0), Mp = amx_int8_available() ? (M + 15) / 16 * 16 : M;
   auto q = torch::empty({Mp, K}, x.options().dtype(at::kChar));
@@ -1133,7 +1156,7 @@ torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
         rescale_row(acc, sp[m0 + i], bp ? bp + n0 : nullptr, op_ + (m0 + i) * N + n0, cols);
       }
     };
-    packed_product(qp, M, K, wp, N, epilogue);
+    packed_product(qp, M, K, wp, N, epilogue, sums128 ? sums128->data_ptr<int32_t>() : nullptr);
   });
 #endif
   auto shape = x.sizes().vec();
@@ -1585,6 +1608,7 @@ struct LinearSpec {
   std::optional<at::Tensor> dense;    // the bf16 weight, for many rows
   int64_t dense_kind;                 // how `dense` is stored: kDense, kPacked, kBf16Packed(Swiglu)
   std::optional<at::Tensor> zero_points;  // W8A8: the weights' (zero) zero points, int64
+  std::optional<at::Tensor> sums128;      // W8A8 packed: w8a8_column_sums(w)
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (dense && x.size(0) > max_rows) {
@@ -1597,7 +1621,7 @@ struct LinearSpec {
     switch (kind) {
       case kPacked: return packed_linear(x, w, bias);
       case kW8A8: return w8a8_linear(x, w, *extra, *zero_points, bias);
-      case kW8A8Packed: return w8a8_linear_packed(x, w, *extra, bias);
+      case kW8A8Packed: return w8a8_linear_packed(x, w, *extra, bias, sums128);
       case kBf16Packed: return bf16_linear_packed(x, w, bias, 0);
       case kBf16PackedSwiglu: return bf16_linear_packed(x, w, bias, 1);
       case kInt8: y = at::_weight_int8pack_mm(x, w, *extra); break;
@@ -1728,8 +1752,9 @@ class ForwardPlan {
     TORCH_CHECK(t.size() == 8, "a linear spec is (kind, weight, extra, bias, group, max_rows, dense, dense_kind)");
     LinearSpec s{t[0].cast<int64_t>(), t[1].cast<at::Tensor>(), t[2].cast<std::optional<at::Tensor>>(),
                  t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
-                 t[6].cast<std::optional<at::Tensor>>(), t[7].cast<int64_t>(), std::nullopt};
+                 t[6].cast<std::optional<at::Tensor>>(), t[7].cast<int64_t>(), std::nullopt, std::nullopt};
     if (s.kind == kW8A8) s.zero_points = torch::zeros({s.extra->size(0)}, torch::kLong);
+    if (s.kind == kW8A8Packed) s.sums128 = w8a8_column_sums(s.w);
     return s;
   }
 
@@ -1756,7 +1781,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether w8a8_linear_packed can run here (AMX-INT8 tiles or AVX512-VNNI)");
   m.def("w8a8_linear_packed", &w8a8_linear_packed,
         "W8A8: int8 rows x a weight packed for the tiles (AMX-INT8, else AVX512-VNNI)",
-        py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("bias") = py::none(),
+        py::arg("sums128") = py::none());
+  m.def("w8a8_column_sums", &w8a8_column_sums, "128 x each column's sum of a packed int8 weight (w8a8_linear_packed's sums128)",
+        py::arg("packed"));
   m.def("amx_bf16_available", &amx_bf16_available, "whether bf16_linear_packed runs on AMX tiles here");
   m.def("bf16_packed_available", &bf16_packed_available,
         "whether bf16_linear_packed can run here (AMX-BF16 tiles or AVX512-BF16)");

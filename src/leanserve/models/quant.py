@@ -143,6 +143,8 @@ class W8A8Linear(nn.Module):
         self.amx = self.own and kernels.amx_int8_available()  # on the tiles (else AVX512-VNNI)
         packed = pack_for_tiles(q) if self.own else torch.ops.onednn.qlinear_prepack(q, None)
         self.register_buffer("packed", packed.contiguous())
+        # the VNNI path's 128 x column sums, made once here rather than in every call
+        self.register_buffer("sums128", kernels.w8a8_column_sums(self.packed) if self.own else None)
         self.register_buffer("scales", scales)  # float32, as oneDNN wants
         self.register_buffer("zero_points", torch.zeros(w.shape[0], dtype=torch.int64))
         self.bias = linear.bias
@@ -154,7 +156,7 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x):
         if self.own:
-            return native().w8a8_linear_packed(x, self.packed, self.scales, self.bias)
+            return native().w8a8_linear_packed(x, self.packed, self.scales, self.bias, self.sums128)
         if (kernels := native()) is not None:
             return kernels.w8a8_linear(x, self.packed, self.scales, self.zero_points, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
