@@ -1100,9 +1100,6 @@ void packed_product(T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Ep
 }  // namespace
 #endif
 
-// y = x @ w^T for W8A8: x [..., K] quantized per row (quantize_row), the int8 weight packed
-// by W8A8Linear for the tiles ([N / 16, K / 64, 16, 64]: tile row r holds, for 16 output
-// columns, 4 consecutive inputs each), float32 per-column scales, optional bias; out in x's dtype.
 // 128 x each column's sum of a packed int8 weight [N / 16, K / 64, 16, 64], int32 [N]: what the
 // AVX512-VNNI path subtracts from its unsigned-row sums, made once at load rather than with a
 // pass over the weights in every call (which at one row doubled the dot products).
@@ -1119,6 +1116,10 @@ torch::Tensor w8a8_column_sums(const torch::Tensor& packed) {
   return out;
 }
 
+// y = x @ w^T for W8A8: x [..., K] quantized per row (quantize_row), the int8 weight packed
+// by W8A8Linear for the tiles ([N / 16, K / 64, 16, 64]: tile row r holds, for 16 output
+// columns, 4 consecutive inputs each), float32 per-column scales, optional bias; out in x's dtype;
+// sums128: w8a8_column_sums(packed), else the AVX512-VNNI path makes them in the call.
 torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
                               const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& sums128) {
   TORCH_CHECK(w8a8_packed_available(), "neither AMX-INT8 nor AVX512-VNNI is available here");
@@ -1749,12 +1750,12 @@ class ForwardPlan {
 
  private:
   static LinearSpec spec(const py::tuple& t) {
-    TORCH_CHECK(t.size() == 8, "a linear spec is (kind, weight, extra, bias, group, max_rows, dense, dense_kind)");
+    TORCH_CHECK(t.size() == 9, "a linear spec is (kind, weight, extra, bias, group, max_rows, dense, dense_kind, sums128)");
     LinearSpec s{t[0].cast<int64_t>(), t[1].cast<at::Tensor>(), t[2].cast<std::optional<at::Tensor>>(),
                  t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
-                 t[6].cast<std::optional<at::Tensor>>(), t[7].cast<int64_t>(), std::nullopt, std::nullopt};
+                 t[6].cast<std::optional<at::Tensor>>(), t[7].cast<int64_t>(), std::nullopt,
+                 t[8].cast<std::optional<at::Tensor>>()};
     if (s.kind == kW8A8) s.zero_points = torch::zeros({s.extra->size(0)}, torch::kLong);
-    if (s.kind == kW8A8Packed) s.sums128 = w8a8_column_sums(s.w);
     return s;
   }
 
