@@ -156,7 +156,7 @@ def dequantize(data: np.ndarray, kind: GGMLQuantizationType) -> torch.Tensor:
     """Raw tensor bytes -> a flat float32 tensor of their values (a new tensor)."""
     raw = torch.from_numpy(np.array(data, dtype=np.uint8))  # a copy: the mapped file is read-only
     if kind == GGMLQuantizationType.F32:
-        return raw.view(torch.float32).clone()
+        return raw.view(torch.float32)
     if kind == GGMLQuantizationType.F16:
         return raw.view(torch.float16).float()
     if kind == GGMLQuantizationType.BF16:
