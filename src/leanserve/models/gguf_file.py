@@ -47,8 +47,7 @@ class GGUFFile:
 
     def __init__(self, path: str):
         with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = self._map
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # kept alive by the tensors' views
         if buf[:4] != MAGIC:
             raise ValueError(f"not a GGUF file (magic {bytes(buf[:4])!r})")
         version, n_tensors, n_fields = struct.unpack_from("<IQQ", buf, 4)
@@ -81,9 +80,6 @@ class GGUFFile:
                 raise ValueError(f"tensor {name} ends at byte {end}, past the end of the file ({len(whole)} bytes)")
             self.tensors.append(GGUFTensor(name, tuple(int(d) for d in dims), kind, whole[start + offset:end]))
         del self._buf
-
-    def get(self, key: str, default=None):
-        return self.fields.get(key, default)
 
     def _u32(self) -> int:
         (v,) = struct.unpack_from("<I", self._buf, self._pos)
