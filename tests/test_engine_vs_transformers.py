@@ -184,7 +184,7 @@ def test_builtin_model_greedy_equals_transformers(builtin_llm, builtin_gguf):
 LOSSY_MODES = {
     "int8-kv": (dict(kv_cache_dtype="int8"), (24, 0.05, 0.4)),
     "w8a8": (dict(quantization="w8a8"), (12, 0.2, 0.7)),
-    "w8a8+int8-kv": (dict(quantization="w8a8", kv_cache_dtype="int8"), (24, 0.2, 0.9)),
+    "w8a8+int8-kv": (dict(quantization="w8a8", kv_cache_dtype="int8"), (20, 0.2, 0.9)),
 }
 
 
@@ -197,7 +197,10 @@ def test_builtin_model_in_a_lossy_mode_stays_close_to_transformers(builtin_gguf,
     w8a8 ~0.13 / ~0.32, both ~0.11 / ~0.64 (the plain bf16 engine: ~0.02 / ~0.09; float32:
     under 1e-3), on a Sapphire Rapids; on an AMD EPYC (Zen 4, no AMX: the same int8 sums, but
     the attention's rounding differs) w8a8's worst was 0.60. Where the greedy paths part
-    (w8a8 can part at the first token), each side's token is in the other's top 5."""
+    (w8a8 can part at the first token), each side's token is in the other's top 5. How many
+    positions are compared depends on where a near-tie flips: on the AMD, both modes together
+    part after 0, 14 and 19 tokens with the float int8 attention and after 0, 14 and 8 with the
+    VNNI one (mean / worst error 0.11 / 0.40 and 0.09 / 0.26), hence 20 there."""
     options, (min_count, max_mean, max_error) = LOSSY_MODES[mode]
     llm = LLM(None, **options)
     if "kv_cache_dtype" in options:

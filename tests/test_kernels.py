@@ -50,13 +50,16 @@ def test_native_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
 @pytest.mark.parametrize("window", [0, 20])
-def test_native_decode_attention_over_an_int8_cache(dtype, tol, heads, kv_heads, head_dim, window):
+@pytest.mark.parametrize("bs", [8, 16, 32])
+def test_native_decode_attention_over_an_int8_cache(dtype, tol, heads, kv_heads, head_dim, window, bs):
     """An int8 cache (one scale per token and kv head) gives the attention of its dequantized
     keys and values; and the native cache writer rounds as the torch quantizer does. A row
-    holding inf or NaN keeps a NaN scale (attention over it is NaN, as with a bf16 cache)."""
+    holding inf or NaN keeps a NaN scale (attention over it is NaN, as with a bf16 cache).
+    bf16 queries over blocks of 16 or 32 tokens take the VNNI kernel where the CPU has it,
+    blocks of 8 the float one."""
     kernels = native()
     gen = torch.Generator().manual_seed(heads + window)
-    B, bs, nblocks = 6, 16, 50
+    B, nblocks = 6, 800 // bs
     k = torch.randn(nblocks * bs, kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(nblocks * bs, kv_heads, head_dim, generator=gen).to(dtype)
     cache = llama.KVPool(llama.ModelArgs("LlamaForCausalLM", 8, 8, 1, heads, kv_heads, head_dim, 8), nblocks, bs,
@@ -67,7 +70,8 @@ def test_native_decode_attention_over_an_int8_cache(dtype, tol, heads, kv_heads,
     assert torch.equal(cache.k.view(-1, kv_heads, head_dim)[slots], qk)  # bit-equal with the torch quantizer
     assert torch.equal(cache.k_scale.view(-1, kv_heads)[slots], sk)
     q = torch.randn(B, heads, head_dim, generator=gen).to(dtype)
-    tables = torch.randperm(nblocks, generator=gen)[:B * 5].view(B, 5)
+    W = 80 // bs + 1
+    tables = torch.randperm(nblocks, generator=gen)[:B * W].view(B, W)
     lens = torch.tensor([1, 16, 17, 40, 63, 80])
     out = kernels.paged_decode_attention(q, cache.k, cache.v, tables, lens, window, head_dim ** -0.5,
                                          cache.k_scale, cache.v_scale)
@@ -487,3 +491,35 @@ def test_native_gather_of_an_int8_cache_dequantizes_as_torch_does(monkeypatch, d
         assert a.shape == (64, 3, 64) and a.dtype == dtype
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     assert fast[0][16 + 2, 1].isnan().all()
+
+
+def test_native_decode_attention_over_an_int8_cache_long_sharp_and_nan():
+    """The int8 kernels over long sequences with sharp attention (the VNNI kernel keeps each
+    weight as 16-bit fixed point of the largest), row by row as in a batch, and a NaN scale
+    (a key that held inf or NaN) makes its kv head's query heads NaN."""
+    kernels = native()
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, D, bs = 9, 3, 64, 16
+    lens = torch.tensor([3000, 17, 1, 700])
+    W = 3000 // bs + 1
+    nblocks = len(lens) * W
+    k = torch.randn(nblocks * bs, kv_heads, D, generator=gen)
+    v = torch.randn(nblocks * bs, kv_heads, D, generator=gen)
+    cache = llama.KVPool(llama.ModelArgs("LlamaForCausalLM", 8, 8, 1, heads, kv_heads, D, 8), nblocks, bs,
+                         torch.int8).layer(0)
+    cache.write(torch.arange(nblocks * bs), k, v)
+    q = (4 * torch.randn(len(lens), heads, D, generator=gen)).bfloat16()  # sharp: a few keys dominate
+    tables = torch.randperm(nblocks, generator=gen).view(len(lens), W)
+    out = kernels.paged_decode_attention(q, cache.k, cache.v, tables, lens, 0, D ** -0.5, cache.k_scale, cache.v_scale)
+    kd = (cache.k.float() * cache.k_scale[..., None]).bfloat16()
+    vd = (cache.v.float() * cache.v_scale[..., None]).bfloat16()
+    torch.testing.assert_close(out.float(), reference(q, kd, vd, tables, lens, 0), atol=2e-2, rtol=2e-2)
+    for b in range(len(lens)):  # each row alone: the same bits
+        alone = kernels.paged_decode_attention(q[b:b + 1], cache.k, cache.v, tables[b:b + 1], lens[b:b + 1], 0,
+                                               D ** -0.5, cache.k_scale, cache.v_scale)
+        assert torch.equal(alone[0], out[b])
+    block, off = tables[3, 5].item(), 3  # a key of row 3 (700 tokens), kv head 1
+    cache.k_scale[block, off, 1] = float("nan")
+    out = kernels.paged_decode_attention(q, cache.k, cache.v, tables, lens, 0, D ** -0.5, cache.k_scale, cache.v_scale)
+    assert torch.isnan(out[3, 3:6]).all()
+    assert not torch.isnan(out[3, :3]).any() and not torch.isnan(out[:3]).any()

@@ -72,6 +72,13 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
 #if defined(__AVX512BF16__)
 extern "C" __m512 _ZGVeN16v_expf(__m512);  // glibc's libmvec expf, 16 lanes (what GCC vectorizes std::exp to)
 
+#if defined(__AVX512VNNI__)
+// acc += a (unsigned bytes) . w (signed bytes), 4 to a lane. GCC 12's builtin for this does
+// not tie the accumulator to the output: in dp_tile (below) it added a register copy per
+// instruction, and the int8 kernel ran slower than the bf16 one.
+inline void dpbusd(__m512i& acc, __m512i a, __m512i w) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w)); }
+#endif
+
 // 16 bf16 values (in the low bits of 32-bit lanes' top halves) widened to float32.
 inline __m512 widen_bf16(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
 
@@ -273,6 +280,268 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const C* kc, const C
   });
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// ---- Decode attention over an int8 cache on VNNI dot products ------------------------------
+// decode_bf16_avx512 widens every int8 key and value to float32 and sums each key's products
+// across the register with a shuffle tree (~45 instructions per key and kv head), so an int8
+// cache, with half of bf16's bytes, ran no faster than bf16 (64 sequences x 192 tokens x 30
+// layers: ~18 ms either way, ~12 with every block in cache). Here both passes multiply bytes
+// by bytes on VPDPBUSD, in exact int32 sums:
+// - keys: each query head (times the softmax scale) as 16-bit integers, q ~= qs * (256 hi +
+//   lo) with hi, lo signed bytes (15 bits against bf16's 8: the scores keep float precision),
+//   against 16 keys at once, one key per dword lane (key_rows16); the keys go in as unsigned
+//   bytes (sign bit flipped) and 128 x sum(q) comes off after;
+// - values: each token's softmax weight times its value scale as a 16-bit fixed point of the
+//   head's largest (hi, lo unsigned bytes), against 4 tokens' values interleaved byte by byte,
+//   one dimension per dword lane (value_rows16). Weights under 1 / 65535 of the largest round
+//   to zero.
+// The same 64 x 192 x 30 step: ~10 ms from memory, ~8 with every block in cache; the outputs
+// match the float path's to a bf16 rounding step. A row's result does not depend on the
+// other rows. The value sums are int32: up to 65,536 keys (longer windows take the float path).
+
+// One kv head's 64-byte part of 16 tokens' values (rows `row` bytes apart) into the sums of
+// its G query heads: acc[i * 8 + half * 4 + c] (c < 2: the weights' high bytes, 2 + c: low).
+// A function of its own, so its 12 sums stay in registers (inlined into the sequence loop,
+// they lived on the stack).
+template <int G, int HALF>
+__attribute__((noinline)) void value_rows16(const int8_t* pr, int64_t row, const uint8_t* whi, const uint8_t* wlo,
+                                            int64_t span, __m512i* acc) {
+  __m512i a[G][4];
+  for (int i = 0; i < G; ++i)
+    for (int c = 0; c < 4; ++c) a[i][c] = acc[i * 8 + HALF * 4 + c];
+  for (int t4 = 0; t4 < 16; t4 += 4, pr += 4 * row) {
+    const __m512i r0 = _mm512_loadu_si512(pr), r1 = _mm512_loadu_si512(pr + row);
+    const __m512i r2 = _mm512_loadu_si512(pr + 2 * row), r3 = _mm512_loadu_si512(pr + 3 * row);
+    const __m512i s0 = HALF ? _mm512_unpackhi_epi8(r0, r1) : _mm512_unpacklo_epi8(r0, r1);
+    const __m512i s2 = HALF ? _mm512_unpackhi_epi8(r2, r3) : _mm512_unpacklo_epi8(r2, r3);
+    // x0 / x1, 128-bit lane L, dword i: dimension 16 L + 8 HALF + 4 c + i (c = 0 / 1) of the 4 tokens
+    const __m512i x0 = _mm512_unpacklo_epi16(s0, s2), x1 = _mm512_unpackhi_epi16(s0, s2);
+    for (int i = 0; i < G; ++i) {
+      int32_t w4h, w4l;
+      std::memcpy(&w4h, whi + i * span + t4, 4);
+      std::memcpy(&w4l, wlo + i * span + t4, 4);
+      const __m512i wh = _mm512_set1_epi32(w4h), wl = _mm512_set1_epi32(w4l);
+      dpbusd(a[i][0], wh, x0);
+      dpbusd(a[i][1], wh, x1);
+      dpbusd(a[i][2], wl, x0);
+      dpbusd(a[i][3], wl, x1);
+    }
+  }
+  for (int i = 0; i < G; ++i)
+    for (int c = 0; c < 4; ++c) acc[i * 8 + HALF * 4 + c] = a[i][c];
+}
+
+// 16 keys' 64-byte parts (rows `row` bytes apart) against G query heads' 16-bit parts:
+// out[i] += 256 x (hi sums) + (lo sums), one lane per key (keys as unsigned bytes, so still
+// 128 x sum(q) over). The rows are interleaved within 128-bit lanes only (u[4g + c], lane L:
+// keys 4g..4g+3 at dword 4L + c of the row); the query's dwords come permuted to match
+// (qv[c]: dword 4L + c in lane L's four; qv[4 + c]: the low parts), and the four lanes'
+// partial sums are added across at the end: fewer live registers than a full transpose.
+template <int G>
+__attribute__((noinline)) void key_rows16(const int8_t* kb, int64_t row, const __m512i* qv, int64_t qstride,
+                                          const char* next, __m512i* out) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i u[16];
+  for (int g = 0; g < 4; ++g) {
+    __m512i r[4];
+    for (int j = 0; j < 4; ++j) {
+      r[j] = _mm512_xor_si512(_mm512_loadu_si512(kb + (4 * g + j) * row), flip);
+      if (next) _mm_prefetch(next + (4 * g + j) * row, _MM_HINT_T1);
+    }
+    const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t0, t2);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+  }
+  for (int i = 0; i < G; ++i) {
+    const __m512i* q = qv + i * qstride;
+    __m512i comb[4];
+    for (int g = 0; g < 4; ++g) {
+      __m512i h = _mm512_setzero_si512(), l = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        dpbusd(h, u[4 * g + c], q[c]);
+        dpbusd(l, u[4 * g + c], q[4 + c]);
+      }
+      comb[g] = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+    }
+    // lane (4g + i) of the result: the sum of comb[g]'s four 128-bit lanes' dword i
+    const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(comb[0], comb[1], 0x44), _mm512_shuffle_i32x4(comb[0], comb[1], 0xEE));
+    const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(comb[2], comb[3], 0x44), _mm512_shuffle_i32x4(comb[2], comb[3], 0xEE));
+    out[i] = _mm512_add_epi32(out[i], _mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, 0x88), _mm512_shuffle_i32x4(s01, s23, 0xDD)));
+  }
+}
+// How far ahead decode_int8_vnni asks for a sequence's lines (into L2; T0 and whole blocks
+// at once measured slower, as for decode_bf16_avx512): 16, 32 and 48 tokens measured alike.
+constexpr int64_t kAhead = 32;
+
+template <int NV, int G>
+void decode_int8_vnni(const c10::BFloat16* q, int64_t qs, const int8_t* kc, const int8_t* vc, const float* ks,
+                      const float* vs, const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B,
+                      int64_t Hkv, int64_t bs, int64_t W, int64_t window, float scale) {
+  constexpr int64_t D = 16 * NV;
+  constexpr int KZ = NV / 4;  // 64-byte parts of a kv head's row
+  const int64_t H = Hkv * G, row = Hkv * D, blk_stride = bs * row;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(B, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<float> scores, vsc;
+    std::vector<uint8_t> whi, wlo;
+    std::vector<int32_t> qhi(D / 4), qlo(D / 4), corr(H);
+    std::vector<__m512i> qv(H * KZ * 8);
+    std::vector<float> qscale(H), osc(H);
+    std::vector<__m512i> acc(H * KZ * 8);
+    const __m512i lane_index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < B;) {
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t b0 = first / bs, b1 = (len - 1) / bs;  // the blocks read
+      const int64_t start = b0 * bs, span = (b1 + 1) * bs - start, lo = first - start, hi = len - start;
+      const int64_t* table = tables + b * W;
+      scores.resize(H * span);
+      vsc.resize(Hkv * span);
+      whi.resize(H * span);
+      wlo.resize(H * span);
+      // the query heads as 16-bit integers: hi = floor((q16 + 128) / 256), lo = q16 - 256 hi
+      for (int64_t h = 0; h < H; ++h) {
+        float qf[D], amax = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          qf[d] = static_cast<float>(q[b * qs + h * D + d]) * scale;
+          amax = std::max(amax, std::abs(qf[d]));
+        }
+        const float inv = amax > 0.f ? 32639.f / amax : 0.f;
+        int8_t* ph = reinterpret_cast<int8_t*>(qhi.data());
+        int8_t* pl = reinterpret_cast<int8_t*>(qlo.data());
+        int32_t sum = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const int32_t q16 = static_cast<int32_t>(std::nearbyint(qf[d] * inv));
+          const int32_t h8 = (q16 + 128) >> 8;
+          ph[d] = static_cast<int8_t>(h8);
+          pl[d] = static_cast<int8_t>(q16 - 256 * h8);
+          sum += q16;
+        }
+        corr[h] = 128 * sum;
+        for (int z = 0; z < KZ; ++z)  // key_rows16's order: qv[c], lane 4L + i: dword 4L + c
+          for (int c = 0; c < 4; ++c) {
+            const __m512i idx = _mm512_add_epi32(_mm512_and_si512(lane_index, _mm512_set1_epi32(~3)), _mm512_set1_epi32(c));
+            qv[(h * KZ + z) * 8 + c] = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(qhi.data() + z * 16));
+            qv[(h * KZ + z) * 8 + 4 + c] = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(qlo.data() + z * 16));
+          }
+        qscale[h] = amax / 32639.f;
+      }
+      // keys, 16 at a time: scores[h * span + position from start] (every slot of the blocks
+      // read; only [lo, hi) is used). The blocks are scattered over the pool, so the next 16
+      // tokens' lines are asked for while these are summed, a kv head's share at a time, with
+      // their key and value scales (and, at the end, the first values).
+      auto rows_at = [&](const int8_t* cache, int64_t pos) { return cache + (table[pos / bs] * bs + pos % bs) * row; };
+      auto scales_at = [&](const float* sc, int64_t pos) { return sc + (table[pos / bs] * bs + pos % bs) * Hkv; };
+      const int64_t end = start + span;
+      for (int64_t pk = start; pk < std::min(end, start + kAhead); pk += 16) {  // the first lines
+        const char* k = reinterpret_cast<const char*>(rows_at(kc, pk));
+        for (int64_t c = 0; c < 16 * row; c += 64) _mm_prefetch(k + c, _MM_HINT_T1);
+        for (int64_t c = 0; c < 16 * Hkv * 4; c += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(scales_at(ks, pk)) + c, _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(scales_at(vs, pk)) + c, _MM_HINT_T1);
+        }
+      }
+      for (int64_t p = start; p < end; p += 16) {
+        const int8_t* kb = rows_at(kc, p);
+        const int64_t pk = p + kAhead;  // the position whose lines are asked for
+        const int8_t* nk = pk < end ? rows_at(kc, pk) : pk - end < span ? rows_at(vc, start + pk - end) : nullptr;
+        if (pk < end) {
+          for (int64_t c = 0; c < 16 * Hkv * 4; c += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(scales_at(ks, pk)) + c, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(scales_at(vs, pk)) + c, _MM_HINT_T1);
+          }
+        }
+        const float* ksp = scales_at(ks, p);
+        for (int64_t kh = 0; kh < Hkv; ++kh) {
+          __m512i sums[G];
+          for (int i = 0; i < G; ++i) sums[i] = _mm512_setzero_si512();
+          for (int z = 0; z < KZ; ++z)
+            key_rows16<G>(kb + kh * D + z * 64, row, qv.data() + (kh * G * KZ + z) * 8, KZ * 8,
+                          nk ? reinterpret_cast<const char*>(nk + kh * D + z * 64) : nullptr, sums);
+          const __m512 kscale = _mm512_i32gather_ps(_mm512_mullo_epi32(lane_index, _mm512_set1_epi32(static_cast<int32_t>(Hkv))),
+                                                    ksp + kh, 4);
+          for (int i = 0; i < G; ++i) {
+            const int64_t h = kh * G + i;
+            const __m512i s = _mm512_sub_epi32(sums[i], _mm512_set1_epi32(corr[h]));
+            _mm512_storeu_ps(scores.data() + h * span + p - start,
+                             _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_set1_ps(qscale[h]), kscale)));
+          }
+        }
+      }
+      // value scales by position (a block's are [bs, Hkv]); the softmax weights times them,
+      // as 16-bit fixed point of the head's largest
+      for (int64_t blk = b0; blk <= b1; ++blk) {
+        const float* v = vs + table[blk] * bs * Hkv;
+        for (int64_t o = 0; o < bs; ++o)
+          for (int64_t kh = 0; kh < Hkv; ++kh) vsc[kh * span + (blk - b0) * bs + o] = v[o * Hkv + kh];
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* sp = scores.data() + h * span;
+        const float* vp = vsc.data() + (h / G) * span;
+        float mx = -std::numeric_limits<float>::max();
+        for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, sp[j]);
+        float sum = 0.f, wmax = 0.f, wsum = 0.f;
+        for (int64_t j = lo; j < hi; ++j) {
+          const float e = std::exp(sp[j] - mx);
+          sum += e;
+          sp[j] = e * vp[j];
+          wmax = std::max(wmax, sp[j]);
+          wsum += sp[j];
+        }
+        std::fill(sp, sp + lo, 0.f);  // the positions outside the window weigh nothing
+        std::fill(sp + hi, sp + span, 0.f);
+        const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 65535.f / wmax : 0.f);
+        uint8_t* ph = whi.data() + h * span;
+        uint8_t* pl = wlo.data() + h * span;
+        for (int64_t j = 0; j < span; j += 16) {  // span: whole blocks, 16 positions each at least
+          const __m512i w16 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(sp + j), inv));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ph + j), _mm512_cvtepi32_epi8(_mm512_srli_epi32(w16, 8)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(pl + j),
+                           _mm512_cvtepi32_epi8(_mm512_and_si512(w16, _mm512_set1_epi32(255))));
+        }
+        // a NaN or infinite score or scale makes the head's result NaN, as the float path does
+        osc[h] = is_inf_or_nan_bits(wsum) ? std::numeric_limits<float>::quiet_NaN() : wmax / 65535.f / sum;
+      }
+      std::fill(acc.begin(), acc.end(), _mm512_setzero_si512());
+      // values, 16 tokens at a time, one kv head (and 64-byte part) at a time
+      for (int64_t p = start; p < end; p += 16) {
+        const int8_t* vb = rows_at(vc, p);
+        const int8_t* nv = p + kAhead < end ? rows_at(vc, p + kAhead) : nullptr;
+        for (int64_t kh = 0; kh < Hkv; ++kh)
+          for (int z = 0; z < KZ; ++z) {
+            if (nv)
+              for (int j = 0; j < 16; ++j) _mm_prefetch(reinterpret_cast<const char*>(nv + j * row + kh * D + z * 64), _MM_HINT_T1);
+            // two passes over the 16 tokens, each over half the dimensions (the bytes the
+            // low / high unpacks take), so a pass's G x 4 sums stay in registers
+            const int8_t* pr = vb + kh * D + z * 64;
+            const int64_t w0 = kh * G * span + p - start;
+            __m512i* ap = acc.data() + (z * H + kh * G) * 8;
+            value_rows16<G, 0>(pr, row, whi.data() + w0, wlo.data() + w0, span, ap);
+            value_rows16<G, 1>(pr, row, whi.data() + w0, wlo.data() + w0, span, ap);
+          }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        c10::BFloat16* o = out + (b * H + h) * D;
+        const __m512 f = _mm512_set1_ps(osc[h]);
+        for (int z = 0; z < KZ; ++z)
+          for (int half = 0; half < 2; ++half)
+            for (int c = 0; c < 2; ++c) {
+              const __m512i* a = acc.data() + (z * H + h) * 8 + half * 4;
+              alignas(64) float v[16];
+              _mm512_store_ps(v, _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(a[c]), _mm512_set1_ps(256.f),
+                                                               _mm512_cvtepi32_ps(a[2 + c])), f));
+              for (int L = 0; L < 4; ++L)
+                for (int i = 0; i < 4; ++i) o[z * 64 + 16 * L + 8 * half + 4 * c + i] = c10::BFloat16(v[4 * L + i]);
+            }
+      }
+    }
+  });
+}
+#endif
+
 #if defined(__x86_64__)
 template <int NV, int G>
 void decode_bf16_amx(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc,
@@ -289,6 +558,15 @@ inline bool amx_decode_off() {
   return off;
 }
 
+// LEANSERVE_INT8_DECODE=float: int8 caches through decode_bf16_avx512 (for comparisons)
+inline bool int8_decode_float() {
+  static const bool on = [] {
+    const char* env = std::getenv("LEANSERVE_INT8_DECODE");
+    return env != nullptr && std::string(env) == "float";
+  }();
+  return on;
+}
+
 template <typename C, int NV>
 bool dispatch_groups(int64_t g, const c10::BFloat16* q, int64_t qs, const C* kc, const C* vc, const float* ks,
                      const float* vs, const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B,
@@ -299,6 +577,22 @@ bool dispatch_groups(int64_t g, const c10::BFloat16* q, int64_t qs, const C* kc,
     if (Hkv * g <= 16 && bs % 16 == 0 && amx_bf16_available() && !amx_decode_off()) {
       switch (g) {
 #define LEANSERVE_G(N) case N: decode_bf16_amx<NV, N>(q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
+        LEANSERVE_G(1) LEANSERVE_G(2) LEANSERVE_G(3) LEANSERVE_G(4) LEANSERVE_G(5) LEANSERVE_G(6) LEANSERVE_G(7) LEANSERVE_G(8)
+#undef LEANSERVE_G
+        default: break;
+      }
+    }
+  }
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // int8 caches: on VNNI dot products, for whole 16-token chunks and windows of up to 65,536 keys
+  if constexpr (std::is_same_v<C, int8_t>) {
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lens[b]);
+    if (window > 0) longest = std::min(longest, window);
+    if (bs % 16 == 0 && longest <= 65536 && !int8_decode_float()) {
+      switch (g) {
+#define LEANSERVE_G(N) case N: decode_int8_vnni<NV, N>(q, qs, kc, vc, ks, vs, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
         LEANSERVE_G(1) LEANSERVE_G(2) LEANSERVE_G(3) LEANSERVE_G(4) LEANSERVE_G(5) LEANSERVE_G(6) LEANSERVE_G(7) LEANSERVE_G(8)
 #undef LEANSERVE_G
         default: break;
@@ -952,10 +1246,6 @@ void amx_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const
 // kernel slower than bf16) and the epilogue gets sum - 128 * (column sum of w), the exact
 // int32 sums again.
 
-// acc += a (unsigned bytes) . w (signed bytes), 4 to a lane. GCC 12's builtin for this does
-// not tie the accumulator to the output: in dp_tile it added a register copy per
-// instruction, and the int8 kernel ran slower than the bf16 one.
-inline void dpbusd(__m512i& acc, __m512i a, __m512i w) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w)); }
 
 // pf, lines: cache lines to ask L2 for while the tile runs, spread over its K steps (the next
 // column group's weights, see dp_columns)
