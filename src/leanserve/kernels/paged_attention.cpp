@@ -1348,26 +1348,53 @@ void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const 
   dp_tail<T, C, R - 1>(x, m, M - m, K, b, bias128, n0, epilogue, share(tile), (share(tile + 1) - share(tile)) / 64);
 }
 
-// The whole product over the threads: each thread a contiguous run of column-block pairs
-// (as amx_product splits them), so the split is even to a pair: SmolLM2's o_proj and
-// down_proj have 36 blocks, which whole groups of four split 20 / 16. Within its run a thread
-// takes groups of four blocks (6 x 4 sums), then the pair left over (12 x 2: measured level
-// with 6 x 4), each group's weights read from memory once while all the rows pass over them.
+// The whole product over the threads. With two threads (this machine class) they take
+// groups of four column blocks (6 x 4 sums) from opposite ends of the weight until they
+// meet, so the one that runs faster does more: a fixed half each left one thread waiting
+// ~6% of a c=64 step on the other (vCPUs here do not run at one speed; the first one
+// takes the interrupts). The last claim may be a pair (12 x 2) or a single block. Each
+// group's weights are read from memory once while all the rows pass over them, and the
+// thread asks L2 for its next group's (in its direction) meanwhile. With other thread
+// counts each thread takes a contiguous run of pairs, as amx_product splits them.
 template <typename T, typename Epilogue>
 void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue,
                 const int32_t* sums128) {
-  const int64_t blocks = N / 16;
-  at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-    const int64_t last = std::min(2 * end, blocks);
-    int64_t nb = 2 * begin;
-    for (; nb + 4 <= last; nb += 4)
-      dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, wp + (nb + 4) * K * 16,
-                          std::min<int64_t>(4, last - nb - 4) * K * 16 * static_cast<int64_t>(sizeof(T)), sums128);
+  const int64_t blocks = N / 16, pairs = (blocks + 1) / 2;
+  const int64_t group_bytes = 4 * K * 16 * static_cast<int64_t>(sizeof(T));
+  // blocks [nb, last) of one claim; next: the group to ask L2 for (nullptr: none)
+  auto run = [&](int64_t nb, int64_t last, const T* next) {
+    for (; nb + 4 <= last; nb += 4) {
+      if (nb + 4 < last)  // more of this claim
+        dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, wp + (nb + 4) * K * 16,
+                            std::min<int64_t>(4, last - nb - 4) * K * 16 * static_cast<int64_t>(sizeof(T)), sums128);
+      else
+        dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, next, next ? group_bytes : 0, sums128);
+    }
     if (last - nb >= 2) {
       dp_columns<T, 2, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, nullptr, 0, sums128);
       nb += 2;
     }
     if (last - nb == 1) dp_columns<T, 1, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, nullptr, 0, sums128);
+  };
+  if (at::get_num_threads() == 2) {
+    std::atomic<int64_t> taken{0};  // pairs claimed by either thread
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      const bool back = begin == 1 && end == 2;  // the second thread; one thread alone takes all from the front
+      for (int64_t mine = 0;;) {
+        const int64_t got = std::min<int64_t>(2, pairs - taken.fetch_add(2, std::memory_order_relaxed));
+        if (got <= 0) break;
+        const int64_t p0 = back ? pairs - mine - got : mine;
+        mine += got;
+        const int64_t nb = 2 * p0, last = std::min(2 * (p0 + got), blocks);
+        const int64_t nn = back ? nb - 4 : last;  // the next group this thread would take
+        const T* next = nn >= 0 && nn + 4 <= blocks ? wp + nn * K * 16 : nullptr;
+        run(nb, last, next);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    run(2 * begin, std::min(2 * end, blocks), nullptr);
   });
 }
 #endif
