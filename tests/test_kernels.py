@@ -227,7 +227,7 @@ needs_packed_bf16 = pytest.mark.skipif(native() is None or not native().bf16_pac
 @needs_packed_bf16
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 16, 33, 64, 130])
-@pytest.mark.parametrize("n_in,n_out", [(576, 960), (1536, 576), (96, 48)])
+@pytest.mark.parametrize("n_in,n_out", [(576, 960), (1536, 576), (96, 48), (64, 80), (64, 112)])
 def test_packed_bf16_kernel_matches_onednn_and_float(rows, n_in, n_out, bias):
     """Our kernel (AMX tiles, else AVX512-BF16) against oneDNN's packed bf16 linear and a
     float32 product of the same bf16 numbers: both round float32 sums once, so they agree to
