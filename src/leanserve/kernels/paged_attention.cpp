@@ -436,24 +436,22 @@ void decode_int8_vnni(const c10::BFloat16* q, int64_t qs, const int8_t* kc, cons
       auto rows_at = [&](const int8_t* cache, int64_t pos) { return cache + (table[pos / bs] * bs + pos % bs) * row; };
       auto scales_at = [&](const float* sc, int64_t pos) { return sc + (table[pos / bs] * bs + pos % bs) * Hkv; };
       const int64_t end = start + span;
+      auto prefetch_scales = [&](int64_t pos) {  // 16 tokens' key and value scales
+        for (int64_t c = 0; c < 16 * Hkv * 4; c += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(scales_at(ks, pos)) + c, _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(scales_at(vs, pos)) + c, _MM_HINT_T1);
+        }
+      };
       for (int64_t pk = start; pk < std::min(end, start + kAhead); pk += 16) {  // the first lines
         const char* k = reinterpret_cast<const char*>(rows_at(kc, pk));
         for (int64_t c = 0; c < 16 * row; c += 64) _mm_prefetch(k + c, _MM_HINT_T1);
-        for (int64_t c = 0; c < 16 * Hkv * 4; c += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(scales_at(ks, pk)) + c, _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(scales_at(vs, pk)) + c, _MM_HINT_T1);
-        }
+        prefetch_scales(pk);
       }
       for (int64_t p = start; p < end; p += 16) {
         const int8_t* kb = rows_at(kc, p);
         const int64_t pk = p + kAhead;  // the position whose lines are asked for
         const int8_t* nk = pk < end ? rows_at(kc, pk) : pk - end < span ? rows_at(vc, start + pk - end) : nullptr;
-        if (pk < end) {
-          for (int64_t c = 0; c < 16 * Hkv * 4; c += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(scales_at(ks, pk)) + c, _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(scales_at(vs, pk)) + c, _MM_HINT_T1);
-          }
-        }
+        if (pk < end) prefetch_scales(pk);
         const float* ksp = scales_at(ks, p);
         for (int64_t kh = 0; kh < Hkv; ++kh) {
           __m512i sums[G];
@@ -1364,11 +1362,10 @@ void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const 
   // blocks [nb, last) of one claim; next: the group to ask L2 for (nullptr: none)
   auto run = [&](int64_t nb, int64_t last, const T* next) {
     for (; nb + 4 <= last; nb += 4) {
-      if (nb + 4 < last)  // more of this claim
-        dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, wp + (nb + 4) * K * 16,
-                            std::min<int64_t>(4, last - nb - 4) * K * 16 * static_cast<int64_t>(sizeof(T)), sums128);
-      else
-        dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, next, next ? group_bytes : 0, sums128);
+      const bool more = nb + 4 < last;  // more of this claim follows; else the next claim's group
+      const T* pf = more ? wp + (nb + 4) * K * 16 : next;
+      const int64_t pf_bytes = more ? std::min<int64_t>(4, last - nb - 4) * group_bytes / 4 : pf ? group_bytes : 0;
+      dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, pf, pf_bytes, sums128);
     }
     if (last - nb >= 2) {
       dp_columns<T, 2, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, nullptr, 0, sums128);
