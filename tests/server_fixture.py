@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,8 +36,10 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="leanserve-server-", suffix=".log", delete=False)
         environ = dict(os.environ, **(env or {}))
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, environ.get("PYTHONPATH")]))
+        self.own_data_dir = None
         if "--data-dir" not in args:  # each server its own job store (a data dir is locked by one server)
-            args = (*args, "--data-dir", tempfile.mkdtemp(prefix="leanserve-data-"))
+            self.own_data_dir = tempfile.mkdtemp(prefix="leanserve-data-")
+            args = (*args, "--data-dir", self.own_data_dir)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "leanserve", "serve", "--port", str(self.port), *args],
             env=environ, stdout=self.log, stderr=subprocess.STDOUT)
@@ -75,6 +78,8 @@ class ServerProcess:
                 self.proc.wait()
         self.log.close()
         os.unlink(self.log.name)
+        if self.own_data_dir:  # a store the fixture made is the fixture's to remove
+            shutil.rmtree(self.own_data_dir, ignore_errors=True)
         return self.proc.returncode
 
 
