@@ -30,18 +30,19 @@ def reference(q, kc, vc, tables, lens, window):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
 @pytest.mark.parametrize("window", [0, 20])
-@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("bs", [8, 16, 32])
 def test_native_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim, window, bs):
-    """bf16 with head_dim 64 or 128 takes the AMX key pass where the CPU has it (both ways of
-    holding the query tiles: 9/3/64 keeps them, 8/2/128 reloads them), the AVX-512 one elsewhere."""
+    """bf16 with head_dim 64 or 128 over blocks of 16 or 32 tokens takes the AMX key pass where
+    the CPU has it (both ways of holding the query tiles: 9/3/64 keeps them, 8/2/128 reloads
+    them), else the VDPBF16PS one where the CPU has AVX512-BF16; blocks of 8 the float loop."""
     kernels = native()
     assert kernels is not None, "the native kernels must build on this machine (g++ and ninja)"
     gen = torch.Generator().manual_seed(heads * head_dim + window)
-    B, nblocks = 6, 50
+    B, nblocks, W = 6, 800 // bs, 80 // bs + 1
     kc = torch.randn(nblocks, bs, kv_heads, head_dim, generator=gen).to(dtype)
     vc = torch.randn(nblocks, bs, kv_heads, head_dim, generator=gen).to(dtype)
     q = torch.randn(B, heads, head_dim, generator=gen).to(dtype)
-    tables = torch.randperm(nblocks, generator=gen)[:B * 5].view(B, 5)
+    tables = torch.randperm(nblocks, generator=gen)[:B * W].view(B, W)
     lens = torch.tensor([1, 16, 17, 40, 63, 80])
     out = kernels.paged_decode_attention(q, kc, vc, tables, lens, window, head_dim ** -0.5)
     torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, window), atol=tol, rtol=tol)
@@ -149,9 +150,12 @@ torch.save(native().paged_decode_attention(q, kc, vc, tables, lens, 0, 0.125), s
 """
 
 
-def test_amx_and_avx512_decode_attention_agree(tmp_path):
-    """The AVX-512 key pass (LEANSERVE_AMX_DECODE=0, read once per process: so in a child)
-    is what CPUs without AMX run; on this machine it would otherwise go untested."""
+@pytest.mark.parametrize("env", [{"LEANSERVE_AMX_DECODE": "0"},
+                                 {"LEANSERVE_AMX_DECODE": "0", "LEANSERVE_BF16_DECODE": "float"}])
+def test_amx_and_avx512_decode_attention_agree(tmp_path, env):
+    """The key passes of CPUs without AMX (LEANSERVE_AMX_DECODE=0: VDPBF16PS where the CPU has
+    AVX512-BF16; with LEANSERVE_BF16_DECODE=float, the float loop): read once per process, so
+    in a child. Each agrees with this machine's own path and with SDPA."""
     kernels = native()
     gen = torch.Generator().manual_seed(3)
     kc = torch.randn(40, 16, 3, 64, generator=gen).to(torch.bfloat16)
@@ -159,13 +163,34 @@ def test_amx_and_avx512_decode_attention_agree(tmp_path):
     q = torch.randn(8, 9, 64, generator=gen).to(torch.bfloat16)
     tables, lens = torch.randperm(40, generator=gen).view(8, 5), torch.tensor([5, 80, 33, 17, 64, 2, 49, 71])
     torch.save((q, kc, vc, tables, lens), tmp_path / "in.pt")
-    env = dict(os.environ, LEANSERVE_AMX_DECODE="0")
     subprocess.run([sys.executable, "-c", _AVX512_DECODE, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                   env=env, check=True, timeout=600)
+                   env=dict(os.environ, **env), check=True, timeout=600)
     avx512 = torch.load(tmp_path / "out.pt")
     here = kernels.paged_decode_attention(q, kc, vc, tables, lens, 0, 0.125)
     torch.testing.assert_close(here.float(), avx512.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(avx512.float(), reference(q, kc, vc, tables, lens, 0), atol=2e-2, rtol=2e-2)
+
+
+def test_native_decode_attention_over_a_bf16_cache_long_and_sharp():
+    """bf16 caches over long sequences with sharp attention and windows that start mid-block
+    (the VDPBF16PS kernel sums whole 16-token chunks and keeps only the window's scores), row
+    by row as in a batch."""
+    kernels = native()
+    gen = torch.Generator().manual_seed(11)
+    heads, kv_heads, D, bs = 9, 3, 64, 16
+    lens = torch.tensor([3000, 17, 1, 700, 33])
+    W = 3000 // bs + 1
+    nblocks = len(lens) * W
+    kc = torch.randn(nblocks, bs, kv_heads, D, generator=gen).bfloat16()
+    vc = torch.randn(nblocks, bs, kv_heads, D, generator=gen).bfloat16()
+    q = (4 * torch.randn(len(lens), heads, D, generator=gen)).bfloat16()  # sharp: a few keys dominate
+    tables = torch.randperm(nblocks, generator=gen).view(len(lens), W)
+    for window in (0, 1001, 21):
+        out = kernels.paged_decode_attention(q, kc, vc, tables, lens, window, D ** -0.5)
+        torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, window), atol=2e-2, rtol=2e-2)
+        for b in range(len(lens)):  # each row alone: the same bits
+            alone = kernels.paged_decode_attention(q[b:b + 1], kc, vc, tables[b:b + 1], lens[b:b + 1], window, D ** -0.5)
+            assert torch.equal(alone[0], out[b])
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])

@@ -176,6 +176,53 @@ __attribute__((always_inline)) inline void prefetch_row(const C* cache, const in
   for (int64_t c = 0; c < row * static_cast<int64_t>(sizeof(C)); c += 64) _mm_prefetch(r + c, _MM_HINT_T1);
 }
 
+// The value pass of the float paths: ov[h * NV + v] (h = kv head x G + i) += each token t in
+// [first, len) times its weight w[h * ws + t - base], a block at a time, and within it one kv
+// head at a time: that head's G x NV accumulators then stay in registers (all H x NV of them
+// do not fit; kept in memory, each token's FMAs waited on store forwarding).
+template <typename C, int NV, int G>
+void weighted_values(const C* vc, const float* vs, const int64_t* table, int64_t first, int64_t len, int64_t bs,
+                     int64_t Hkv, const float* w, int64_t ws, int64_t base, __m512* ov) {
+  constexpr bool kScaled = std::is_same_v<C, int8_t>;
+  constexpr int64_t D = 16 * NV;
+  const int64_t row = Hkv * D, blk_stride = bs * row;
+  for (int64_t blk = first / bs; blk <= (len - 1) / bs; ++blk) {
+    const int64_t t0 = std::max(first, blk * bs), t1 = std::min(len, (blk + 1) * bs);
+    const int64_t slot0 = table[blk] * bs - blk * bs;  // + t: token t's slot
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      __m512 acc[G * NV];
+      for (int j = 0; j < G * NV; ++j) acc[j] = ov[kh * G * NV + j];
+      for (int64_t t = t0; t < t1; ++t) {
+        if (kh == 0) prefetch_row(vc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
+        const int64_t slot = slot0 + t;
+        const C* vp = vc + slot * row + kh * D;
+        __m512 vv[NV];
+        for (int v = 0; v < NV; ++v) vv[v] = load16(vp + v * 16);
+        const float vscale = kScaled ? vs[slot * Hkv + kh] : 1.f;
+        for (int i = 0; i < G; ++i) {
+          const float p = w[(kh * G + i) * ws + t - base];
+          const __m512 pv = _mm512_set1_ps(kScaled ? p * vscale : p);
+          for (int v = 0; v < NV; ++v) acc[i * NV + v] = _mm512_fmadd_ps(pv, vv[v], acc[i * NV + v]);
+        }
+      }
+      for (int j = 0; j < G * NV; ++j) ov[kh * G * NV + j] = acc[j];
+    }
+  }
+}
+
+// out[h * D + d] = ov[h][d] x inv[h], rounded to bf16, for H heads of 16 x NV dims
+template <int NV>
+void store_heads(const __m512* ov, const float* inv, int64_t H, c10::BFloat16* out) {
+  for (int64_t h = 0; h < H; ++h) {
+    const __m512 iv = _mm512_set1_ps(inv[h]);
+    for (int v = 0; v < NV; ++v) {
+      float tmp[16];
+      _mm512_storeu_ps(tmp, _mm512_mul_ps(ov[h * NV + v], iv));
+      for (int j = 0; j < 16; ++j) out[(h * NV + v) * 16 + j] = c10::BFloat16(tmp[j]);
+    }
+  }
+}
+
 // C: the cache's element type, bf16 or int8 (then with per-(token, kv head) scales ks, vs).
 template <typename C, int NV, int G>
 void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const C* kc, const C* vc, const float* ks,
@@ -242,40 +289,8 @@ void decode_bf16_avx512(const c10::BFloat16* q, int64_t qs, const C* kc, const C
       }
       std::fill(ov.begin(), ov.end(), _mm512_setzero_ps());
       prefetch(vc, first / bs);
-      // A block at a time, and within it one kv head at a time: that head's G x NV accumulators
-      // then stay in registers (all H x NV of them do not fit; kept in memory, each token's
-      // FMAs waited on store forwarding). The same FMAs in the same order: the same bits.
-      for (int64_t blk = first / bs; blk <= (len - 1) / bs; ++blk) {
-        const int64_t t0 = std::max(first, blk * bs), t1 = std::min(len, (blk + 1) * bs);
-        const int64_t slot0 = table[blk] * bs - blk * bs;  // + t: token t's slot
-        for (int64_t kh = 0; kh < Hkv; ++kh) {
-          __m512 acc[G * NV];
-          for (int j = 0; j < G * NV; ++j) acc[j] = ov[kh * G * NV + j];
-          for (int64_t t = t0; t < t1; ++t) {
-            if (kh == 0) prefetch_row(vc, table, t + kPrefetchTokens, len, bs, blk_stride, row);
-            const int64_t slot = slot0 + t;
-            const C* vp = vc + slot * row + kh * D;
-            __m512 vv[NV];
-            for (int v = 0; v < NV; ++v) vv[v] = load16(vp + v * 16);
-            const float vscale = kScaled ? vs[slot * Hkv + kh] : 1.f;
-            for (int i = 0; i < G; ++i) {
-              const int64_t h = kh * G + i;
-              const __m512 pv = _mm512_set1_ps(kScaled ? scores[h * n + (t - first)] * vscale : scores[h * n + (t - first)]);
-              for (int v = 0; v < NV; ++v) acc[i * NV + v] = _mm512_fmadd_ps(pv, vv[v], acc[i * NV + v]);
-            }
-          }
-          for (int j = 0; j < G * NV; ++j) ov[kh * G * NV + j] = acc[j];
-        }
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const __m512 iv = _mm512_set1_ps(inv[h]);
-        c10::BFloat16* o = out + (b * H + h) * D;
-        for (int v = 0; v < NV; ++v) {
-          float tmp[16];
-          _mm512_storeu_ps(tmp, _mm512_mul_ps(ov[h * NV + v], iv));
-          for (int j = 0; j < 16; ++j) o[v * 16 + j] = c10::BFloat16(tmp[j]);
-        }
-      }
+      weighted_values<C, NV, G>(vc, vs, table, first, len, bs, Hkv, scores.data(), n, first, ov.data());
+      store_heads<NV>(ov.data(), inv.data(), H, out + b * H * D);
     }
   });
 }
@@ -538,6 +553,120 @@ void decode_int8_vnni(const c10::BFloat16* q, int64_t qs, const int8_t* kc, cons
     }
   });
 }
+#if defined(__AVX512BF16__)
+// ---- Decode attention over a bf16 cache on VDPBF16PS -----------------------------------------
+// decode_bf16_avx512's key pass widens every key to float32 and sums each key's products
+// across the register with a shuffle tree, per key and query head: most of its time. Here the
+// keys go as key_rows16 takes int8 ones: 16 keys' 64-byte parts (32 dims, 16 bf16 pairs)
+// interleaved within 128-bit lanes, so one VDPBF16PS against the query's matching pairs
+// (permuted to match) adds two dims' products for 16 keys at once, and the four lanes are
+// added across once per 16 keys and query head. Scores are q . k in float32 (the pairs summed
+// in that order), then scaled: not the same bits as decode_bf16_avx512, which scales q first.
+// The value pass is decode_bf16_avx512's (weighted_values: float32 weights). A row's result
+// does not depend on the other rows.
+
+// GI query heads' scores for 16 keys (rows `row` elements apart, KZ 32-dim parts each):
+// out[i], lane j: key j. qv[(i * KZ + z) * 4 + c], lane 4L + m: the query's pair 4L + c of part z.
+template <int GI, int KZ>
+__attribute__((noinline)) void bf16_key_rows16(const c10::BFloat16* kb, int64_t row, const __m512i* qv,
+                                               const char* next, __m512* out) {
+  __m512 comb[GI][4];
+  for (int i = 0; i < GI; ++i)
+    for (int g = 0; g < 4; ++g) comb[i][g] = _mm512_setzero_ps();
+  for (int z = 0; z < KZ; ++z) {
+    __m512i u[16];
+    for (int g = 0; g < 4; ++g) {
+      __m512i r[4];
+      for (int j = 0; j < 4; ++j) {
+        r[j] = _mm512_loadu_si512(kb + (4 * g + j) * row + z * 32);
+        if (next) _mm_prefetch(next + ((4 * g + j) * row + z * 32) * 2, _MM_HINT_T1);
+      }
+      const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
+      const __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+      u[4 * g + 0] = _mm512_unpacklo_epi64(t0, t2);
+      u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+      u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+      u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    for (int i = 0; i < GI; ++i)
+      for (int g = 0; g < 4; ++g)
+        for (int c = 0; c < 4; ++c)
+          comb[i][g] = _mm512_dpbf16_ps(comb[i][g], (__m512bh)u[4 * g + c], (__m512bh)qv[(i * KZ + z) * 4 + c]);
+  }
+  for (int i = 0; i < GI; ++i) {  // lane 4g + m: the sum of comb[i][g]'s four 128-bit lanes' dword m
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(comb[i][0], comb[i][1], 0x44), _mm512_shuffle_f32x4(comb[i][0], comb[i][1], 0xEE));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(comb[i][2], comb[i][3], 0x44), _mm512_shuffle_f32x4(comb[i][2], comb[i][3], 0xEE));
+    out[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+  }
+}
+
+template <int NV, int G>
+void decode_bf16_dp(const c10::BFloat16* q, int64_t qs, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                    const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t Hkv,
+                    int64_t bs, int64_t W, int64_t window, float scale) {
+  constexpr int64_t D = 16 * NV;
+  constexpr int KZ = NV / 2;  // 32-dim parts of a kv head's row
+  const int64_t H = Hkv * G, row = Hkv * D;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(B, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<float> scores, inv(H);
+    std::vector<__m512i> qv(H * KZ * 4);
+    std::vector<__m512> ov(H * NV);
+    const __m512i lane_index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < B;) {
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t start = first / bs * bs, span = ((len - 1) / bs + 1) * bs - start, end = start + span;
+      const int64_t* table = tables + b * W;
+      scores.resize(H * span);
+      for (int64_t h = 0; h < H; ++h)  // bf16_key_rows16's order: qv[c], lane 4L + m: pair 4L + c
+        for (int z = 0; z < KZ; ++z)
+          for (int c = 0; c < 4; ++c) {
+            const __m512i idx = _mm512_add_epi32(_mm512_and_si512(lane_index, _mm512_set1_epi32(~3)), _mm512_set1_epi32(c));
+            qv[(h * KZ + z) * 4 + c] = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(q + b * qs + h * D + z * 32));
+          }
+      auto rows_at = [&](const c10::BFloat16* cache, int64_t pos) { return cache + (table[pos / bs] * bs + pos % bs) * row; };
+      for (int64_t pk = start; pk < std::min(end, start + kAhead); pk += 16) {  // the first lines
+        const char* k = reinterpret_cast<const char*>(rows_at(kc, pk));
+        for (int64_t c = 0; c < 16 * row * 2; c += 64) _mm_prefetch(k + c, _MM_HINT_T1);
+      }
+      // keys, 16 at a time: scores[h * span + position from start] (every slot of the blocks
+      // read; only [first, len) is used), the lines kAhead tokens on asked for meanwhile
+      for (int64_t p = start; p < end; p += 16) {
+        const c10::BFloat16* kb = rows_at(kc, p);
+        const int64_t pk = p + kAhead;
+        const c10::BFloat16* nk = pk < end ? rows_at(kc, pk) : pk - end < span ? rows_at(vc, start + pk - end) : nullptr;
+        for (int64_t kh = 0; kh < Hkv; ++kh) {
+          __m512 s[G];
+          const char* nx = nk ? reinterpret_cast<const char*>(nk + kh * D) : nullptr;
+          for (int i0 = 0; i0 < G; i0 += 3) {  // three query heads a call: their 12 sums stay in registers
+            const __m512i* qh = qv.data() + (kh * G + i0) * KZ * 4;
+            switch (std::min(3, G - i0)) {
+              case 1: bf16_key_rows16<1, KZ>(kb + kh * D, row, qh, nx, s + i0); break;
+              case 2: bf16_key_rows16<2, KZ>(kb + kh * D, row, qh, nx, s + i0); break;
+              default: bf16_key_rows16<3, KZ>(kb + kh * D, row, qh, nx, s + i0); break;
+            }
+            nx = nullptr;
+          }
+          for (int i = 0; i < G; ++i) _mm512_storeu_ps(scores.data() + (kh * G + i) * span + p - start, _mm512_mul_ps(s[i], sc));
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* sp = scores.data() + h * span - start;  // sp[t]: token t
+        float mx = -std::numeric_limits<float>::max();  // -ffast-math: no infinities
+        for (int64_t t = first; t < len; ++t) mx = std::max(mx, sp[t]);
+        float sum = 0.f;
+        for (int64_t t = first; t < len; ++t) { sp[t] = std::exp(sp[t] - mx); sum += sp[t]; }
+        inv[h] = 1.f / sum;
+      }
+      std::fill(ov.begin(), ov.end(), _mm512_setzero_ps());
+      weighted_values<c10::BFloat16, NV, G>(vc, nullptr, table, first, len, bs, Hkv, scores.data(), span, start, ov.data());
+      store_heads<NV>(ov.data(), inv.data(), H, out + b * H * D);
+    }
+  });
+}
+#endif
 #endif
 
 #if defined(__x86_64__)
@@ -565,6 +694,16 @@ inline bool int8_decode_float() {
   return on;
 }
 
+// LEANSERVE_BF16_DECODE=float: bf16 caches through decode_bf16_avx512 where the tiles are
+// absent (for comparisons)
+inline bool bf16_decode_float() {
+  static const bool on = [] {
+    const char* env = std::getenv("LEANSERVE_BF16_DECODE");
+    return env != nullptr && std::string(env) == "float";
+  }();
+  return on;
+}
+
 template <typename C, int NV>
 bool dispatch_groups(int64_t g, const c10::BFloat16* q, int64_t qs, const C* kc, const C* vc, const float* ks,
                      const float* vs, const int64_t* tables, const int64_t* lens, c10::BFloat16* out, int64_t B,
@@ -575,6 +714,19 @@ bool dispatch_groups(int64_t g, const c10::BFloat16* q, int64_t qs, const C* kc,
     if (Hkv * g <= 16 && bs % 16 == 0 && amx_bf16_available() && !amx_decode_off()) {
       switch (g) {
 #define LEANSERVE_G(N) case N: decode_bf16_amx<NV, N>(q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
+        LEANSERVE_G(1) LEANSERVE_G(2) LEANSERVE_G(3) LEANSERVE_G(4) LEANSERVE_G(5) LEANSERVE_G(6) LEANSERVE_G(7) LEANSERVE_G(8)
+#undef LEANSERVE_G
+        default: break;
+      }
+    }
+  }
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+  // bf16 caches without the tiles: the scores on VDPBF16PS, for whole 16-token chunks
+  if constexpr (std::is_same_v<C, c10::BFloat16>) {
+    if (bs % 16 == 0 && !bf16_decode_float()) {
+      switch (g) {
+#define LEANSERVE_G(N) case N: decode_bf16_dp<NV, N>(q, qs, kc, vc, tables, lens, out, B, Hkv, bs, W, window, scale); return true;
         LEANSERVE_G(1) LEANSERVE_G(2) LEANSERVE_G(3) LEANSERVE_G(4) LEANSERVE_G(5) LEANSERVE_G(6) LEANSERVE_G(7) LEANSERVE_G(8)
 #undef LEANSERVE_G
         default: break;
