@@ -1764,9 +1764,9 @@ torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Ten
       for (int64_t j = 0; j < cols; j += 16) {  // the bf16 value of each sum, widened back
         const __m512 v = widen_bf16((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + i * 32 + j)));
         const float m = _mm512_reduce_max_ps(v);
-        if (m > b) {
-          b = m;
-          w = n0 + j + __builtin_ctz(static_cast<unsigned>(_mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ)));
+        if (m >= b) {  // a tie keeps the first column: a thread may take its column groups last to first
+          const int64_t at = n0 + j + __builtin_ctz(static_cast<unsigned>(_mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ)));
+          if (m > b || at < w) b = m, w = at;
         }
       }
     }
@@ -1777,7 +1777,7 @@ torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Ten
     float b = best[r];
     op_[r] = where[r];
     for (int64_t t = 1; t < threads; ++t)
-      if (best[t * M + r] > b) b = best[t * M + r], op_[r] = where[t * M + r];
+      if (best[t * M + r] > b || (best[t * M + r] == b && where[t * M + r] < op_[r])) b = best[t * M + r], op_[r] = where[t * M + r];
   }
 #else
   TORCH_CHECK(false, "bf16_linear_packed_argmax needs AVX512-BF16");
