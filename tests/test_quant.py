@@ -95,7 +95,7 @@ needs_packed_int8 = pytest.mark.skipif(native() is None or not native().w8a8_pac
 
 @needs_packed_int8
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 64, 100])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 33, 64, 100, 250])
 @pytest.mark.parametrize("n_in,n_out", [(576, 960), (1536, 576), (64, 16), (128, 48), (64, 80), (64, 112)])
 def test_w8a8_packed_kernel_gives_the_onednn_paths_bits(dtype, rows, n_in, n_out):
     """Our kernel (AMX-INT8 tiles, else AVX512-VNNI, whose unsigned x signed products need the

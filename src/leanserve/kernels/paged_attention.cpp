@@ -1498,52 +1498,64 @@ void dp_columns(const T* x, int64_t M, int64_t K, const T* b, int64_t n0, const 
   dp_tail<T, C, R - 1>(x, m, M - m, K, b, bias128, n0, epilogue, share(tile), (share(tile + 1) - share(tile)) / 64);
 }
 
-// The whole product over the threads. With two threads (this machine class) they take
-// groups of four column blocks (6 x 4 sums) from opposite ends of the weight until they
-// meet, so the one that runs faster does more: a fixed half each left one thread waiting
-// ~6% of a c=64 step on the other (vCPUs here do not run at one speed; the first one
-// takes the interrupts). The last claim may be a pair (12 x 2) or a single block. Each
-// group's weights are read from memory once while all the rows pass over them, and the
-// thread asks L2 for its next group's (in its direction) meanwhile. With other thread
-// counts each thread takes a contiguous run of pairs, as amx_product splits them.
+// Rows a work unit of dp_product takes at most (a multiple of the tiles' 6): at 96 rows a unit
+// of the down projection (64 columns x 1536) is ~80 µs on this machine class.
+constexpr int64_t kUnitRows = 96;
+
+// The whole product over the threads. With two threads (this machine class) they take work
+// units from opposite ends until they meet, so the one that runs faster does more: a fixed
+// half each left one thread waiting ~6% of a c=64 step on the other (vCPUs here do not run at
+// one speed; the first one takes the interrupts). A unit is a group of four column blocks
+// (6 x 4 sums; the last group may have fewer) times a run of up to kUnitRows rows, the runs of
+// a group next to each other: a thread passes all its runs over a group's weights, read from
+// memory once (it asks L2 for its next group's, in its direction, during its last run of this
+// one) and then from L2. Whole groups over all rows as units left the thread that finished
+// first waiting up to one group's time at the end of every large product (~7% of a c=64 step,
+// both threads together). With other thread counts each thread takes a contiguous run of
+// pairs of column blocks over all rows, as amx_product splits them.
 template <typename T, typename Epilogue>
 void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue,
                 const int32_t* sums128) {
   const int64_t blocks = N / 16, pairs = (blocks + 1) / 2;
   const int64_t group_bytes = 4 * K * 16 * static_cast<int64_t>(sizeof(T));
-  // blocks [nb, last) of one claim; next: the group to ask L2 for (nullptr: none)
-  auto run = [&](int64_t nb, int64_t last, const T* next) {
+  // blocks [nb, last) over rows [m0, m0 + rows); next: the group to ask L2 for (nullptr: none)
+  auto run = [&](int64_t nb, int64_t last, int64_t m0, int64_t rows, const T* next) {
+    const T* xm = x + m0 * K;
+    auto ep = [&](const auto* c, int64_t m, int64_t n, int64_t n0, int64_t cols) { epilogue(c, m0 + m, n, n0, cols); };
     for (; nb + 4 <= last; nb += 4) {
       const bool more = nb + 4 < last;  // more of this claim follows; else the next claim's group
       const T* pf = more ? wp + (nb + 4) * K * 16 : next;
       const int64_t pf_bytes = more ? std::min<int64_t>(4, last - nb - 4) * group_bytes / 4 : pf ? group_bytes : 0;
-      dp_columns<T, 4, 6>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, pf, pf_bytes, sums128);
+      dp_columns<T, 4, 6>(xm, rows, K, wp + nb * K * 16, nb * 16, ep, pf, pf_bytes, sums128);
     }
     if (last - nb >= 2) {
-      dp_columns<T, 2, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, nullptr, 0, sums128);
+      dp_columns<T, 2, 12>(xm, rows, K, wp + nb * K * 16, nb * 16, ep, nullptr, 0, sums128);
       nb += 2;
     }
-    if (last - nb == 1) dp_columns<T, 1, 12>(x, M, K, wp + nb * K * 16, nb * 16, epilogue, nullptr, 0, sums128);
+    if (last - nb == 1) dp_columns<T, 1, 12>(xm, rows, K, wp + nb * K * 16, nb * 16, ep, nullptr, 0, sums128);
   };
   if (at::get_num_threads() == 2) {
-    std::atomic<int64_t> taken{0};  // pairs claimed by either thread
+    if (M == 0) return;
+    // runs of equal length (to a multiple of 6): 100 rows as 54 + 46, not 96 + 4
+    const int64_t groups = (blocks + 3) / 4, most = (M + kUnitRows - 1) / kUnitRows;
+    const int64_t unit_rows = ((M + most - 1) / most + 5) / 6 * 6, runs = (M + unit_rows - 1) / unit_rows;
+    const int64_t units = groups * runs;
+    std::atomic<int64_t> taken{0};  // units claimed by either thread
     at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
       const bool back = begin == 1 && end == 2;  // the second thread; one thread alone takes all from the front
-      for (int64_t mine = 0;;) {
-        const int64_t got = std::min<int64_t>(2, pairs - taken.fetch_add(2, std::memory_order_relaxed));
-        if (got <= 0) break;
-        const int64_t p0 = back ? pairs - mine - got : mine;
-        mine += got;
-        const int64_t nb = 2 * p0, last = std::min(2 * (p0 + got), blocks);
-        const int64_t nn = back ? nb - 4 : last;  // the next group this thread would take
-        const T* next = nn >= 0 && nn + 4 <= blocks ? wp + nn * K * 16 : nullptr;
-        run(nb, last, next);
+      for (int64_t mine = 0; taken.fetch_add(1, std::memory_order_relaxed) < units; ++mine) {
+        const int64_t u = back ? units - 1 - mine : mine, g = u / runs, r = u % runs;
+        const int64_t ng = back ? g - 1 : g + 1;  // the next group this thread would take
+        const bool leaving = r == (back ? 0 : runs - 1);
+        const T* next = leaving && ng >= 0 && 4 * ng + 4 <= blocks ? wp + 4 * ng * K * 16 : nullptr;
+        const int64_t m0 = r * unit_rows;
+        run(4 * g, std::min(4 * g + 4, blocks), m0, std::min(M - m0, unit_rows), next);
       }
     });
     return;
   }
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    run(2 * begin, std::min(2 * end, blocks), nullptr);
+    run(2 * begin, std::min(2 * end, blocks), 0, M, nullptr);
   });
 }
 #endif
