@@ -5,6 +5,7 @@ finishes the batch after a restart on the same data directory, answering each li
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +25,7 @@ MAX_FILE_BYTES = 100_000
 CHAT = "/v1/chat/completions"
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colors.",
            "Name a famous painter."]
-FINAL = ("completed", "failed", "cancelled")
+FINAL = ("completed", "failed", "cancelled", "expired")
 
 
 def start_server(data_dir) -> ServerProcess:
@@ -303,3 +304,39 @@ def test_kill_9_mid_batch_then_restart_answers_every_line_once(servers, data_dir
     answered = [x["custom_id"] for x in jsonl(restarted, batch.output_file_id)]
     assert sorted(answered) == sorted(ids)  # each exactly once
     assert batch.error_file_id is None
+
+
+def test_a_batch_past_its_window_at_restart_expires_keeping_what_finished(servers, data_dir, model):
+    """A server down past a batch's completion window (its created_at moved back 25 hours in
+    the stopped server's SQLite file) ends the batch at restart as OpenAI's expire: the lines
+    that finished keep their answers, the others are `batch_expired` in the error file.
+    Runs after the crash test, on its successor."""
+    client = client_of(servers[-1])
+    ids = [f"late-{i}" for i in range(12)]
+    batch = submit(client, [line(c, chat_body(model, f"Count from {i} to {i + 20}.", max_tokens=32))
+                            for i, c in enumerate(ids)])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        counts = client.batches.retrieve(batch.id).request_counts
+        if counts.completed > 0:
+            break
+        time.sleep(0.1)
+    servers[-1].stop()  # SIGTERM: lines in flight are left undone, to run again at the next start
+    with sqlite3.connect(data_dir / "jobs.sqlite3") as db:
+        finished = db.execute("SELECT count(*) FROM batch_lines WHERE batch_id = ? AND done = 1",
+                              (batch.id,)).fetchone()[0]
+        db.execute("UPDATE batches SET created_at = created_at - 25 * 3600 WHERE id = ?", (batch.id,))
+    assert 0 < finished < 12, finished
+
+    servers.append(start_server(data_dir))
+    restarted = client_of(servers[-1])
+    batch = wait(restarted, batch.id)
+    assert batch.status == "expired" and batch.expired_at is not None
+    assert batch.expired_at >= batch.expires_at and batch.completed_at is None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (finished, 12 - finished)
+    answered = {x["custom_id"]: x for x in jsonl(restarted, batch.output_file_id)}
+    expired = {x["custom_id"]: x for x in jsonl(restarted, batch.error_file_id)}
+    assert sorted([*answered, *expired]) == sorted(ids)  # each line once, in one file or the other
+    assert all(x["response"]["status_code"] == 200 for x in answered.values())
+    assert all(x["response"] is None and x["error"]["code"] == "batch_expired" for x in expired.values())
+    assert restarted.chat.completions.create(**chat_body(model, "Still serving?")).choices[0].message.content

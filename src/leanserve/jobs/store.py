@@ -64,6 +64,7 @@ ADDED_COLUMNS = {
     "batches": [
         ("scheduled_start_at", "INTEGER"),  # the batch's lines run from then on (carbon-aware deferral)
         ("plan", "TEXT"),  # JSON: jobs.carbon_schedule.Plan.as_dict(), the batch's `leanserve` field
+        ("expired_at", "INTEGER"),  # when a batch's completion window ran out before its lines did
     ],
 }
 
@@ -292,15 +293,35 @@ class JobStore:
         with self._write() as db:
             return self._move(db, batch_id, "finalizing", ("in_progress",))
 
-    def close_batch(self, batch_id: str, output: Path | None, errors: Path | None) -> bool:
-        """Ends a finalizing batch as completed, or a cancelling one as cancelled, and
-        registers its output and error files (temp paths, None when there is nothing to
-        write) in the same transaction. False, and the files dropped, if it was in neither."""
+    def expire_lines(self, batch_id: str, result: Callable[[str | None], dict]) -> int:
+        """Ends each line of a validating or in-progress batch that is not done yet as failed,
+        with `result(custom_id)` (the `batch_expired` error line), and counts them, in one
+        transaction; a line still generating then finds itself done and its answer is not
+        stored. Returns how many lines it ended."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM batches WHERE id = ? AND status IN ('validating', 'in_progress')",
+                          (batch_id,)).fetchone() is None:
+                return 0
+            rows = db.execute("SELECT line, custom_id FROM batch_lines WHERE batch_id = ? AND done = 0",
+                              (batch_id,)).fetchall()
+            db.executemany("UPDATE batch_lines SET done = 1, ok = 0, result = ? WHERE batch_id = ? AND line = ?",
+                           ((json.dumps(result(row["custom_id"])), batch_id, row["line"]) for row in rows))
+            db.execute("UPDATE batches SET failed = failed + ? WHERE id = ?", (len(rows), batch_id))
+        return len(rows)
+
+    def close_batch(self, batch_id: str, output: Path | None, errors: Path | None, expired: bool = False) -> bool:
+        """Ends a finalizing batch as completed, a cancelling one as cancelled, or (`expired`)
+        a validating or in-progress one as expired, and registers its output and error files
+        (temp paths, None when there is nothing to write) in the same transaction. False, and
+        the files dropped, if it was in none of those."""
         rows = [None if path is None else self._place(path, f"{batch_id}_{kind}.jsonl", "batch_output")
                 for kind, path in (("output", output), ("error", errors))]
         with self._write() as db:
-            closed = (self._move(db, batch_id, "completed", ("finalizing",))
-                      or self._move(db, batch_id, "cancelled", ("cancelling",)))
+            if expired:
+                closed = self._move(db, batch_id, "expired", ("validating", "in_progress"))
+            else:
+                closed = (self._move(db, batch_id, "completed", ("finalizing",))
+                          or self._move(db, batch_id, "cancelled", ("cancelling",)))
             if closed:
                 for row in filter(None, rows):
                     db.execute("INSERT INTO files VALUES (:id, :filename, :purpose, :bytes, :created_at)", row)

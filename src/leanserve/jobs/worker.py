@@ -73,6 +73,14 @@ def response_line(custom_id: str, status: int, body: dict) -> dict:
             "error": None}
 
 
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+
+
+def deadline_of(batch: dict) -> float:
+    """When a batch's completion window ends (its `expires_at`)."""
+    return batch["created_at"] + window_seconds(batch["completion_window"])
+
+
 def error_line(custom_id: str | None, code: str, message: str) -> dict:
     """An error-file line for an input line that was never run."""
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None,
@@ -185,7 +193,9 @@ class JobWorker:
 
     async def _advance(self, batch: dict) -> None:
         batch_id, status = batch["id"], batch["status"]
-        if status == "validating":
+        if status in ("validating", "in_progress") and time.time() >= deadline_of(batch):
+            await self._expire(batch_id)
+        elif status == "validating":
             await self._validate(batch)
         elif status == "in_progress":
             await self._dispatch(batch)
@@ -224,8 +234,8 @@ class JobWorker:
         tps = rates.tokens_per_second or self.config.default_tokens_per_second
         jpt, source = ((rates.joules_per_token, "measured") if rates.joules_per_token
                        else (self.config.default_joules_per_token, "default"))
-        deadline = batch["created_at"] + window_seconds(batch["completion_window"])
-        return plan_batch(forecast, time.time(), deadline, tokens[0], tps, jpt, source, rates.pue).as_dict()
+        return plan_batch(forecast, time.time(), deadline_of(batch), tokens[0], tps, jpt, source,
+                          rates.pue).as_dict()
 
     async def _dispatch(self, batch: dict) -> None:
         batch_id = batch["id"]
@@ -260,6 +270,21 @@ class JobWorker:
 
     def _in_engine(self, batch_id: str) -> bool:
         return any(owner == batch_id for owner, _ in self._lines)
+
+    async def _expire(self, batch_id: str) -> None:
+        """A batch whose completion window ran out, as OpenAI's: its lines in the engine are
+        stopped, every line not done goes to the error file as `batch_expired`, the finished
+        ones keep their results, and the batch ends `expired` once none is generating."""
+        for (owner, _), stop in self._lines.items():
+            if owner == batch_id:
+                stop.set()
+        if self._in_engine(batch_id):
+            return  # a stopped line wakes the worker when it leaves the engine
+        await asyncio.to_thread(self.store.expire_lines, batch_id, functools.partial(
+            error_line, code="batch_expired", message=EXPIRED_MESSAGE))
+        output, errors = await asyncio.to_thread(self._write_results, batch_id)
+        await asyncio.to_thread(self.store.close_batch, batch_id, output, errors, True)
+        self._cursor.pop(batch_id, None)
 
     async def _close(self, batch_id: str) -> None:
         """Writes the output and error files of a finalizing or cancelling batch and ends it."""

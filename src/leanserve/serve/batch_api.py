@@ -100,7 +100,7 @@ def batch_object(row: dict) -> dict:
         "created_at": row["created_at"], "in_progress_at": row["in_progress_at"],
         "expires_at": row["created_at"] + window_seconds(row["completion_window"]),
         "finalizing_at": row["finalizing_at"],
-        "completed_at": row["completed_at"], "failed_at": row["failed_at"], "expired_at": None,
+        "completed_at": row["completed_at"], "failed_at": row["failed_at"], "expired_at": row["expired_at"],
         "cancelling_at": row["cancelling_at"], "cancelled_at": row["cancelled_at"],
         "request_counts": {"total": row["total"], "completed": row["completed"], "failed": row["failed"]},
         "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
