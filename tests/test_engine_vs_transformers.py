@@ -183,8 +183,8 @@ def test_builtin_model_greedy_equals_transformers(builtin_llm, builtin_gguf):
 # mean error, max error)
 LOSSY_MODES = {
     "int8-kv": (dict(kv_cache_dtype="int8"), (24, 0.05, 0.4)),
-    "w8a8": (dict(quantization="w8a8"), (12, 0.2, 0.7)),
-    "w8a8+int8-kv": (dict(quantization="w8a8", kv_cache_dtype="int8"), (20, 0.2, 0.9)),
+    "w8a8": (dict(quantization="w8a8"), (12, 0.2, 1.0)),
+    "w8a8+int8-kv": (dict(quantization="w8a8", kv_cache_dtype="int8"), (20, 0.2, 1.25)),
 }
 
 
@@ -200,7 +200,13 @@ def test_builtin_model_in_a_lossy_mode_stays_close_to_transformers(builtin_gguf,
     (w8a8 can part at the first token), each side's token is in the other's top 5. How many
     positions are compared depends on where a near-tie flips: on the AMD, both modes together
     part after 0, 14 and 19 tokens with the float int8 attention and after 0, 14 and 8 with the
-    VNNI one (mean / worst error 0.11 / 0.40 and 0.09 / 0.26), hence 20 there."""
+    VNNI one (mean / worst error 0.11 / 0.40 and 0.09 / 0.26), hence 20 there. Since prompt
+    rows attend as decodes (the same keys and values, another summation order than SDPA's),
+    the paths there part later: w8a8 after 9, 11, 24 tokens (0, 14, 11 before), both after 0,
+    24, 8; and at the very positions where they parted before, the token now agrees with a
+    near-tie's log-probability off by 0.91 (w8a8, third prompt's 12th token) and 1.17 (both,
+    second prompt's 15th), hence the worst-error bounds; the means stay 0.13 and 0.15. The
+    bf16 engine's errors did not move (mean 0.024 both ways, worst 0.091 against 0.098)."""
     options, (min_count, max_mean, max_error) = LOSSY_MODES[mode]
     llm = LLM(None, **options)
     if "kv_cache_dtype" in options:

@@ -456,25 +456,47 @@ def test_equal_fresh_prefill_chunks_share_one_attention_call_with_the_same_numbe
         assert torch.equal(alone, together[start:start + length])
 
 
-def test_the_fused_plan_batches_equal_prompts_as_the_module_path_does(monkeypatch, tiny_models):
-    """Four prompts of one length arrive together: their prefill chunks are one attention
-    call in the plan and in the module path, with the same numbers."""
+def test_prompt_rows_attend_as_decodes_in_the_plan_and_the_module_path_alike(monkeypatch, tiny_models):
+    """With the native kernels the runner gives every row of a step, a prompt's too, its
+    sequence's block table and position: the step has no prefill chunks (no SDPA), and the
+    plan and the module path give the same numbers."""
     from leanserve import LLM, SamplingParams
 
-    prompts = [[5 + i, 6, 7, 8, 9, 10, 11, 12, 13, 14] for i in range(4)]
+    prompts = [[5 + i, 6, 7, 8, 9, 10, 11, 12, 13, 14] * (1 + i) for i in range(4)]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3)
     llm = LLM(str(tiny_models["llama"]), dtype="bfloat16", num_kv_blocks=64, prefix_caching=False)
-    counts = []
+    chunks = []
     chunks_of = llama.AttnBatch.prefill_chunks
-    monkeypatch.setattr(llama.AttnBatch, "prefill_chunks",
-                        lambda self, *a: counts.append([c[4] for c in chunks_of(self, *a)]) or self.chunks)
+    monkeypatch.setattr(llama.AttnBatch, "prefill_chunks", lambda self, *a: chunks.append(chunks_of(self, *a)) or self.chunks)
     runs = []
     for fused in (True, False):
         monkeypatch.setattr(llama.CausalLM, "fused", fused)
         outs = llm.generate(prompts, params)
         runs.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs])
-    assert [4] in counts
+    assert chunks and all(c == [] for c in chunks)
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_a_prompts_numbers_do_not_depend_on_its_chunks_or_its_cached_prefix(tiny_models, kv):
+    """bf16: the same prompts prefilled whole, in 16-token chunks beside each other, and a
+    second time over their cached prefixes give the same tokens and log-probabilities, bit
+    for bit (each row attends as a decode of its position; every projection's row is
+    computed alone)."""
+    from leanserve import LLM, SamplingParams
+
+    prompts = [[5 + i, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] * (2 + i) for i in range(4)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+    runs = []
+    for budget, cache in ((512, False), (16, False), (512, True)):
+        llm = LLM(str(tiny_models["llama"]), dtype="bfloat16", num_kv_blocks=64, prefix_caching=cache,
+                  max_num_batched_tokens=budget, kv_cache_dtype=kv)
+        for _ in range(2 if cache else 1):  # with the cache: the second run starts from the first's blocks
+            outs = llm.generate(prompts, params)
+        runs.append([(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs])
+        if cache:
+            assert llm.engine.kv.hit_tokens > 0  # the second run did start from cached blocks
+    assert runs[0] == runs[1] == runs[2]
 
 
 def test_the_cli_passes_the_kv_cache_dtype_and_the_engine_checks_it():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import native
 from ..models.llama import AttnBatch, CausalLM, KVPool
 from .sequence import Sequence
 
@@ -44,13 +45,23 @@ class ModelRunner:
                 logit_rows.append(row - 1)
                 sampled.append(seq)
         positions = torch.tensor(pos)
-        if decodes:
-            width = max(len(s.block_table) for s, _ in decodes)
-            decode_blocks = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes])
+        # With the native kernels every row, a prompt's too, attends as a decode of its position
+        # does: over its sequence's blocks in the pool (its own keys are written first), up to
+        # itself. So a row's numbers depend neither on how its prompt was split into chunks nor
+        # on whether its prefix was cached, and one call takes all rows (SDPA over each chunk
+        # ran its products in float32 at ~42 GFLOP/s here). The torch fallback keeps chunks.
+        as_rows = (decodes + others) if native() is not None else decodes
+        if as_rows:
+            width = max(len(s.block_table) for s, _ in as_rows)
+            decode_blocks = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in as_rows])
+            if len(as_rows) > len(decodes):
+                decode_blocks = decode_blocks.repeat_interleave(torch.tensor([n for _, n in as_rows]), dim=0)
         else:
             decode_blocks = torch.zeros(0, 1, dtype=torch.long)
+        if len(as_rows) > len(decodes):
+            meta, ctx_blocks = [], []
         attn = AttnBatch(slot_mapping=torch.tensor(slots), decode_blocks=decode_blocks,
-                         decode_lens=positions[:len(decodes)] + 1,
+                         decode_lens=positions[:len(decode_blocks)] + 1,
                          prefill_meta=torch.tensor(meta, dtype=torch.long).view(-1, 3),
                          prefill_blocks=torch.tensor(ctx_blocks, dtype=torch.long))
         if self.lora is not None:  # which rows run which LoRA adapter (engine/lora.py)

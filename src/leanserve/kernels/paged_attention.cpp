@@ -210,16 +210,28 @@ void weighted_values(const C* vc, const float* vs, const int64_t* table, int64_t
   }
 }
 
-// out[h * D + d] = ov[h][d] x inv[h], rounded to bf16, for H heads of 16 x NV dims
+// 16 floats to bf16 as c10::BFloat16(float) rounds them: to nearest even, a NaN to 0x7FC0
+// (in integer lanes: AVX-512F only, and no NaN test for -ffast-math to fold away)
+inline __m256i bf16x16_c10(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  const __m512i r = _mm512_mask_mov_epi32(_mm512_srli_epi32(_mm512_add_epi32(u, bias), 16), nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// out[h * D + d] = ov[h][d] x inv[h], rounded to bf16, for H heads of 16 x NV dims (vector
+// stores: with a prompt's rows attending as decodes, the scalar conversion cost as much as
+// the attention of a short row)
 template <int NV>
 void store_heads(const __m512* ov, const float* inv, int64_t H, c10::BFloat16* out) {
   for (int64_t h = 0; h < H; ++h) {
     const __m512 iv = _mm512_set1_ps(inv[h]);
-    for (int v = 0; v < NV; ++v) {
-      float tmp[16];
-      _mm512_storeu_ps(tmp, _mm512_mul_ps(ov[h * NV + v], iv));
-      for (int j = 0; j < 16; ++j) out[(h * NV + v) * 16 + j] = c10::BFloat16(tmp[j]);
-    }
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (h * NV + v) * 16),
+                          bf16x16_c10(_mm512_mul_ps(ov[h * NV + v], iv)));
   }
 }
 
@@ -539,16 +551,22 @@ void decode_int8_vnni(const c10::BFloat16* q, int64_t qs, const int8_t* kc, cons
       for (int64_t h = 0; h < H; ++h) {
         c10::BFloat16* o = out + (b * H + h) * D;
         const __m512 f = _mm512_set1_ps(osc[h]);
-        for (int z = 0; z < KZ; ++z)
+        for (int z = 0; z < KZ; ++z) {
+          __m512 V[4];  // V[2 half + c], lane 4L + i: dimension z * 64 + 16 L + 8 half + 4 c + i
           for (int half = 0; half < 2; ++half)
             for (int c = 0; c < 2; ++c) {
               const __m512i* a = acc.data() + (z * H + h) * 8 + half * 4;
-              alignas(64) float v[16];
-              _mm512_store_ps(v, _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(a[c]), _mm512_set1_ps(256.f),
-                                                               _mm512_cvtepi32_ps(a[2 + c])), f));
-              for (int L = 0; L < 4; ++L)
-                for (int i = 0; i < 4; ++i) o[z * 64 + 16 * L + 8 * half + 4 * c + i] = c10::BFloat16(v[4 * L + i]);
+              V[2 * half + c] = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(a[c]), _mm512_set1_ps(256.f),
+                                                              _mm512_cvtepi32_ps(a[2 + c])), f);
             }
+          // dimensions z * 64 + 16 L .. + 15 are the 128-bit lanes L of V[0..3]: a 4 x 4 transpose of lanes
+          const __m512 t0 = _mm512_shuffle_f32x4(V[0], V[1], 0x44), t1 = _mm512_shuffle_f32x4(V[0], V[1], 0xEE);
+          const __m512 t2 = _mm512_shuffle_f32x4(V[2], V[3], 0x44), t3 = _mm512_shuffle_f32x4(V[2], V[3], 0xEE);
+          const __m512 rows[4] = {_mm512_shuffle_f32x4(t0, t2, 0x88), _mm512_shuffle_f32x4(t0, t2, 0xDD),
+                                  _mm512_shuffle_f32x4(t1, t3, 0x88), _mm512_shuffle_f32x4(t1, t3, 0xDD)};
+          for (int L = 0; L < 4; ++L)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + z * 64 + 16 * L), bf16x16_c10(rows[L]));
+        }
       }
     }
   });

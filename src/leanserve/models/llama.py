@@ -115,9 +115,11 @@ class AttnBatch:
     """Where one step's tokens read and write keys and values in the paged pool, as tensors
     built once per step by the runner and shared by every layer.
 
-    Decodes come first in the flat batch: rows [0, B) are one token each. Prefill chunks
-    follow; chunk i covers rows [start, start + length) and, when it continues a sequence
-    (or the pool is int8), reads its keys from `ctx` whole blocks of the pool.
+    Decodes come first in the flat batch: rows [0, B) are one token each, each with its
+    sequence's block table and key count (with the native kernels the runner makes every row
+    of the step such a row, a prompt's too: B = all rows, no chunks). Prefill chunks follow;
+    chunk i covers rows [start, start + length) and, when it continues a sequence (or the
+    pool is int8), reads its keys from `ctx` whole blocks of the pool.
     """
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
