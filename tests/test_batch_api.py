@@ -68,6 +68,20 @@ def wait(client: openai.OpenAI, batch_id: str, timeout: float = 120, seen: list 
     raise AssertionError(f"batch {batch_id} not finished after {timeout}s: {batch}")
 
 
+def submit_until_a_line_is_done(client: openai.OpenAI, model: str, ids: list[str], prompt: str, max_tokens: int):
+    """Submits a batch of one line per id (`prompt` formatted with the line's index) and waits
+    until its first line is answered; returns the batch and its counts then."""
+    batch = submit(client, [line(c, chat_body(model, prompt.format(i), max_tokens=max_tokens))
+                            for i, c in enumerate(ids)])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        counts = client.batches.retrieve(batch.id).request_counts
+        if counts.completed > 0:
+            break
+        time.sleep(0.1)
+    return batch, counts
+
+
 def jsonl(client: openai.OpenAI, file_id: str) -> list[dict]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
 
@@ -283,14 +297,7 @@ def test_batch_cli(servers, tmp_path, model, capsys):
 def test_kill_9_mid_batch_then_restart_answers_every_line_once(servers, data_dir, client, model):
     """Runs last: it replaces the module's server."""
     ids = [f"crash-{i}" for i in range(24)]
-    batch = submit(client, [line(c, chat_body(model, f"Tell me a fact about the number {i}.", max_tokens=24))
-                            for i, c in enumerate(ids)])
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        counts = client.batches.retrieve(batch.id).request_counts
-        if counts.completed > 0:
-            break
-        time.sleep(0.1)
+    batch, counts = submit_until_a_line_is_done(client, model, ids, "Tell me a fact about the number {}.", 24)
     servers[-1].proc.kill()  # SIGKILL: no shutdown code runs
     servers[-1].proc.wait()
     servers[-1].stop()
@@ -313,14 +320,7 @@ def test_a_batch_past_its_window_at_restart_expires_keeping_what_finished(server
     Runs after the crash test, on its successor."""
     client = client_of(servers[-1])
     ids = [f"late-{i}" for i in range(12)]
-    batch = submit(client, [line(c, chat_body(model, f"Count from {i} to {i + 20}.", max_tokens=32))
-                            for i, c in enumerate(ids)])
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        counts = client.batches.retrieve(batch.id).request_counts
-        if counts.completed > 0:
-            break
-        time.sleep(0.1)
+    batch, _ = submit_until_a_line_is_done(client, model, ids, "Count from {0} to {0} + 20.", 32)
     servers[-1].stop()  # SIGTERM: lines in flight are left undone, to run again at the next start
     with sqlite3.connect(data_dir / "jobs.sqlite3") as db:
         finished = db.execute("SELECT count(*) FROM batch_lines WHERE batch_id = ? AND done = 1",

@@ -358,6 +358,17 @@ __attribute__((noinline)) void value_rows16(const int8_t* pr, int64_t row, const
     for (int c = 0; c < 4; ++c) acc[i * 8 + HALF * 4 + c] = a[i][c];
 }
 
+// Four 64-byte rows interleaved by dwords within each 128-bit lane: u[c], lane L, dword j =
+// row j's dword 4L + c (the key passes' layout: one key per dword lane, four per lane set).
+inline void interleave4(const __m512i* r, __m512i* u) {
+  const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+  u[0] = _mm512_unpacklo_epi64(t0, t2);
+  u[1] = _mm512_unpackhi_epi64(t0, t2);
+  u[2] = _mm512_unpacklo_epi64(t1, t3);
+  u[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
 // 16 keys' 64-byte parts (rows `row` bytes apart) against G query heads' 16-bit parts:
 // out[i] += 256 x (hi sums) + (lo sums), one lane per key (keys as unsigned bytes, so still
 // 128 x sum(q) over). The rows are interleaved within 128-bit lanes only (u[4g + c], lane L:
@@ -375,12 +386,7 @@ __attribute__((noinline)) void key_rows16(const int8_t* kb, int64_t row, const _
       r[j] = _mm512_xor_si512(_mm512_loadu_si512(kb + (4 * g + j) * row), flip);
       if (next) _mm_prefetch(next + (4 * g + j) * row, _MM_HINT_T1);
     }
-    const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
-    const __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
-    u[4 * g + 0] = _mm512_unpacklo_epi64(t0, t2);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+    interleave4(r, u + 4 * g);
   }
   for (int i = 0; i < G; ++i) {
     const __m512i* q = qv + i * qstride;
@@ -599,12 +605,7 @@ __attribute__((noinline)) void bf16_key_rows16(const c10::BFloat16* kb, int64_t 
         r[j] = _mm512_loadu_si512(kb + (4 * g + j) * row + z * 32);
         if (next) _mm_prefetch(next + ((4 * g + j) * row + z * 32) * 2, _MM_HINT_T1);
       }
-      const __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
-      const __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
-      u[4 * g + 0] = _mm512_unpacklo_epi64(t0, t2);
-      u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
-      u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
-      u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+      interleave4(r, u + 4 * g);
     }
     for (int i = 0; i < GI; ++i)
       for (int g = 0; g < 4; ++g)
