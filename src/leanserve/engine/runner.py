@@ -24,16 +24,22 @@ class ModelRunner:
         quantized = self.pool.dtype == torch.int8
         decodes = [(s, n) for s, n in batch if n == 1 and s.num_computed > 0]
         others = [(s, n) for s, n in batch if not (n == 1 and s.num_computed > 0)]
+        # With the native kernels every row, a prompt's too, attends as a decode of its position
+        # does: over its sequence's blocks in the pool (its own keys are written first), up to
+        # itself. So a row's numbers depend neither on how its prompt was split into chunks nor
+        # on whether its prefix was cached, and one call takes all rows (SDPA over each chunk
+        # ran its products in float32 at ~42 GFLOP/s here). The torch fallback keeps chunks.
+        as_rows = (decodes + others) if native() is not None else decodes
         ids, pos, slots, logit_rows, sampled = [], [], [], [], []
         meta, ctx_blocks = [], []
         row = 0
-        for seq, n in decodes + others:
+        for i, (seq, n) in enumerate(decodes + others):
             start = seq.num_computed
             table = seq.block_table
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if row >= len(decodes):
+            if i >= len(as_rows):  # a prefill chunk (the torch fallback only)
                 # A chunk continuing a sequence reads its keys from the pool. So does every chunk
                 # over an int8 pool: attending to its own fresh keys would make a prompt's result
                 # depend on whether its prefix was cached (quantized) or computed just now.
@@ -45,12 +51,6 @@ class ModelRunner:
                 logit_rows.append(row - 1)
                 sampled.append(seq)
         positions = torch.tensor(pos)
-        # With the native kernels every row, a prompt's too, attends as a decode of its position
-        # does: over its sequence's blocks in the pool (its own keys are written first), up to
-        # itself. So a row's numbers depend neither on how its prompt was split into chunks nor
-        # on whether its prefix was cached, and one call takes all rows (SDPA over each chunk
-        # ran its products in float32 at ~42 GFLOP/s here). The torch fallback keeps chunks.
-        as_rows = (decodes + others) if native() is not None else decodes
         if as_rows:
             width = max(len(s.block_table) for s, _ in as_rows)
             decode_blocks = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in as_rows])
@@ -58,8 +58,6 @@ class ModelRunner:
                 decode_blocks = decode_blocks.repeat_interleave(torch.tensor([n for _, n in as_rows]), dim=0)
         else:
             decode_blocks = torch.zeros(0, 1, dtype=torch.long)
-        if len(as_rows) > len(decodes):
-            meta, ctx_blocks = [], []
         attn = AttnBatch(slot_mapping=torch.tensor(slots), decode_blocks=decode_blocks,
                          decode_lens=positions[:len(decode_blocks)] + 1,
                          prefill_meta=torch.tensor(meta, dtype=torch.long).view(-1, 3),
