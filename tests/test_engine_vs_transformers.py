@@ -8,9 +8,12 @@ transformers runs one prompt at a time, so no padding is involved on the referen
 from __future__ import annotations
 
 import functools
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,6 +153,96 @@ def test_repetition_penalty_equals_transformers(tiny_llama):
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
                                               repetition_penalty=1.5))[0]
     assert_tokens_equal(out.token_ids, penalized, "repetition_penalty=1.5")
+
+
+def llama_cpp_rope_factors(cfg: dict) -> list[float]:
+    """The `rope_freqs.weight` llama.cpp's convert_hf_to_gguf.py writes for a Llama 3.1 config
+    (per frequency: 1 for short wavelengths, `factor` for long ones, a smooth mix between)."""
+    rs, dim = cfg["rope_scaling"], cfg["head_dim"]
+    freqs = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    old, low, high, factor = (rs["original_max_position_embeddings"], rs["low_freq_factor"],
+                              rs["high_freq_factor"], rs["factor"])
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def write_llama_gguf(folder: Path, path: Path) -> list[float]:
+    """An HF Llama folder as llama.cpp's converter writes it (float32 tensors, Q/K rows permuted,
+    Llama 3.1 scaling as a rope_freqs tensor, no scaling metadata); returns the factors."""
+    import gguf
+    from safetensors.torch import load_file
+
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    cfg = json.loads((folder / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or cfg
+    cfg = {**cfg, "rope_theta": rope["rope_theta"], "rope_scaling": rope, "head_dim": cfg.get("head_dim") or
+           cfg["hidden_size"] // cfg["num_attention_heads"]}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(cfg["rope_theta"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
+    writer.add_token_types([gguf.TokenType.NORMAL] * cfg["vocab_size"])
+    writer.add_token_merges([])
+    writer.add_bos_token_id(cfg["bos_token_id"])
+    writer.add_eos_token_id(cfg["eos_token_id"])
+    for name, w in load_file(str(folder / "model.safetensors")).items():
+        w = w.float().numpy()
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            gname = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm",
+                     "lm_head.weight": "output"}[name] + ".weight"
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            part = rest.rsplit(".", 1)[0]
+            if part == "self_attn.q_proj":
+                w = permute(w, cfg["num_attention_heads"])
+            elif part == "self_attn.k_proj":
+                w = permute(w, cfg["num_key_value_heads"])
+            gname = f"blk.{layer}.{names[part]}.weight"
+        writer.add_tensor(gname, w)
+    factors = llama_cpp_rope_factors(cfg)
+    writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return factors
+
+
+def test_llama31_gguf_rope_freqs_equal_transformers(tiny_llama, tmp_path):
+    """A Llama 3.1-style GGUF carries its RoPE scaling only as `rope_freqs.weight` (llama.cpp's
+    converter writes no scaling metadata for it): loaded from that file, the tiny Llama (its
+    config: rope_type llama3) must answer as transformers does from the original folder."""
+    factors = write_llama_gguf(tiny_llama, tmp_path / "tiny-llama31.gguf")
+    assert 1.0 in factors and 8.0 in factors and any(1 < f < 8 for f in factors), "premise: all three bands"
+    reference = tiny_reference(tiny_llama)
+    llm = LLM(str(tmp_path / "tiny-llama31.gguf"), dtype="float32", num_kv_blocks=64, block_size=16)
+    assert llm.engine.model.args.rope_freq_factors == pytest.approx(factors)
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=5)
+    for prompt, out, ref in zip(PROMPTS, llm.generate(PROMPTS, params), reference):
+        assert_tokens_equal(out.token_ids, ref.tokens, f"Llama 3.1 GGUF, {len(prompt)}-token prompt")
+        assert_logprobs_close(out, ref)
 
 
 # -- the built-in model ------------------------------------------------------------------------

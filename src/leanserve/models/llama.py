@@ -33,6 +33,7 @@ class ModelArgs:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # a GGUF's rope_freqs: divide each frequency
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -62,6 +63,7 @@ class ModelArgs:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
             rope_scaling=_rope_scaling(cfg),
+            rope_freq_factors=tuple(cfg["rope_freq_factors"]) if cfg.get("rope_freq_factors") else None,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
@@ -81,7 +83,8 @@ def _rope_scaling(cfg: dict) -> dict | None:
 
 
 def rope_inv_freq(args: ModelArgs, max_len: int) -> torch.Tensor:
-    """Inverse frequencies with the config's scaling (default, linear, dynamic NTK, llama3)."""
+    """Inverse frequencies with the config's scaling (default, linear, dynamic NTK, llama3) and a
+    GGUF's per-frequency factors."""
     dim, base = args.head_dim, args.rope_theta
     rs = args.rope_scaling or {}
     kind = rs.get("rope_type", "default")
@@ -107,6 +110,12 @@ def rope_inv_freq(args: ModelArgs, max_len: int) -> torch.Tensor:
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind not in ("default", "dynamic"):
         raise ModelLoadError(f"unsupported rope scaling type {kind!r}")
+    if args.rope_freq_factors is not None:
+        # llama.cpp's form of Llama 3.1 scaling (any scaling, in fact): one divisor per frequency
+        if len(args.rope_freq_factors) != dim // 2:
+            raise ModelLoadError(f"rope_freqs has {len(args.rope_freq_factors)} factors; head_dim {dim} "
+                                 f"has {dim // 2} frequencies")
+        inv_freq = inv_freq / torch.tensor(args.rope_freq_factors, dtype=torch.float32)
     return inv_freq
 
 

@@ -8,7 +8,9 @@ Two sources, one output:
 Weight names are transformers' checkpoint names. Mixtral experts are always per-expert:
 `model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.weight` (gate, down, up) and
 `model.layers.N.block_sparse_moe.gate.weight`. Tensors the loader does not know (extra HF keys,
-GGUF tensors such as `rope_freqs.weight`) are kept under their original names.
+other GGUF tensors) are kept under their original names. A GGUF's `rope_freqs.weight` (llama.cpp's
+converter writes it for Llama 3.1-style RoPE scaling instead of metadata) becomes the config's
+`rope_freq_factors`: each RoPE frequency is divided by its factor, as llama.cpp does.
 """
 from __future__ import annotations
 
@@ -153,6 +155,9 @@ def _load_gguf(path: str) -> ModelFiles:
             weights[f"{_GGUF_NAMES[kind].format(layer)}.{suffix}"] = w
         else:
             weights[t.name] = w
+    factors = weights.pop("rope_freqs.weight", None)
+    if factors is not None:
+        config["rope_freq_factors"] = factors.float().reshape(-1).tolist()
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in weights
     return ModelFiles(os.path.splitext(os.path.basename(path))[0], config, weights, Tokenizer.from_gguf(reader))
