@@ -274,22 +274,30 @@ def test_packed_bf16_kernel_matches_onednn_and_float(rows, n_in, n_out, bias):
 
 
 @needs_packed_bf16
-def test_packed_bf16_kernel_is_batch_invariant():
+@pytest.mark.parametrize("n_out,threads", [(1536, 1), (1536, 2), (576, 2)])
+def test_packed_bf16_kernel_is_batch_invariant(n_out, threads):
     """A row's output is the same bits whether it is alone in the call or among 300 others
     (oneDNN picks its kernel by the row count, so its rows may change with the batch; the
-    AVX-512 path splits 301 rows into runs of 78, 78, 78 and 67 between its threads)."""
+    AVX-512 path with two threads splits 301 rows into runs of 78, 78, 78 and 67, and 64 rows
+    of a 576-column weight into runs of 36 and 28, since 9 column groups are an odd count)."""
     torch.manual_seed(0)
-    linear = nn.Linear(576, 1536, bias=False).to(torch.bfloat16)
+    linear = nn.Linear(576, n_out, bias=False).to(torch.bfloat16)
     tiles = PackedLinear(linear)
     x = torch.randn(301, 576, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        together = tiles(x)
-        for i in (0, 17, 77, 78, 233, 234, 300):
-            assert torch.equal(tiles(x[i:i + 1]), together[i:i + 1])
-        assert torch.equal(tiles(x[3:140]), together[3:140])
-        assert torch.equal(tiles(x.view(1, 301, 576)), together.view(1, 301, 1536))  # leading dims kept
-        exact = x.float() @ linear.weight.float().t()
-        torch.testing.assert_close(together.float(), exact, atol=1e-2, rtol=8e-3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            together = tiles(x)
+            for i in (0, 17, 77, 78, 233, 234, 300):
+                assert torch.equal(tiles(x[i:i + 1]), together[i:i + 1])
+            assert torch.equal(tiles(x[3:140]), together[3:140])
+            assert torch.equal(tiles(x[:64]), together[:64])
+            assert torch.equal(tiles(x.view(1, 301, 576)), together.view(1, 301, n_out))  # leading dims kept
+            exact = x.float() @ linear.weight.float().t()
+            torch.testing.assert_close(together.float(), exact, atol=1e-2, rtol=8e-3)
+    finally:
+        torch.set_num_threads(previous)
 
 
 _PACKED_BF16 = """

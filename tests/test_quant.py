@@ -53,6 +53,23 @@ def test_a_rows_result_does_not_depend_on_its_batch(cls):
         assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1]), f"row {i}"
 
 
+@pytest.mark.parametrize("n_out", [3072, 576])
+def test_w8a8_rows_on_two_threads_do_not_depend_on_their_batch(n_out):
+    """With two threads the products split rows and column groups between them (64 rows of
+    576 columns: 9 groups, an odd count, so two runs of rows); a row's bits stay its own."""
+    layer = W8A8Linear(float_linear(576, n_out, True, torch.bfloat16))
+    x = torch.randn(64, 576, dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batched = layer(x)
+        for i in (0, 5, 35, 36, 63):
+            assert torch.equal(layer(x[i:i + 1]), batched[i:i + 1]), f"row {i}"
+        assert torch.equal(layer(x[:40]), batched[:40])
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("small", [Int8Linear, Int4Linear])
 def test_auto_uses_the_small_kernel_for_few_rows_and_the_dense_weight_for_many(small):
     linear = float_linear(576, 960, True, torch.bfloat16)

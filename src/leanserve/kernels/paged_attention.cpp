@@ -1555,8 +1555,14 @@ void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const 
   };
   if (at::get_num_threads() == 2) {
     if (M == 0) return;
-    // runs of equal length (to a multiple of 6): 100 rows as 54 + 46, not 96 + 4
-    const int64_t groups = (blocks + 3) / 4, most = (M + kUnitRows - 1) / kUnitRows;
+    // runs of equal length (to a multiple of 6): 100 rows as 54 + 46, not 96 + 4. An odd
+    // count of equal units leaves one thread a whole unit alone at the end (the down and o
+    // projections at 64 rows: 9 units, the last ~25 us of a ~190 us call); then the rows go
+    // in one more run. 30 layers of the four projections at 64 rows: bf16 -3.5 to -5.7%,
+    // W8A8 -2.7 to -3.4% (in one process, alternating; other row counts are not changed).
+    const int64_t groups = (blocks + 3) / 4;
+    int64_t most = (M + kUnitRows - 1) / kUnitRows;
+    if (groups * most % 2 == 1 && M >= 12) ++most;
     const int64_t unit_rows = ((M + most - 1) / most + 5) / 6 * 6, runs = (M + unit_rows - 1) / unit_rows;
     const int64_t units = groups * runs;
     std::atomic<int64_t> taken{0};  // units claimed by either thread
