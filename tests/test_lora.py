@@ -7,8 +7,10 @@ adapters and the base model share every batch.
 """
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,31 @@ def test_lru_eviction_with_two_slots_and_three_adapters(tiny_llama, adapters):
         out = llm.generate(PROMPTS[0], PARAMS, adapter=name)[0]
         assert_tokens_equal(out.token_ids, three[name][1][0], f"{name} again")
     assert lora.num_loads > loads
+
+
+def test_unload_frees_the_slots_and_the_next_use_reads_the_adapter_again(tiny_llama, adapters):
+    """Scale to zero frees the LoRA slots with the weights: the stacks go (nothing else holds
+    them), the adapters stay registered, and their next use reads their files again and
+    answers as before."""
+    two = dict(list(adapters.items())[:2])
+    first, second = two
+    llm = engine(tiny_llama, two)
+    out = llm.generate(PROMPTS[0], PARAMS, adapter=first)[0]
+    assert_tokens_equal(out.token_ids, two[first][1][0], f"{first} before the unload")
+    lora = llm.engine.lora
+    assert lora.num_resident == 1 and lora.stacks
+    stack = weakref.ref(next(iter(lora.stacks.values())).a)
+    loads = lora.num_loads
+    llm.engine.unload()
+    gc.collect()
+    assert not llm.engine.loaded and lora.num_resident == 0 and not lora.stacks
+    assert stack() is None, "a LoRA stack outlived the unload"
+    assert all(a.weights is None for a in lora.adapters.values())  # the host copies went too
+    for name in (first, second):
+        again = llm.generate(PROMPTS[0], PARAMS, adapter=name)[0]
+        assert_tokens_equal(again.token_ids, two[name][1][0], f"{name} after the unload")
+    assert llm.engine.loaded and lora.num_resident == 2
+    assert lora.num_loads == loads + 2  # each read from its file again
 
 
 def test_runtime_register_and_delete_with_requests_in_flight(tiny_llama, adapters):

@@ -99,10 +99,12 @@ class LLMEngine:
         return self.model is not None
 
     def unload(self) -> None:
-        """Frees the weights and the KV pool; the next `step()` with work loads them again.
+        """Frees the weights, the KV pool and the LoRA slots; the next `step()` with work loads
+        them again (adapters stay registered and are read from their files at their next use).
         Tokenizer, scheduler, counters and the energy ledger stay."""
         if self.seqs or self._done_early:
             raise RuntimeError("cannot unload while requests are in the engine")
+        self.lora.release_slots()
         self.model = self.pool = self.runner = None
         self.kv.forget_contents()  # the prefix cache named blocks of the pool just freed
         self.num_unloads += 1

@@ -517,6 +517,24 @@ class LoRAManager:
         if adapter.deleted and adapter.pins == 0 and adapter.slot is not None:
             self._evict(adapter.slot)
 
+    def release_slots(self) -> None:
+        """Scale to zero: empties every slot and frees the stacks, and drops the host copies
+        kept for a first use. The adapters stay registered; each is read from its file again
+        at its next use (as after an eviction), into stacks allocated again. Only with no
+        sequence on an adapter (the engine unloads when it has no requests)."""
+        if any(a is not None and a.pins for a in self.slots):
+            raise RuntimeError("cannot free LoRA slots while sequences use them")
+        for slot, adapter in enumerate(self.slots):
+            if adapter is not None:
+                self._evict(slot)
+        with self._lock:
+            for adapter in self.adapters.values():
+                if adapter.loading is None:
+                    adapter.weights = None
+        self.stacks = {}
+        self.native_slots = None
+        self.step = None
+
     def wait_for_loads(self, timeout: float) -> None:
         """Called when the step had nothing to run: sleep until a load finishes, not spin."""
         pending = [a.loading for a in self._loading if a.loading is not None]
