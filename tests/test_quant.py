@@ -79,6 +79,22 @@ def test_auto_uses_the_small_kernel_for_few_rows_and_the_dense_weight_for_many(s
     assert torch.equal(auto(many), linear(many))
 
 
+@pytest.mark.parametrize("small", [Int8Linear, Int4Linear])
+def test_auto_row_limit_follows_the_dense_kernel(small):
+    """The row limit is the one measured for the kernel the dense weights run in: the AMX
+    tiles, AVX512-BF16 dot products (where int8 never pays: 0 rows) or oneDNN."""
+    linear = float_linear(576, 960, False, torch.bfloat16)
+    auto = AutoLinear(linear, small=small)
+    if not getattr(auto.dense, "own", False):
+        expected = quant.MAX_ROWS[small]
+    else:
+        expected = (quant.MAX_ROWS_AMX if auto.dense.amx else quant.MAX_ROWS_AVX512)[small]
+    assert auto.max_rows == expected
+    assert quant.MAX_ROWS_AVX512[Int8Linear] == 0 and quant.MAX_ROWS_AVX512[Int4Linear] == 4
+    one = torch.randn(1, 576, dtype=torch.bfloat16)
+    assert torch.equal(auto(one), (auto.small if auto.max_rows >= 1 else auto.dense)(one))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_w8a8_native_and_torch_paths_agree(monkeypatch, dtype):
     """The native entry (one call: quantize rows, oneDNN's int8 product, rescale) and the torch
@@ -237,6 +253,7 @@ def test_quantized_model_logits_are_close_to_the_float_models(monkeypatch, arch,
     model = tiny_model(arch)
     monkeypatch.setitem(quant.MAX_ROWS, Int4Linear, 1000)
     monkeypatch.setitem(quant.MAX_ROWS_AMX, Int4Linear, 1000)
+    monkeypatch.setitem(quant.MAX_ROWS_AVX512, Int4Linear, 1000)
     quantize_model(model, method)
     out = all_logits(model, ids)
     assert relative_error(out, ref) < max_error

@@ -36,8 +36,13 @@ INT4_MAX_ROWS = 6
 # The same two when the bf16 weights run in our packed kernel (PackedLinear.own), measured on
 # the AMX-BF16 tiles: a decode step's projections plus lm_head, int8 / int4 / bf16 tiles
 # (ms): 1 row 10.8 / 7.6 / 10.8, 4 rows 14.0 / 10.0 / 10.8, 6 rows 21.9 / 15.4 / 11.0. int8
-# only ties at one row; int4 pays up to 4. (Not re-measured for the AVX512-BF16 path.)
+# only ties at one row; int4 pays up to 4.
 AMX_AUTO_MAX_ROWS, AMX_INT4_MAX_ROWS = 1, 4
+# And when they run on AVX512-BF16 dot products (no tiles; AMD Zen 4, 2 threads, the same
+# step, medians of 9 alternating rounds): int8 / int4 / bf16 (ms) 1 row 18.1 / 8.9 / 12.8,
+# 3 rows 24.6 / 12.4 / 14.1, 4 rows 25.1 / 13.6 / 15.5, 5 rows 33.3 / 21.5 / 14.4. int8
+# never pays there (`auto` stays on bf16); int4 pays up to 4 rows.
+AVX512_AUTO_MAX_ROWS, AVX512_INT4_MAX_ROWS = 0, 4
 
 
 def pack_for_tiles(w: torch.Tensor) -> torch.Tensor:
@@ -177,12 +182,13 @@ _ONE, _ZERO = torch.ones(1), torch.zeros(1, dtype=torch.int64)
 
 MAX_ROWS = {Int8Linear: AUTO_MAX_ROWS, Int4Linear: INT4_MAX_ROWS}
 MAX_ROWS_AMX = {Int8Linear: AMX_AUTO_MAX_ROWS, Int4Linear: AMX_INT4_MAX_ROWS}
+MAX_ROWS_AVX512 = {Int8Linear: AVX512_AUTO_MAX_ROWS, Int4Linear: AVX512_INT4_MAX_ROWS}
 
 
 class AutoLinear(nn.Module):
     """A weight-only kernel (`small`: int8 or int4) for calls of up to `max_rows` rows, the
-    dense bf16 matmul above (PackedLinear: the AMX tiles or oneDNN); the row limit depends on
-    which of the two the dense weights use.
+    dense bf16 matmul above (PackedLinear: the AMX tiles, AVX512-BF16 or oneDNN); the row
+    limit depends on which of the three the dense weights use (0: never the small kernel).
 
     Costs the quantized copy on top of the dense weights. Which kernel a row goes through
     then depends on how many rows share its call, so a sequence's greedy tokens can depend
@@ -194,7 +200,10 @@ class AutoLinear(nn.Module):
         self.small = small(linear)
         # shares the embedding's tensor when the lm_head is tied (unless packed: a copy)
         self.dense = PackedLinear(linear) if PackedLinear.available(linear.weight.dtype) else linear
-        table = MAX_ROWS_AMX if getattr(self.dense, "own", False) else MAX_ROWS
+        if not getattr(self.dense, "own", False):
+            table = MAX_ROWS  # oneDNN's packed bf16
+        else:
+            table = MAX_ROWS_AMX if self.dense.amx else MAX_ROWS_AVX512
         self.max_rows = table[small] if max_rows is None else max_rows
 
     def forward(self, x):
