@@ -97,6 +97,12 @@ def window_seconds(window: str) -> int:
     return int(m.group(1)) * 3600
 
 
+def deadline_of(batch: dict) -> int:
+    """When a batch (a row with `created_at` and `completion_window`) must be done: its
+    `expires_at`."""
+    return batch["created_at"] + window_seconds(batch["completion_window"])
+
+
 def choose_start(forecast: Forecast | None, now: float, run_seconds: float, deadline: float) -> float:
     """The start in [now, deadline - run_seconds] with the lowest mean intensity over the run."""
     if forecast is None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator, NamedTuple
 
 from . import JobsConfig
-from .carbon_schedule import load_forecast, plan_batch, window_seconds
+from .carbon_schedule import deadline_of, load_forecast, plan_batch
 from .store import InputLine, JobStore
 
 log = logging.getLogger("leanserve.jobs")
@@ -74,11 +74,6 @@ def response_line(custom_id: str, status: int, body: dict) -> dict:
 
 
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
-
-
-def deadline_of(batch: dict) -> float:
-    """When a batch's completion window ends (its `expires_at`)."""
-    return batch["created_at"] + window_seconds(batch["completion_window"])
 
 
 def error_line(custom_id: str | None, code: str, message: str) -> dict:

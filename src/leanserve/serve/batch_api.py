@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import LeanserveError
 from ..jobs import JobsConfig
-from ..jobs.carbon_schedule import window_seconds
+from ..jobs.carbon_schedule import deadline_of, window_seconds
 from ..jobs.store import JobStore
 from ..jobs.worker import EngineRates, JobWorker
 from . import protocol as p
@@ -98,7 +98,7 @@ def batch_object(row: dict) -> dict:
         "input_file_id": row["input_file_id"], "completion_window": row["completion_window"],
         "status": row["status"], "output_file_id": row["output_file_id"], "error_file_id": row["error_file_id"],
         "created_at": row["created_at"], "in_progress_at": row["in_progress_at"],
-        "expires_at": row["created_at"] + window_seconds(row["completion_window"]),
+        "expires_at": deadline_of(row),
         "finalizing_at": row["finalizing_at"],
         "completed_at": row["completed_at"], "failed_at": row["failed_at"], "expired_at": row["expired_at"],
         "cancelling_at": row["cancelling_at"], "cancelled_at": row["cancelled_at"],
