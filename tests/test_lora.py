@@ -364,6 +364,36 @@ def test_adapter_over_quantized_weights_is_batch_independent(tiny_llama, adapter
     assert [o.token_ids for o in mixed] == [alone[n] for n in names]
 
 
+def test_adapter_over_a_smoothed_model_equals_peft(tiny_llama, adapters):
+    """W8A8's smoothing (models/quant.py) divides the projections' inputs, and the value and
+    up outputs, by per-channel factors; an adapter's A and B are scaled to match when it is
+    installed. Smoothing alone (float32, no quantization) must leave every adapter's answer
+    as peft's; installed without the scaling, the adapters' log-probabilities move."""
+    from leanserve.models.quant import smooth_for_w8a8
+
+    first = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+
+    def first_logprobs(llm, name):
+        return dict(llm.generate(PROMPTS[1], first, adapter=name)[0].logprobs[0].top)
+
+    plain = engine(tiny_llama, adapters)
+    before = {name: first_logprobs(plain, name) for name in adapters}
+    llm = engine(tiny_llama, adapters, prefix_caching=False)
+    lora = llm.engine.lora
+    factors = smooth_for_w8a8(llm.engine.model, list(range(3, 100)))  # as the engine does, before any adapter runs
+    unscaled = {name: first_logprobs(llm, name) for name in adapters}
+    lora.smoothing = factors
+    lora.release_slots()
+    for name, (_, expected) in adapters.items():
+        outs = llm.generate(PROMPTS, PARAMS, adapter=name)
+        for prompt, out, ref in zip(PROMPTS, outs, expected):
+            assert_tokens_equal(out.token_ids, ref, f"adapter {name} over the smoothed model")
+        got = first_logprobs(llm, name)
+        assert all(abs(got[t] - before[name][t]) < 1e-4 for t in set(got) & set(before[name])), name
+    moved = max(abs(unscaled[n][t] - before[n][t]) for n in adapters for t in set(unscaled[n]) & set(before[n]))
+    assert moved > 1e-2
+
+
 def test_adapter_file_gone_before_its_reload_aborts_its_request(tiny_llama, adapters, tmp_path):
     folder = copy_adapter(adapters["qv"][0], tmp_path / "gone")
     llm = engine(tiny_llama, {}, lora={"dirs": (str(tmp_path),)})  # a scanned adapter is read at first use

@@ -260,6 +260,75 @@ def test_quantized_model_logits_are_close_to_the_float_models(monkeypatch, arch,
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1
 
 
+@pytest.mark.parametrize("arch", TINY_CONFIGS)
+def test_w8a8_smoothing_leaves_a_float_model_unchanged(arch):
+    """SmoothQuant's factors are folded into the norms, the value rows and the up rows; in
+    float32 the model computes what it did (Mixtral: its attention only), while the
+    projections' inputs are divided by factors far from 1."""
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    model = tiny_model(arch, torch.float32)
+    ref = all_logits(model, ids)
+    qkv_input = model.layers[0].input_layernorm.weight.clone()
+    factors = quant.smooth_for_w8a8(model, list(range(3, 200)), alpha=0.5)
+    torch.testing.assert_close(all_logits(model, ids), ref, atol=2e-4, rtol=2e-4)
+    modules = {"qkv", "o"} | (set() if arch == "mixtral" else {"gate_up", "down"})
+    assert {m for _, m in factors} == modules and len(factors) == 2 * len(modules)
+    s_in = factors[0, "qkv"][0]
+    assert (s_in - 1).abs().min() > 0.5  # the premise: inputs really are rescaled
+    torch.testing.assert_close(model.layers[0].input_layernorm.weight * s_in, qkv_input)
+    assert model.lm_head.weight.data_ptr() != model.embed_tokens.weight.data_ptr()  # untied: its own factors
+
+
+def test_the_engine_smooths_w8a8_unless_told_not_to(tiny_llama):
+    from leanserve import LLM, cli
+
+    parse = cli.build_parser().parse_args
+    assert cli._engine_config(parse(["serve", "--quantization", "w8a8"])).w8a8_smoothing is True
+    assert cli._engine_config(parse(["serve", "--quantization", "w8a8", "--no-w8a8-smoothing"])).w8a8_smoothing is False
+    smoothed = LLM(str(tiny_llama), quantization="w8a8", num_kv_blocks=16).engine
+    assert smoothed.smoothing and smoothed.lora.smoothing is smoothed.smoothing
+    for options in (dict(quantization="w8a8", w8a8_smoothing=False), dict(quantization="int8"), {}):
+        assert LLM(str(tiny_llama), num_kv_blocks=16, **options).engine.smoothing == {}
+
+
+def held_out_logits(model, ids) -> torch.Tensor:
+    return all_logits(model, ids).float().log_softmax(-1)
+
+
+@pytest.mark.slow
+def test_w8a8_smoothing_brings_the_builtin_model_closer_to_bf16(builtin_gguf):
+    """On text it was not calibrated on (this repository's README), the built-in model's
+    W8A8 next-token distributions, against bf16's: measured mean KL 0.053 plain, 0.024
+    smoothed; bf16's top token kept at 89.0% and 90.3% of the 600 positions."""
+    from pathlib import Path
+
+    from leanserve.models.loader import load_model_files
+
+    files = load_model_files(str(builtin_gguf))
+    readme = (Path(__file__).parent.parent / "README.md").read_text()[:5000]
+    ids = files.tokenizer.encode(readme)[:600]
+
+    def build(smooth: bool | None):
+        model = build_model(files.config, dict(files.weights), torch.bfloat16, 1024)
+        if smooth is None:
+            quant.pack_model(model)
+            return model
+        if smooth:
+            quant.smooth_for_w8a8(model, files.tokenizer.encode(quant.CALIBRATION_TEXT))
+        quantize_model(model, "w8a8")
+        return model
+
+    ref = held_out_logits(build(None), ids)
+    results = {}
+    for smooth in (False, True):
+        out = held_out_logits(build(smooth), ids)
+        kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
+        top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        results[smooth] = (kl, top1)
+    assert results[True][0] < 0.8 * results[False][0], results
+    assert results[True][1] >= results[False][1], results
+
+
 # -- the built-in model ---------------------------------------------------------------------------
 
 CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis in one paragraph.",
@@ -293,14 +362,15 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
 
 
 # (free-running share, next-token share) each method must reach; see the test's docstring
-AGREEMENT_FLOORS = {"int8": (0.4, 0.85), "int4": (0.4, 0.85), "auto": (0.4, 0.85), "w8a8": (0.1, 0.75)}
+AGREEMENT_FLOORS = {"int8": (0.4, 0.85), "int4": (0.4, 0.85), "auto": (0.4, 0.85), "w8a8": (0.2, 0.85)}
 
 
 @pytest.mark.slow
 def test_builtin_model_quantized_greedy_tokens_mostly_agree_with_bf16(builtin_prompts):
     """Measured (8 prompts, 16 tokens; share of tokens before the first difference / share of
     next tokens equal after the same prefixes): int8 51-59% / 93-95%, int4 83% / 97%, auto
-    77% / 99%, w8a8 21% / 84%. One different token changes the rest of a greedy answer, so the
+    77% / 99%, w8a8 21% / 84% (smoothed, on the AMD EPYC: 34% / 90%; int8 71% / 96%, int4
+    75% / 100%, auto 100% / 100% there). One different token changes the rest of a greedy answer, so the
     free-running share moves a lot with any rounding (bf16 against float32 itself: ~73%); the
     next-token share is stable. w8a8 rounds every projection's input to 8 bits as well, which
     this 135M-parameter model feels: it is opt-in, for throughput."""

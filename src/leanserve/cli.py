@@ -31,6 +31,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="quantization of the linear layers: int8, int4 or auto (int8 for small batches) are "
                              "weight-only; w8a8 also quantizes activations (the fastest from a few sequences up, "
                              "outputs close to but not equal to bf16's)")
+    parser.add_argument("--no-w8a8-smoothing", dest="w8a8_smoothing", action="store_false",
+                        help="with --quantization w8a8: quantize the weights as they are, without first moving the "
+                             "activations' outlier channels into them (SmoothQuant; for comparisons)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="do not share the KV blocks of common prompt prefixes")
     add_energy_args(parser)
@@ -64,6 +67,7 @@ def _engine_config(args, **extra) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
                         kv_cache_dtype=args.kv_cache_dtype,
                         prefix_caching=args.prefix_caching, quantization=args.quantization,
+                        w8a8_smoothing=args.w8a8_smoothing,
                         energy=energy_config(args), lora=_lora_config(args), **extra)
 
 

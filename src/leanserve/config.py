@@ -30,6 +30,8 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32
     quantization: str | None = None  # weight-only int8 | int4 | auto (int8 for small batches); w8a8
+    # w8a8 only: SmoothQuant's outlier migration before quantizing (models/quant.py smooth_for_w8a8)
+    w8a8_smoothing: bool = True
     max_num_seqs: int = 128  # sequences in one step (BENCHMARKS.md: scheduling defaults)
     max_num_batched_tokens: int = 512  # tokens (prefill chunks + decodes) in one step
     kv_cache_gib: float = 1.0  # memory budget of the paged KV pool

@@ -24,7 +24,7 @@ from ..energy.ledger import work_from_batch
 from ..errors import InvalidRequest, Overloaded
 from ..models.llama import KVPool, build_model
 from ..models.loader import load_model_files
-from ..models.quant import pack_model, quantize_model
+from ..models.quant import CALIBRATION_TEXT, pack_model, quantize_model, smooth_for_w8a8
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager, num_blocks_for_budget
 from .lora import LoRAManager
@@ -70,6 +70,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.runner = ModelRunner(self.model, self.pool, config.block_size)
         self.lora = LoRAManager(args, config.lora, [self.model_name, config.model], dtype)
+        self.lora.smoothing = self.smoothing
         self.runner.lora = self.scheduler.lora = self.lora
         self.sampler = Sampler(config.seed)
         self.ledger = make_ledger(config.energy, args)
@@ -88,6 +89,11 @@ class LLMEngine:
         model) first, so the two are not in memory together longer than needed."""
         model = build_model(files.config, files.weights, self.dtype, self._max_len)
         files.weights = {}
+        self.smoothing = {}  # LoRA adapters over smoothed W8A8 projections need the factors
+        if self.config.quantization == "w8a8" and self.config.w8a8_smoothing:
+            self.smoothing = smooth_for_w8a8(model, self.tokenizer.encode(CALIBRATION_TEXT))
+        if getattr(self, "lora", None) is not None:  # a reload after scale to zero
+            self.lora.smoothing = self.smoothing
         if self.config.quantization:
             quantize_model(model, self.config.quantization)
         else:

@@ -420,6 +420,9 @@ class LoRAManager:
         self.slots: list[Adapter | None] = [None] * config.max_loras
         self.stacks: dict[tuple[int, str], Stack] = {}
         self.step: StepLoRA | None = None
+        # W8A8 smoothing's factors (models/quant.py smooth_for_w8a8): {(layer, module): (input
+        # factors, [output factors per part or None])}; {} for a model as its files have it
+        self.smoothing: dict = {}
         self.load_seconds: list[float] = []  # every read of an adapter file, for metrics
         self.on_load = []  # callbacks(name, seconds), e.g. metrics
         self._ids = 0
@@ -595,6 +598,11 @@ class LoRAManager:
                 r = 0
                 if parts[p] is not None:
                     a, b, scale = parts[p]
+                    if (layer, module) in self.smoothing:  # the projection sees x / s_in and writes y / s_out
+                        s_in, s_out = self.smoothing[layer, module]
+                        a = a * s_in[None, :]
+                        if s_out[p] is not None:
+                            b = b / s_out[p][:, None]
                     r = a.shape[0]
                     a_stacks.append(stack.a)
                     part_ids.append(p)

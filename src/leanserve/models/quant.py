@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..kernels import native
-from .llama import MLP, CausalLM, SparseMoE, quantize_kv
+from .llama import MLP, AttnBatch, CausalLM, KVPool, SparseMoE, quantize_kv
 
 METHODS = ("int8", "int4", "auto", "w8a8")
 
@@ -131,8 +131,8 @@ class W8A8Linear(nn.Module):
     load; on the tiles, else on VNNI dot products), elsewhere in oneDNN. On SmolLM2-135M's
     shapes, 2 threads, one layer's four projections took 184 us at 64 rows on the tiles, 328
     through oneDNN and ~450 in packed bf16 (one row: 104, 177, ~290). The price is accuracy: quantizing activations puts the built-in model's chosen-token
-    log-probabilities ~0.13 off transformers' on average (bf16: ~0.02), so it is opt-in, like
-    vLLM's W8A8 checkpoints. The int32 sums are exact and the scales per row, so both paths
+    log-probabilities ~0.13 off transformers' on average (bf16: ~0.02), ~0.08 after the
+    engine's smoothing (smooth_for_w8a8), so it is opt-in, like vLLM's W8A8 checkpoints. The int32 sums are exact and the scales per row, so both paths
     give the same bits and a row's result does not depend on the rows it shares a call with.
     """
 
@@ -293,6 +293,113 @@ def _replace_linears(model: CausalLM, make, make_head) -> None:
             if isinstance(child, nn.Linear) and not (isinstance(parent, SparseMoE) and name == "gate"):
                 setattr(parent, name, make(child, isinstance(parent, MLP) and name == "gate_up_proj"))
     model.lm_head = make_head(model.lm_head)
+
+
+# SmoothQuant's migration strength (0: all on the activations, 1: all on the weights)
+SMOOTH_ALPHA = 0.5
+# Text the W8A8 smoothing measures activations on (any ordinary text does: the channels with
+# outsized activations are the same for every input).
+CALIBRATION_TEXT = """The history of the city begins in the twelfth century, when a small market grew up at the
+crossing of two rivers. Merchants came from the north with wool and timber; by 1300 the
+town had a charter, a wall and some 4,000 inhabitants.
+Q: What is the capital of France? A: Paris. Q: How many legs does a spider have? A: Eight.
+def mean(values):
+    return sum(values) / len(values) if values else 0.0
+Dear team, the quarterly report is attached. Revenue rose 12% to $3.4 million, while costs
+fell slightly; please send your comments before Friday.
+Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. It happens in
+the chloroplasts of plant cells, mostly in the leaves."""
+
+
+@torch.no_grad()
+def smooth_for_w8a8(model: CausalLM, token_ids: list[int], alpha: float = SMOOTH_ALPHA) -> dict:
+    """SmoothQuant (Xiao et al., 2023): moves the activations' outlier channels into the
+    weights before W8A8 quantization, without changing what the model computes.
+
+    A few channels of the residual stream carry activations tens of times larger than the
+    rest, so one int8 scale per row rounds every other channel coarsely. For each projection
+    input channel d, s_d = max|x_d|^alpha / max|w_:,d|^(1 - alpha) (the activations measured
+    on `token_ids` with the bf16 model); x_d is divided by s_d and the weight's column d
+    multiplied by it. The division is folded into what produces x: the RMSNorm weight before
+    the qkv and gate_up projections (and before the lm_head, which then gets its own
+    weight), the value rows of qkv before o_proj (per kv head and dim, shared by the query
+    heads of a group), the up rows of gate_up before down_proj (silu(gate) * up is linear in
+    up). Mixtral's MoE blocks are left as they are. The weights are left in float32 for the
+    quantization that follows.
+
+    Returns the factors as LoRA needs them, {(layer, module): (input factors, [output factors
+    of each part or None])} with modules named as in engine/lora.py: an adapter's A is
+    multiplied by the input's factors and its B divided by its part's output factors.
+    """
+    stats: dict[nn.Module, torch.Tensor] = {}
+
+    def record(module, inputs, _):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
+        stats[module] = torch.maximum(stats[module], x) if module in stats else x
+
+    dense = [layer for layer in model.layers if isinstance(layer.mlp, MLP)]
+    watched = [model.lm_head] + [layer.self_attn.qkv_proj for layer in model.layers] + \
+        [m for layer in model.layers for m in (layer.self_attn.o_proj,)] + \
+        [m for layer in dense for m in (layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    hooks = [m.register_forward_hook(record) for m in watched]
+    token_ids = token_ids[:model.rope_cos.shape[0]]  # within the rotary tables' positions
+    n, args = len(token_ids), model.args
+    pool = KVPool(args, -(-n // 16), 16, model.embed_tokens.weight.dtype)
+    model.fused = False  # the module path, where the hooks see each projection's input
+    try:
+        model(torch.tensor(token_ids), torch.arange(n), AttnBatch.prefill(n), pool, torch.arange(n))
+    finally:
+        del model.fused
+        for h in hooks:
+            h.remove()
+
+    def factors(act: torch.Tensor, w_max: torch.Tensor) -> torch.Tensor:
+        return (act.clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+
+    def as_float(linear: nn.Linear) -> torch.Tensor:
+        """The layer's weight as its own float32 parameter (unties a tied lm_head)."""
+        if linear.weight.dtype != torch.float32 or linear is model.lm_head:
+            linear.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
+        return linear.weight.data
+
+    def divide_rows(linear: nn.Linear, rows: slice, s: torch.Tensor) -> None:
+        as_float(linear)[rows] /= s[:, None]
+        if linear.bias is not None:
+            linear.bias.data[rows] = (linear.bias.data[rows].float() / s).to(linear.bias.dtype)
+
+    def through_norm(norm, linear: nn.Linear) -> torch.Tensor:
+        w = as_float(linear)
+        s = factors(stats[linear], w.abs().amax(dim=0))
+        new = (norm.weight.data.float() / s).to(norm.weight.dtype)
+        # the factor the rounded norm weight really divides by, so norm x weight stays exact
+        s = torch.where(new != 0, norm.weight.data.float() / new.float(), torch.ones_like(s))
+        norm.weight.data.copy_(new)
+        w *= s[None, :]
+        return s
+
+    nh, nkv, hd = args.num_heads, args.num_kv_heads, args.head_dim
+    out: dict = {}
+    for i, layer in enumerate(model.layers):  # the outputs' side first: it changes the columns' maxima below
+        attn = layer.self_attn
+        wo = as_float(attn.o_proj)
+        act = stats[attn.o_proj].view(nkv, nh // nkv, hd).amax(dim=1)
+        s_v = factors(act, wo.abs().amax(dim=0).view(nkv, nh // nkv, hd).amax(dim=1)).reshape(-1)
+        divide_rows(attn.qkv_proj, slice((nh + nkv) * hd, (nh + 2 * nkv) * hd), s_v)
+        s_o = s_v.view(nkv, 1, hd).expand(nkv, nh // nkv, hd).reshape(-1)
+        wo *= s_o[None, :]
+        out[i, "o"] = (s_o, [None])
+        out[i, "qkv"] = (through_norm(layer.input_layernorm, attn.qkv_proj), [None, None, s_v])
+        if isinstance(layer.mlp, MLP):
+            mlp = layer.mlp
+            wd = as_float(mlp.down_proj)
+            s_d = factors(stats[mlp.down_proj], wd.abs().amax(dim=0))
+            inter = wd.shape[1]
+            divide_rows(mlp.gate_up_proj, slice(inter, 2 * inter), s_d)
+            wd *= s_d[None, :]
+            out[i, "down"] = (s_d, [None])
+            out[i, "gate_up"] = (through_norm(layer.post_attention_layernorm, mlp.gate_up_proj), [None, s_d])
+    through_norm(model.norm, model.lm_head)
+    return out
 
 
 @torch.no_grad()
