@@ -337,10 +337,11 @@ def smooth_for_w8a8(model: CausalLM, token_ids: list[int], alpha: float = SMOOTH
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
         stats[module] = torch.maximum(stats[module], x) if module in stats else x
 
-    dense = [layer for layer in model.layers if isinstance(layer.mlp, MLP)]
-    watched = [model.lm_head] + [layer.self_attn.qkv_proj for layer in model.layers] + \
-        [m for layer in model.layers for m in (layer.self_attn.o_proj,)] + \
-        [m for layer in dense for m in (layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    watched = [model.lm_head]
+    for layer in model.layers:
+        watched += [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
+        if isinstance(layer.mlp, MLP):
+            watched += [layer.mlp.gate_up_proj, layer.mlp.down_proj]
     hooks = [m.register_forward_hook(record) for m in watched]
     token_ids = token_ids[:model.rope_cos.shape[0]]  # within the rotary tables' positions
     n, args = len(token_ids), model.args
