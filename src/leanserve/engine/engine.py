@@ -92,8 +92,6 @@ class LLMEngine:
         self.smoothing = {}  # LoRA adapters over smoothed W8A8 projections need the factors
         if self.config.quantization == "w8a8" and self.config.w8a8_smoothing:
             self.smoothing = smooth_for_w8a8(model, self.tokenizer.encode(CALIBRATION_TEXT))
-        if getattr(self, "lora", None) is not None:  # a reload after scale to zero
-            self.lora.smoothing = self.smoothing
         if self.config.quantization:
             quantize_model(model, self.config.quantization)
         else:
@@ -127,6 +125,7 @@ class LLMEngine:
         self.pool = KVPool(model.args, self.kv.num_blocks, self.config.block_size, self.kv_dtype)
         self.runner = ModelRunner(model, self.pool, self.config.block_size)
         self.runner.lora = self.lora
+        self.lora.smoothing = self.smoothing  # the new model's (the slots went with the old one)
         self.model = model
         self.load_seconds.append(time.perf_counter() - started)
 
