@@ -291,10 +291,6 @@ def test_the_engine_smooths_w8a8_unless_told_not_to(tiny_llama):
         assert LLM(str(tiny_llama), num_kv_blocks=16, **options).engine.smoothing == {}
 
 
-def held_out_logits(model, ids) -> torch.Tensor:
-    return all_logits(model, ids).float().log_softmax(-1)
-
-
 @pytest.mark.slow
 def test_w8a8_smoothing_brings_the_builtin_model_closer_to_bf16(builtin_gguf):
     """On text it was not calibrated on (this repository's README), the built-in model's
@@ -318,10 +314,10 @@ def test_w8a8_smoothing_brings_the_builtin_model_closer_to_bf16(builtin_gguf):
         quantize_model(model, "w8a8")
         return model
 
-    ref = held_out_logits(build(None), ids)
+    ref = all_logits(build(None), ids).float().log_softmax(-1)
     results = {}
     for smooth in (False, True):
-        out = held_out_logits(build(smooth), ids)
+        out = all_logits(build(smooth), ids).float().log_softmax(-1)
         kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
         top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
         results[smooth] = (kl, top1)
