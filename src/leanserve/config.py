@@ -44,6 +44,10 @@ class EngineConfig:
     prefix_caching: bool = True  # share the KV blocks of common prompt prefixes
     max_model_len: int | None = None  # default: the model's context, capped at 8192
     max_waiting: int = 1024  # queued requests beyond this are refused (HTTP 429)
+    # Sequences one client (API key, else peer address) may have in the engine at once,
+    # waiting or running; past it only that client gets 429. Waiting sequences are also
+    # taken round-robin across clients, so one caller's burst cannot starve the others.
+    max_seqs_per_client: int = 512
     priority_aging_seconds: float = 60.0  # a waiting request gains one priority class per this
     num_threads: int | None = None  # torch intra-op threads; default: all cores
     seed: int = 0  # seed of the sampler for requests that do not give one
@@ -66,6 +70,12 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_seconds: int = 1
     usage_log: str | None = None  # append one JSON line per finished request here
+    # A chat request that sends no max_tokens generates at most this many (None: up to the
+    # context, as vLLM does). Text completions keep OpenAI's default of 16.
+    default_max_tokens: int | None = 1024
+    max_sequences_per_request: int = 256  # prompts x n of one request; more gets 400
+    header_timeout_seconds: float = 10.0  # a connection whose request headers take longer is closed
+    body_timeout_seconds: float = 30.0  # a request body that stalls this long between chunks gets 408
 
 
 DEFAULT_MAX_MODEL_LEN = 8192
