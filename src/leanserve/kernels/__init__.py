@@ -24,14 +24,32 @@ HERE = Path(__file__).parent
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-ffast-math"]
 
 
+@functools.cache
+def _flags_line() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is absent)."""
+    return frozenset(_flags_line().partition(":")[2].split())
+
+
+def int8_dot_products() -> bool:
+    """Whether int8 x int8 products sum exactly into int32 here (AMX-INT8, AVX512-VNNI or
+    AVX-VNNI). Without them oneDNN's x86 int8 path pairs products in saturating int16
+    (vpmaddubsw): on an AVX2-only CPU a W8A8 layer then parted from the exact sums by 1.8%
+    (twice its quantization error). Unknown flags (no /proc/cpuinfo) count as yes."""
+    flags = cpu_flags()
+    return not flags or bool(flags & {"amx_int8", "avx512_vnni", "avx_vnni"})
+
+
 def _cpu_tag() -> str:
     """The build is tuned for this CPU (-march=native): name it by the CPU's feature flags,
     so a cache shared with another machine never loads code this CPU cannot run."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return hashlib.blake2b(flags.encode(), digest_size=4).hexdigest()
+    return hashlib.blake2b(_flags_line().encode(), digest_size=4).hexdigest()
 
 
 def names() -> list[str]:

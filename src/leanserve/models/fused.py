@@ -33,6 +33,8 @@ def linear_spec(m: nn.Module) -> tuple | None:
     if type(m) is Int4Linear:
         return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, DENSE, None
     if type(m) is W8A8Linear:
+        if m.emulated:
+            return None
         return W8A8_PACKED if m.own else W8A8, m.packed, m.scales, m.bias, 0, 0, None, DENSE, m.sums128
     if type(m) is AutoLinear:
         small, dense = linear_spec(m.small), linear_spec(m.dense)

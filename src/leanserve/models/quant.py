@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import native
+from ..kernels import int8_dot_products, native
 from .llama import MLP, AttnBatch, CausalLM, KVPool, SparseMoE, quantize_kv
 
 METHODS = ("int8", "int4", "auto", "w8a8")
@@ -128,7 +128,10 @@ class W8A8Linear(nn.Module):
     arithmetic; this one multiplies int8 by int8, so it halves the weight bytes and doubles
     the matrix units' rate at every batch size. Where the CPU has AMX-INT8 or AVX512-VNNI the
     product runs in our own kernel (`w8a8_linear_packed`: the weight packed for the tiles at
-    load; on the tiles, else on VNNI dot products), elsewhere in oneDNN. On SmolLM2-135M's
+    load; on the tiles, else on VNNI dot products), elsewhere in oneDNN, and on CPUs without
+    exact int8 dot products (AVX2 only: `int8_dot_products`) as float32 products of the same
+    int8 values (exact while a row's sums stay under 2**24: K * 127**2, K up to 1040; no
+    faster than float32 there, but the same numbers as elsewhere). On SmolLM2-135M's
     shapes, 2 threads, one layer's four projections took 184 us at 64 rows on the tiles, 328
     through oneDNN and ~450 in packed bf16 (one row: 104, 177, ~290). The price is accuracy: quantizing activations puts the built-in model's chosen-token
     log-probabilities ~0.13 off transformers' on average (bf16: ~0.02), ~0.08 after the
@@ -146,7 +149,11 @@ class W8A8Linear(nn.Module):
         n, k = q.shape
         self.own = own and kernels is not None and kernels.w8a8_packed_available() and n % 16 == 0 and k % 64 == 0
         self.amx = self.own and kernels.amx_int8_available()  # on the tiles (else AVX512-VNNI)
-        packed = pack_for_tiles(q) if self.own else torch.ops.onednn.qlinear_prepack(q, None)
+        self.emulated = not self.own and not int8_dot_products()
+        if self.emulated:
+            packed = q.float()
+        else:
+            packed = pack_for_tiles(q) if self.own else torch.ops.onednn.qlinear_prepack(q, None)
         self.register_buffer("packed", packed.contiguous())
         # the VNNI path's 128 x column sums, made once here rather than in every call
         self.register_buffer("sums128", kernels.w8a8_column_sums(self.packed) if self.own else None)
@@ -162,19 +169,22 @@ class W8A8Linear(nn.Module):
     def forward(self, x):
         if self.own:
             return native().w8a8_linear_packed(x, self.packed, self.scales, self.bias, self.sums128)
-        if (kernels := native()) is not None:
+        if not self.emulated and (kernels := native()) is not None:
             return kernels.w8a8_linear(x, self.packed, self.scales, self.zero_points, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
         q, xs = quantize_kv(x2)  # the same per-row int8 as the KV cache's
-        y = torch.ops.onednn.qlinear_pointwise.tensor(q, _ONE, _ZERO, self.packed, self.scales, self.zero_points,
-                                                      None, 1.0, 0, torch.float32, "none", [], "")
+        if self.emulated:
+            y = torch.nn.functional.linear(q.float(), self.packed) * self.scales
+        else:
+            y = torch.ops.onednn.qlinear_pointwise.tensor(q, _ONE, _ZERO, self.packed, self.scales, self.zero_points,
+                                                          None, 1.0, 0, torch.float32, "none", [], "")
         y = y * xs[:, None]
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kernel = ("amx" if self.amx else "avx512-vnni") if self.own else "onednn"
+        kernel = ("amx" if self.amx else "avx512-vnni") if self.own else "float32" if self.emulated else "onednn"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
