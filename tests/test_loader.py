@@ -13,7 +13,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralF
                           Qwen2ForCausalLM)
 
 from leanserve.errors import ModelLoadError
-from leanserve.models.loader import SUPPORTED_ARCHITECTURES, builtin_model_path, load_model_files
+from leanserve.models.loader import SUPPORTED_ARCHITECTURES, builtin_model_path, gguf_model_name, load_model_files
 from leanserve.models.gguf_file import GGUFFile, dequantize
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -296,3 +296,11 @@ def test_gguf_fields_and_tensors_equal_the_gguf_packages_reader(tmp_path):
         for t, r in zip(ours.tensors, reference.tensors):
             assert t.shape == tuple(int(d) for d in r.shape) and t.tensor_type == r.tensor_type
             assert t.data.tobytes() == r.data.tobytes(), t.name
+
+
+@pytest.mark.parametrize("file, name", [("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+                                        ("qwen2-0_5b-instruct-q8_0.gguf", "qwen2-0_5b-instruct"),
+                                        ("Mistral-7B-v0.1-IQ4_XS.gguf", "Mistral-7B-v0.1"),
+                                        ("model-f16.gguf", "model"), ("Q4_1.gguf", "Q4_1"), ("plain.gguf", "plain")])
+def test_a_gguf_is_served_under_its_name_without_the_quantization(file, name):
+    assert gguf_model_name(f"/models/{file}") == name

@@ -3,6 +3,7 @@ client and by httpx. Greedy answers must equal the offline `LLM` API's for the s
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ import pytest
 from server_fixture import ServerProcess, small_engine, openai_client
 
 from leanserve import LLM, SamplingParams
+from leanserve.serve.app import SHUTDOWN_GRACE_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +64,20 @@ def test_probes_and_models(server, client, model):
     assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
     models = client.models.list().data
     assert [m.id for m in models] == [model] and models[0].object == "model"
+
+
+def test_startup_banner_and_model_facts(server, model):
+    """What a newcomer sees: the served id without the GGUF's quantization suffix (the weights
+    run in the engine's dtype), and the facts the banner prints, also in /v1/models."""
+    assert model == "SmolLM2-135M-Instruct"
+    (entry,) = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    facts = entry["leanserve"]
+    assert facts["architecture"] == "LlamaForCausalLM" and 134e6 < facts["parameters"] < 136e6
+    assert facts["weights_format"] == "GGUF Q4_1" and facts["dtype"] == DTYPE and facts["quantization"] is None
+    assert facts["max_model_len"] == 8192 and facts["kv_cache_tokens"] > 0 and facts["native_kernels"]
+    banner = server.output()
+    assert f"leanserve serving {model}" in banner and "converted to float32 on load" in banner
+    assert f"curl {server.url}/v1/chat/completions" in banner and "max_tokens 1024 when unset" in banner
 
 
 def test_chat(client, model):
@@ -262,36 +278,54 @@ def test_prefix_cache_hits_in_metrics(server, client, model):
 
 
 def test_sigterm_drains_and_exits_zero(model):
-    """A short request in flight finishes; a long stream is cut after the grace period; exit 0."""
+    """A short request in flight at SIGTERM finishes; a long stream runs for the drain window,
+    then ends with finish_reason "abort"; nothing is cancelled into a 500; exit 0. The short
+    request's length and the time bounds come from the stream's pace measured just before,
+    under the same load."""
     s = ServerProcess(*small_engine())
-    results = {}
+    url = f"{s.url}/v1/completions"
+    long_body = {"model": model, "prompt": "Count:", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    events, results = [], {}
 
-    def short():
-        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
-        results["short"] = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).status_code
+    def stream_long():
+        with httpx.stream("POST", url, json=long_body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append((time.monotonic(), line))
 
-    def long():
-        body = {"model": model, "prompt": "Count:", "max_tokens": 3000, "ignore_eos": True, "stream": True}
-        try:
-            with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
-                results["long"] = list(r.iter_lines())[-2:]
-        except httpx.HTTPError as e:  # the connection is cut when the grace period ends
-            results["long"] = type(e).__name__
+    def post_short(max_tokens: int) -> int:
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0}
+        return httpx.post(url, json=body, timeout=120).status_code
 
-    workers = [threading.Thread(target=short), threading.Thread(target=long)]
-    for w in workers:
-        w.start()
-    time.sleep(0.5)
-    started = time.monotonic()
+    long = threading.Thread(target=stream_long)
+    long.start()
+    _wait_for(lambda: len(events) >= 2, "the long stream does not start")
+    began, before = time.monotonic(), len(events)
+    post_short(20)  # also a warm-up: the first short request pays for allocations
+    rate = (len(events) - before) / (time.monotonic() - began)  # tokens/s of each of two sequences
+    short_tokens = max(4, int(rate * SHUTDOWN_GRACE_SECONDS / 4))  # a quarter of the window
+    worker = threading.Thread(target=lambda: results.update(short=post_short(short_tokens)))
+    worker.start()
+    _wait_for(lambda: s.metrics()["leanserve_running_sequences"] >= 2, "the short request does not run")
+    signalled = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
-    code = s.proc.wait(30)
-    elapsed = time.monotonic() - started
-    for w in workers:
-        w.join(10)
+    code = s.proc.wait(120)
+    elapsed = time.monotonic() - signalled
+    for t in (long, worker):
+        t.join(30)
     output = s.output()
     s.stop()
-    assert code == 0, output
-    assert elapsed < 12, output
-    assert results["short"] == 200, output
-    assert results["long"] != ["data: [DONE]", ""], output
+    assert code == 0 and results["short"] == 200, (rate, output)
+    assert "graceful shutdown exceeded" not in output and " 500 " not in output, output
+    last_at, last = events[-1]
+    assert json.loads(last[6:])["choices"][0]["finish_reason"] == "abort", output
+    assert last_at - signalled >= SHUTDOWN_GRACE_SECONDS - 0.5, output  # the stream had its window
+    assert elapsed < (long_body["max_tokens"] - len(events)) / rate / 2, (rate, output)  # cut, not waited out
     assert "Application shutdown complete" in output
+
+
+def _wait_for(condition, message: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)

@@ -1,7 +1,14 @@
 """What /metrics shows of energy: the ledger's totals, totals per model/adapter and per
-user of finished requests, and utilisation gauges (process CPU and memory, GPUs by NVML)."""
+user of finished requests, and utilisation gauges (process CPU and memory, GPUs by NVML).
+
+Label values that come from clients (`user`, adapter names) are bounded (`LabelBound`): every
+distinct value is a series in every later scrape, and 20 chats with distinct 1 MB users made
+/metrics 63 MB.
+"""
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 from collections import defaultdict
 
@@ -10,6 +17,51 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 
 from .ledger import Bill, EnergyLedger
 from .meters import MeterUnavailable, import_pynvml
+
+MAX_LABEL_VALUES = 100  # distinct values per label; later new ones are counted under OTHER
+MAX_LABEL_CHARS = 64  # longer values are cut and end in a hash of the whole value
+OTHER = "other"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def label_value(value: str) -> str:
+    """`value` without control characters, at most MAX_LABEL_CHARS long; a cut value ends in
+    `~` and 8 hex digits of its hash, so distinct long values stay distinct."""
+    value = _CONTROL.sub("", value)
+    if len(value) <= MAX_LABEL_CHARS:
+        return value
+    digest = hashlib.blake2b(value.encode(), digest_size=4).hexdigest()
+    return f"{value[:MAX_LABEL_CHARS - 9]}~{digest}"
+
+
+class LabelBound:
+    """At most `limit` distinct values of one label: the first ones seen keep their series for
+    the life of the process and later new ones become OTHER. (Top-N by use would move series
+    into OTHER and back, and a counter that vanishes and returns reads as a reset.)"""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES):
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        value = label_value(value)
+        with self._lock:
+            if value not in self._seen and len(self._seen) >= self.limit:
+                return OTHER
+            self._seen.add(value)
+        return value
+
+
+class BoundedLabels:
+    """A labelled prometheus_client metric whose `labels(name=value)` bounds each value."""
+
+    def __init__(self, metric):
+        self.metric = metric
+        self.bounds: dict[str, LabelBound] = defaultdict(LabelBound)
+
+    def labels(self, **values: str):
+        return self.metric.labels(**{k: self.bounds[k](v) for k, v in values.items()})
 
 
 class Utilisation:
@@ -56,10 +108,12 @@ class EnergyMetrics:
         self._lock = threading.Lock()
         self._by_model: dict[tuple[str, str], Bill] = defaultdict(Bill)
         self._by_user: dict[str, Bill] = defaultdict(Bill)
+        self._model, self._adapter, self._user = LabelBound(), LabelBound(), LabelBound()
 
     def add(self, bill: Bill, model: str = "", adapter: str = "", user: str = "") -> None:
+        key, user = (self._model(model), self._adapter(adapter)), self._user(user)
         with self._lock:
-            self._by_model[model, adapter] += bill
+            self._by_model[key] += bill
             self._by_user[user] += bill
 
     def collect(self):

@@ -31,7 +31,7 @@ from .lora import LoRAManager
 from .runner import ModelRunner
 from .sampling import Sampler
 from .scheduler import Scheduler
-from .sequence import RequestOutput, SamplingParams, Sequence
+from .sequence import RequestError, RequestOutput, SamplingParams, Sequence
 
 log = logging.getLogger("leanserve.engine")
 
@@ -132,11 +132,17 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                      priority: int = 0, adapter: str | None = None) -> Sequence:
+                      priority: int = 0, adapter: str | None = None, client: str | None = None,
+                      max_tokens_cap: int | None = None) -> Sequence:
         """Validates a request and tokenizes it. Pure: safe to call from any thread.
-        `adapter`: the name of a registered LoRA adapter, or None for the base model."""
+        `adapter`: the name of a registered LoRA adapter, or None for the base model.
+        `max_tokens_cap`: how far a request that sets no max_tokens may generate (the server's
+        default); without it, up to the context."""
         lora = self.lora.get(adapter) if adapter else None
         params.validate()
+        if params.top_k > self.args.vocab_size:
+            raise InvalidRequest(f"top_k must be -1, 0 (off) or at most the vocabulary size {self.args.vocab_size}, "
+                                 f"got {params.top_k}", "top_k")
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt) if prompt else []
         else:
@@ -151,8 +157,16 @@ class LLMEngine:
         if params.max_tokens is not None and params.max_tokens > room:
             raise InvalidRequest(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                                  f"context of {self.max_model_len} tokens", "max_tokens")
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        return Sequence(next(self._ids), request_id, ids, params, max_tokens, priority, lora)
+        if params.max_tokens is not None:
+            max_tokens = params.max_tokens
+        else:
+            max_tokens = room if max_tokens_cap is None else min(room, max_tokens_cap)
+            if params.min_tokens > max_tokens:
+                bound = f"the server's default of {max_tokens_cap}" if max_tokens == max_tokens_cap \
+                    else f"the {room} tokens left in the context"
+                raise InvalidRequest(f"min_tokens ({params.min_tokens}) must not exceed max_tokens; this request sets "
+                                     f"none, so it is {bound}", "min_tokens")
+        return Sequence(next(self._ids), request_id, ids, params, max_tokens, priority, lora, client)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -191,9 +205,9 @@ class LLMEngine:
         outputs, self._done_early = self._done_early, []
         batch = self.scheduler.schedule()
         for seq in self.scheduler.failed:  # their adapter's file could not be read (it changed since registration)
-            out = self._finish(seq, "", [], None, "abort")
-            out.adapter_error = f"adapter {seq.adapter.name!r} could not be loaded: {seq.adapter.error}"
-            outputs.append(out)
+            outputs.append(self._fail(seq, RequestError(
+                400, f"adapter {seq.adapter.name!r} could not be loaded: {seq.adapter.error}", "invalid_adapter",
+                "model")))
         self.scheduler.failed = []
         if batch:
             self.load()  # after an unload; a no-op when loaded
@@ -206,27 +220,63 @@ class LLMEngine:
         return outputs
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
-        outputs = []
+        """One step. What fails for one sequence (its sampling, its detokenizing) ends that
+        sequence alone with a 500 and the others go on; see `_forward` for the pass itself."""
         now = time.perf_counter()
         for seq, _ in batch:
             if seq.metrics.first_scheduled is None:
                 seq.metrics.first_scheduled = now
-        out, to_sample, argmax = self.runner.execute(batch, lambda seqs: self.sampler.argmax_only(seqs, self.eos_ids))
+        batch, (out, to_sample, argmax), outputs = self._forward(batch)
         for seq, n in batch:
             seq.num_computed += n
             self.kv.register_full_blocks(seq)
         if not to_sample:
             return outputs
         if argmax:  # the model gave the tokens: greedy rows, nothing to apply to the logits
-            tokens, logprobs = out.tolist(), [None] * len(to_sample)
+            tokens, logprobs, errors = out.tolist(), [None] * len(to_sample), [None] * len(to_sample)
         else:
-            tokens, logprobs = self.sampler(out, to_sample, self.eos_ids)
+            tokens, logprobs, errors = self.sampler.sample(out, to_sample, self.eos_ids)
         now = time.perf_counter()
-        for seq, token, lp in zip(to_sample, tokens, logprobs):
+        for seq, token, lp, error in zip(to_sample, tokens, logprobs, errors):
             if seq.metrics.first_token is None:
                 seq.metrics.first_token = now
-            outputs.append(self._append(seq, token, lp))
+            if error is None:
+                try:
+                    outputs.append(self._append(seq, token, lp))
+                    continue
+                except Exception as e:
+                    log.exception("detokenizing %s failed", seq.request_id)
+                    error = f"detokenizing its output failed: {e!r}"
+            else:
+                error = f"sampling its next token failed: {error!r}"
+            outputs.append(self._fail(seq, RequestError(500, f"The engine could not continue this request: {error}",
+                                                        "engine_error")))
         return outputs
+
+    def _forward(self, batch: list[tuple[Sequence, int]]):
+        """Runs the model over `batch`. If the pass fails, it is run once more without the
+        newest sequence (the likeliest cause: the others ran in earlier steps), which then
+        ends with a 500. Returns the batch that ran, the runner's result, and that output."""
+        def greedy(seqs):
+            return self.sampler.argmax_only(seqs, self.eos_ids)
+
+        try:
+            return batch, self.runner.execute(batch, greedy), []
+        except Exception as e:
+            if len(batch) == 1:
+                raise
+            log.exception("the forward pass failed; running the step again without its newest sequence")
+            newest = max((seq for seq, _ in batch), key=lambda s: s.seq_id)
+            error = e
+        rest = [(seq, n) for seq, n in batch if seq is not newest]
+        result = self.runner.execute(rest, greedy)  # a second failure fails the step for all
+        return rest, result, [self._fail(newest, RequestError(
+            500, f"The engine could not run this request: {error!r}", "engine_error"))]
+
+    def _fail(self, seq: Sequence, error: RequestError) -> RequestOutput:
+        out = self._finish(seq, "", [], None, "abort")
+        out.error = error
+        return out
 
     def _append(self, seq: Sequence, token: int, lp) -> RequestOutput:
         seq.token_ids.append(token)
@@ -319,6 +369,8 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
+        self._client_of: dict[str, str] = {}  # request id -> client, until its last output
+        self._client_seqs: dict[str, int] = {}  # client -> its sequences in the engine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False  # no new requests
         # Requests handed to the step thread / taken in by it; each counter has one writer.
@@ -337,20 +389,45 @@ class AsyncEngine:
         self._begin.set()
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                    priority: int = 0, adapter: str | None = None, client: str | None = None,
+                    max_tokens_cap: int | None = None) -> AsyncIterator[RequestOutput]:
+        return self.add_requests([(request_id, prompt, params)], priority, adapter, client, max_tokens_cap)[0]
+
+    def add_requests(self, requests: list[tuple[str, str | list[int], SamplingParams]], priority: int = 0,
+                     adapter: str | None = None, client: str | None = None,
+                     max_tokens_cap: int | None = None) -> list[AsyncIterator[RequestOutput]]:
+        """Admits (request id, prompt, params) sequences all together or none of them: a
+        refused request leaves nothing behind that would count against the next callers.
+        `client` (an API key's hash, an address) is held to `max_seqs_per_client`."""
         if self._stopping:
             raise Overloaded("the server is shutting down")
-        if self.engine.num_waiting + self._sent - self._received >= self.config.max_waiting:
-            raise Overloaded(f"too many waiting requests ({self.config.max_waiting}); retry later")
-        if request_id in self._streams:
-            raise InvalidRequest(f"request id {request_id!r} is already in use")
-        seq = self.engine.make_sequence(request_id, prompt, params, priority, adapter)
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = q
-        self._sent += 1
-        self._inbox.put(("add", seq))
+        count = len(requests)
+        if self.engine.num_waiting + self._sent - self._received + count > self.config.max_waiting:
+            raise Overloaded(f"too many waiting requests (at most {self.config.max_waiting}); retry later")
+        held, cap = self._client_seqs.get(client, 0), self.config.max_seqs_per_client
+        if client is not None and count > cap:  # would never fit: not a retry-later
+            raise InvalidRequest(f"this request asks for {count} sequences; a client may have at most {cap} in the "
+                                 "engine at once (--max-seqs-per-client)")
+        if client is not None and held + count > cap:
+            raise Overloaded(f"this client already has {held} sequences in the engine and may have at most "
+                             f"{self.config.max_seqs_per_client} (--max-seqs-per-client); retry when some finish")
+        if any(rid in self._streams for rid, _, _ in requests):
+            raise InvalidRequest("a request id is already in use")
+        seqs = [self.engine.make_sequence(rid, prompt, params, priority, adapter, client, max_tokens_cap)
+                for rid, prompt, params in requests]
+        streams = []
+        for seq in seqs:
+            q: asyncio.Queue = asyncio.Queue()
+            self._streams[seq.request_id] = q
+            if client is not None:
+                self._client_of[seq.request_id] = client
+            streams.append(self._stream(seq.request_id, q))
+            self._inbox.put(("add", seq))
+        if client is not None:
+            self._client_seqs[client] = held + count
+        self._sent += count
         self._wake.set()
-        return self._stream(request_id, q)
+        return streams
 
     async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -378,14 +455,19 @@ class AsyncEngine:
                 "model_load_seconds": list(e.load_seconds)}
 
     async def shutdown(self, timeout: float = 5.0) -> None:
-        """Stops admitting, lets running requests finish for `timeout` s, aborts the rest."""
+        """Stops admitting, lets running requests finish for `timeout` s, aborts the rest and
+        waits (as long again at most) for their abort outputs, so that each can still answer,
+        before the step thread stops. A second call finds nothing left to wait for."""
+        async def drained() -> None:
+            deadline = time.monotonic() + timeout
+            while self._streams and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+
         self._stopping = True
-        deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await drained()
         for rid in list(self._streams):
             self.abort(rid)
-        await asyncio.sleep(0.05)
+        await drained()  # the step thread takes the aborts in after the step it is running
         self._thread_stop = True
         self._wake.set()
         self._begin.set()
@@ -399,6 +481,11 @@ class AsyncEngine:
         q = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if q is not None:
             q.put_nowait(out)
+        client = self._client_of.pop(out.request_id, None) if out.finished else None
+        if client is not None:
+            self._client_seqs[client] -= 1
+            if not self._client_seqs[client]:
+                del self._client_seqs[client]
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outs = []
@@ -428,10 +515,12 @@ class AsyncEngine:
                     self._reload()
                 try:
                     outs += self.engine.step()
-                except Exception:  # a bug must not take every other request down silently
+                except Exception as e:  # a bug that the step's own recovery could not contain
                     log.exception("engine step failed; aborting the running requests")
                     for rid in list(self.engine.seqs):
-                        outs.append(self.engine.abort(rid))
+                        out = self.engine.abort(rid)
+                        out.error = RequestError(500, f"The engine step failed: {e!r}", "engine_error")
+                        outs.append(out)
             if outs:
                 self._loop.call_soon_threadsafe(self._deliver_all, outs)
             elif not self.engine.has_unfinished():

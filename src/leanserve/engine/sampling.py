@@ -6,10 +6,14 @@ own generator. A seeded request thus samples the same tokens whatever shares its
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..kernels import first_argmax
 from .sequence import Logprob, Sequence
+
+log = logging.getLogger("leanserve.engine")
 
 
 class Sampler:
@@ -41,6 +45,31 @@ class Sampler:
             if seq.num_output < p.min_tokens and (p.stop_token_ids or not p.ignore_eos and eos_ids):
                 return False
         return True
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]
+               ) -> tuple[list[int | None], list[Logprob | None], list[Exception | None]]:
+        """`__call__` over the batch; if that raises, each row alone, so one row's failure
+        costs only that row (its token is None and its error is given). Seeded rows first go
+        back to their generator's state before the batch try, so they draw what they would have."""
+        states = {s.seq_id: g.get_state() for s in seqs if (g := self.seq_generators.get(s.seq_id)) is not None}
+        try:
+            tokens, logprobs = self(logits, seqs, eos_ids)
+            return tokens, logprobs, [None] * len(seqs)
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        rows = []
+        for i, seq in enumerate(seqs):
+            if seq.seq_id in states:
+                self.seq_generators[seq.seq_id].set_state(states[seq.seq_id])
+            else:
+                self.seq_generators.pop(seq.seq_id, None)
+            try:
+                (token,), (lp,) = self(logits[i:i + 1], [seq], eos_ids)
+                rows.append((token, lp, None))
+            except Exception as e:
+                rows.append((None, None, e))
+        tokens, logprobs, errors = (list(column) for column in zip(*rows))
+        return tokens, logprobs, errors
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]
                  ) -> tuple[list[int], list[Logprob | None]]:

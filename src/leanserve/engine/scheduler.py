@@ -15,6 +15,11 @@ blocks are freed and it is recomputed later from its tokens (same result). A wai
 request may also preempt running sequences of a strictly less urgent class when there is no
 seat or no block for it. Waiting requests gain one class of urgency per
 `priority_aging_seconds` waited, so batch work is never starved for good.
+
+Within a class, waiting requests take turns by client (`Sequence.client`): the k-th waiting
+sequence of every client goes before the (k+1)-th of any, and among equal turns the client
+whose last admission is oldest goes first; so a caller who queued a thousand prompts delays
+another caller's one by a seat, not by the thousand.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import time
 from ..config import EngineConfig
 from .kv_cache import BlockManager
 from .sequence import Sequence, SeqStatus
+
+MAX_REMEMBERED_CLIENTS = 4096  # last admissions kept beyond the clients present
 
 
 class Scheduler:
@@ -36,6 +43,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.lora = None  # the engine's LoRAManager
         self.failed: list[Sequence] = []  # their adapter could not be loaded; the engine ends them
+        self._admitted: dict[str | None, int] = {}  # client -> when (an admission count) it last had a seat
+        self._admissions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -87,6 +96,23 @@ class Scheduler:
             self.failed.append(seq)
             return False
 
+    def _sort_waiting(self, now: float) -> None:
+        """By (aged class, the sequence's turn among its client's waiting ones, its client's
+        last admission, arrival)."""
+        turn: dict[Sequence, int] = {}
+        taken: dict[tuple[int, str | None], int] = {}
+        for seq in sorted(self.waiting, key=lambda s: s.seq_id):
+            key = (self._rank(seq, now), seq.client)
+            turn[seq] = taken[key] = taken.get(key, -1) + 1
+        if len(self._admitted) > MAX_REMEMBERED_CLIENTS:  # forget clients with nothing here
+            present = {s.client for s in self.waiting} | {s.client for s in self.running}
+            self._admitted = {c: t for c, t in self._admitted.items() if c in present}
+        self.waiting.sort(key=lambda s: (self._rank(s, now), turn[s], self._admitted.get(s.client, -1), s.seq_id))
+
+    def _admit(self, seq: Sequence) -> None:
+        self._admitted[seq.client] = self._admissions
+        self._admissions += 1
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Returns (sequence, number of new tokens to run) pairs for one step."""
         now = time.perf_counter()
@@ -110,7 +136,7 @@ class Scheduler:
                 self.blocks.allocate(seq, n)
                 batch[seq] = n
                 budget -= n
-        self.waiting.sort(key=lambda s: (self._rank(s, now), s.seq_id))
+        self._sort_waiting(now)
         for seq in list(self.waiting):
             if budget <= 0:
                 break
@@ -136,6 +162,7 @@ class Scheduler:
             self.blocks.hit_tokens += seq.num_computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            self._admit(seq)
             self.blocks.allocate(seq, n)
             batch[seq] = n
             budget -= n

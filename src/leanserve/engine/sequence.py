@@ -104,6 +104,16 @@ class RequestMetrics:
 
 
 @dataclass
+class RequestError:
+    """Why the engine ended one request early; the server answers it with `status`."""
+
+    status: int  # 400: the request's own fault (e.g. its adapter's file went bad); 500: ours
+    message: str
+    code: str | None = None
+    param: str | None = None
+
+
+@dataclass
 class RequestOutput:
     """One streamed delta of a request. Concatenating every `text` gives the whole answer."""
 
@@ -120,8 +130,8 @@ class RequestOutput:
     priority: int = 0  # the request's service class (PRIORITY_CLASSES)
     bill: Bill | None = None  # energy, carbon and cost; set on the finished output
     adapter: str | None = None  # the LoRA adapter's name; None: the base model
-    # finish_reason "abort" because the request's adapter could not be read: what went wrong
-    adapter_error: str | None = None
+    # set when finish_reason is "abort" because this request alone failed (the others run on)
+    error: RequestError | None = None
 
 
 # Service classes: a lower number is more urgent. Direct API calls are realtime by default,
@@ -146,7 +156,7 @@ class Sequence:
     """
 
     def __init__(self, seq_id: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 max_tokens: int, priority: int = 0, adapter=None):
+                 max_tokens: int, priority: int = 0, adapter=None, client: str | None = None):
         self.seq_id = seq_id
         self.request_id = request_id
         self.prompt_len = len(prompt_ids)
@@ -155,6 +165,7 @@ class Sequence:
         self.max_tokens = max_tokens  # resolved against the context
         self.priority = priority
         self.adapter = adapter  # engine.lora.Adapter, or None for the base model
+        self.client = client  # who sent it (API key or address): waiting turns are shared per client
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # prefix-cache names of its full, computed blocks

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator, NamedTuple
 
+from .. import jsonsafe
 from . import JobsConfig
 from .carbon_schedule import deadline_of, load_forecast, plan_batch
 from .store import InputLine, JobStore
@@ -100,7 +101,7 @@ def parse_input(path: Path, endpoint: str, model: str) -> Iterator[InputLine]:
             custom_id = None
             try:
                 try:
-                    request = json.loads(raw)
+                    request = jsonsafe.loads(raw)
                 except ValueError as e:
                     raise LineError("invalid_json_line", f"not valid JSON ({e})") from None
                 if not isinstance(request, dict):
@@ -178,13 +179,25 @@ class JobWorker:
             try:
                 await self._start_async()  # standard before batch: the more urgent class first
                 for batch in await asyncio.to_thread(self.store.active_batches):
-                    await self._advance(batch)
+                    await self._advance_alone(batch)
             except Exception:  # a full disk, say: log it and try again later rather than stop for good
                 log.exception("job worker pass failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
 
     # -- batches ------------------------------------------------------------------------------
+
+    async def _advance_alone(self, batch: dict) -> None:
+        """`_advance`, where one batch's failure holds back no other batch. A batch that cannot
+        be validated at all (a bug its input found) fails, rather than being tried every second."""
+        try:
+            await self._advance(batch)
+        except Exception as e:
+            log.exception("batch %s: %s step failed", batch["id"], batch["status"])
+            if batch["status"] == "validating":
+                await asyncio.to_thread(self.store.fail_batch, batch["id"], [
+                    {"code": "validation_failed", "message": f"The input file could not be validated: {e!r}",
+                     "param": "input_file_id"}])
 
     async def _advance(self, batch: dict) -> None:
         batch_id, status = batch["id"], batch["status"]

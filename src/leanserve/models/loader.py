@@ -14,6 +14,7 @@ converter writes it for Llama 3.1-style RoPE scaling instead of metadata) become
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import os
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from gguf import LlamaFileType
 from safetensors.torch import load_file
 
 from leanserve.errors import ModelLoadError
@@ -33,7 +35,7 @@ BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class ModelFiles:
-    name: str  # display name: folder name, or GGUF file stem
+    name: str  # display name: folder name, or GGUF file stem without its quantization (gguf_model_name)
     config: dict  # Hugging Face config.json keys
     weights: dict[str, torch.Tensor]  # Hugging Face parameter names
     tokenizer: Tokenizer
@@ -160,7 +162,28 @@ def _load_gguf(path: str) -> ModelFiles:
         config["rope_freq_factors"] = factors.float().reshape(-1).tolist()
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in weights
-    return ModelFiles(os.path.splitext(os.path.basename(path))[0], config, weights, Tokenizer.from_gguf(reader))
+    return ModelFiles(gguf_model_name(path), config, weights, Tokenizer.from_gguf(reader))
+
+
+def gguf_model_name(path: str) -> str:
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct': the weights are
+    dequantized on load, so llama.cpp's quantization suffix would misname what is served.
+    (The GGUF's `general.name`, e.g. 'Smollm2 135M 8k Lc100K Mix1 Ep2', names it worse.)"""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"[.-](?:[IT]?Q\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE) or stem
+
+
+@functools.cache
+def weights_format(path: str) -> str:
+    """What the weights file holds, e.g. 'GGUF Q4_1' or 'safetensors bfloat16' (the dtype the
+    model is run in is the engine's)."""
+    if os.path.isdir(path):
+        config = read_json(os.path.join(path, "config.json")) or {}
+        return f"safetensors {config.get('torch_dtype') or config.get('dtype') or ''}".strip()
+    file_type = gguf_field(GGUFFile(path), "general.file_type")
+    if file_type is None:
+        return "GGUF"
+    return "GGUF " + re.sub(r"^(MOSTLY|ALL)_", "", LlamaFileType(file_type).name)
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:

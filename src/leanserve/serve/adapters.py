@@ -19,10 +19,11 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from .. import jsonsafe
 from ..errors import InvalidRequest, ModelLoadError
-from . import protocol as p
+from . import openapi, protocol as p
 from .metrics import LoRAMetrics
 from .protocol import APIError
 
@@ -31,6 +32,13 @@ class LoadAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     path: str
+
+    @field_validator("name", "path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:  # os.stat would raise ValueError deep in the loader
+            raise ValueError("must not contain a null byte")
+        return value
 
 
 def _lora(server):
@@ -44,7 +52,10 @@ def resolve(server, model: str) -> str | None:
         return None
     name = model[len(server.model_name) + 1:] if model.startswith(server.model_name + ":") else model
     if lora is None or name not in lora.adapters:
-        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        served = [server.model_name, *(lora.adapters if lora is not None else ())]
+        listed = ", ".join(f"`{n}`" for n in served[:20]) + (f" and {len(served) - 20} more" if len(served) > 20 else "")
+        raise APIError(404, f"The model `{model}` does not exist. This server serves {listed} (GET /v1/models "
+                       "lists them).", param="model", code="model_not_found")
     server.lora_metrics.requests.labels(adapter=name).inc()
     return name
 
@@ -70,6 +81,10 @@ def adapter_router(server) -> APIRouter:
 
     async def load(request: Request) -> JSONResponse:
         body = await server._body(request)
+        try:
+            jsonsafe.check_depth(body)
+        except ValueError as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
         try:
             req = LoadAdapter.model_validate_json(_vllm_names(body))
         except ValidationError as e:
@@ -102,7 +117,7 @@ def adapter_router(server) -> APIRouter:
     async def vllm_unload(request: Request) -> JSONResponse:
         body = await server._body(request)
         try:
-            data = json.loads(body)
+            data = jsonsafe.loads(body)
             name = data.get("lora_name") or data.get("name")
         except (ValueError, AttributeError):
             name = None
@@ -111,10 +126,10 @@ def adapter_router(server) -> APIRouter:
         return await delete(name)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
-    router.post("/adapters")(load)
-    router.delete("/adapters/{name}")(delete)
-    router.post("/load_lora_adapter")(load)
-    router.post("/unload_lora_adapter")(vllm_unload)
+    router.post("/adapters", **openapi.spec(LoadAdapter, *openapi.JSON_BODY, 403))(load)
+    router.delete("/adapters/{name}", **openapi.spec(None, 404))(delete)
+    router.post("/load_lora_adapter", **openapi.spec(openapi.VLLMLoadAdapter, *openapi.JSON_BODY, 403))(load)
+    router.post("/unload_lora_adapter", **openapi.spec(openapi.UNLOAD_ADAPTER, *openapi.JSON_BODY, 404))(vllm_unload)
     return router
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import signal
@@ -24,13 +25,14 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from .. import jsonsafe
 from ..config import ServerConfig
 from ..energy.ledger import Bill
 from ..energy.report import UsageLog, usage_record
 from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
 from ..jobs import JobsConfig
 from ..errors import InvalidRequest, LeanserveError, Overloaded
-from . import adapters, protocol as p
+from . import adapters, banner, connections, openapi, protocol as p
 from .auth import APIKeyAuth
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -45,8 +47,14 @@ with contextlib.suppress(ImportError):
 
 log = logging.getLogger("leanserve.serve")
 
-SHUTDOWN_GRACE_SECONDS = 5.0
+SHUTDOWN_GRACE_SECONDS = 5.0  # for requests in flight at a shutdown signal; then they are aborted
 CLIENT_GONE = 499  # nginx's status for "client closed the request"; only ever seen in metrics
+SERVED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/files", "/v1/batches",
+                 "/v1/async", "/v1/adapters")
+# Routes of the OpenAI API not served here (yet): their 404 says so, instead of "Invalid URL".
+UNSERVED_OPENAI_ROUTES = ("/v1/embeddings", "/v1/responses", "/v1/vector_stores", "/v1/fine_tuning", "/v1/audio",
+                          "/v1/images", "/v1/moderations", "/v1/assistants", "/v1/threads", "/v1/uploads",
+                          "/v1/realtime", "/v1/evals", "/v1/containers", "/v1/conversations")
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -110,7 +118,7 @@ class OpenAIServer:
 
     async def models(self) -> JSONResponse:
         self.metrics.count(200)
-        body = p.model_list([self.model_name], self.created)
+        body = p.model_list([self.model_name], self.created, banner.model_facts(self.engine))
         body["data"] += adapters.model_entries(self)
         return JSONResponse(body)
 
@@ -122,7 +130,7 @@ class OpenAIServer:
         prompt = chat_prompt_ids(self.engine.tokenizer, messages)
         params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs())
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, [prompt], params, self._priority(request, req), request.state.adapter)
+        streams = self._submit(rid, [prompt], params, self._priority(request, req), request.state.adapter, request)
         if req.stream:
             return self._sse(self._chat_events(rid, req, streams), rid, len(streams))
         choices = await self._collect(request, rid, streams, req.user)
@@ -140,7 +148,7 @@ class OpenAIServer:
         req = await self._parse(request, p.CompletionRequest)
         params = self._sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, req.prompt, params, self._priority(request, req), request.state.adapter)
+        streams = self._submit(rid, req.prompt, params, self._priority(request, req), request.state.adapter, request)
         if req.stream:
             return self._sse(self._completion_events(rid, req, streams), rid, len(streams))
         choices = await self._collect(request, rid, streams, req.user)
@@ -157,8 +165,13 @@ class OpenAIServer:
     async def _parse(self, request: Request, model: type[p.BaseModel]):
         if not self.ready:
             raise self._unavailable("The server is starting or shutting down")
+        body = await self._body(request)
         try:
-            req = model.model_validate_json(await self._body(request))
+            jsonsafe.check_depth(body)
+        except ValueError as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
+        try:
+            req = model.model_validate_json(body)
         except ValidationError as e:
             raise p.validation_error(e) from None
         request.state.adapter = adapters.resolve(self, req.model)  # 404 for an unknown model or adapter
@@ -177,13 +190,16 @@ class OpenAIServer:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         body = bytearray()
-        try:
-            async for chunk in request.stream():  # counts bytes too: chunked bodies declare no length
+        stall = self.config.body_timeout_seconds
+        try:  # counts bytes too: chunked bodies declare no length
+            async for chunk in connections.chunks(request.stream(), stall):
                 body += chunk
                 if len(body) > limit:
                     raise too_large
         except ClientDisconnect:
             raise APIError(CLIENT_GONE, "The client disconnected while sending the body") from None
+        except TimeoutError:
+            raise connections.body_stalled(self.metrics.registry, stall) from None
         return bytes(body)
 
     @staticmethod
@@ -206,18 +222,17 @@ class OpenAIServer:
         return getattr(request.state, "service_class", None) or req.priority
 
     def _submit(self, rid: str, prompts: list, params: list[SamplingParams], priority: str,
-                adapter: str | None = None) -> list:
-        """Adds n sequences per prompt; if one is refused, the ones already added are aborted."""
-        streams = []
-        try:
-            for prompt in prompts:
-                for sp in params:
-                    streams.append(self.engine.add_request(f"{rid}-{len(streams)}", prompt, sp,
-                                                           PRIORITY_CLASSES[priority], adapter=adapter))
-        except LeanserveError:
-            self._abort(rid, len(streams))
-            raise
-        return streams
+                adapter: str | None, request: Request) -> list:
+        """Adds n sequences per prompt, all of them or (refused) none."""
+        count, limit = len(prompts) * len(params), self.config.max_sequences_per_request
+        if count > limit:
+            raise APIError(400, f"This request asks for {count} sequences ({len(prompts)} prompts x n={len(params)}); "
+                           f"this server takes at most {limit} per request (--max-sequences-per-request). Send "
+                           "fewer at a time, or use the Batch API.", param="prompt" if len(prompts) > 1 else "n")
+        work = [(f"{rid}-{i * len(params) + j}", prompt, sp) for i, prompt in enumerate(prompts)
+                for j, sp in enumerate(params)]
+        return self.engine.add_requests(work, PRIORITY_CLASSES[priority], adapter, client_of(request),
+                                        self.config.default_max_tokens)
 
     def _abort(self, rid: str, count: int) -> None:
         for i in range(count):
@@ -238,8 +253,10 @@ class OpenAIServer:
         def check(item: RequestOutput) -> None:
             if item.finished:
                 self._finished(item, user)
-                if item.adapter_error:
-                    raise APIError(400, item.adapter_error, param="model", code="invalid_adapter")
+                if item.error:
+                    e = item.error
+                    raise APIError(e.status, e.message, "invalid_request_error" if e.status < 500 else "server_error",
+                                   e.param, e.code)
 
         if len(streams) == 1:  # the usual n=1: no task and queue hop per token (~7% of a core at 64 streams)
             async with contextlib.aclosing(streams[0]) as stream:  # closed (and aborted) with this generator
@@ -384,15 +401,62 @@ class OpenAIServer:
         return await self.on_api_error(request, error)
 
     async def on_http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
-        """Unknown paths and wrong methods, in OpenAI's shape too."""
+        """Unknown paths and wrong methods, in OpenAI's shape too; a route of the OpenAI API
+        that is not served here says so."""
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return await self.on_api_error(request, APIError(exc.status_code, str(exc.detail), code=code,
-                                                         headers=exc.headers))
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"Invalid URL ({request.method} {request.url.path})"
+            if request.url.path.startswith(UNSERVED_OPENAI_ROUTES):
+                message = (f"{request.method} {request.url.path} is part of the OpenAI API but is not supported by "
+                           f"this server; it serves {', '.join(SERVED_ROUTES)}.")
+                code = "unsupported_endpoint"
+        return await self.on_api_error(request, APIError(exc.status_code, message, code=code, headers=exc.headers))
 
     async def on_internal_error(self, request: Request, exc: Exception) -> JSONResponse:
-        """A bug. Starlette re-raises `exc` after this response, so uvicorn logs the traceback."""
+        """A bug: the client gets a 500 in OpenAI's shape and the traceback goes to the log."""
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         return await self.on_api_error(request, APIError(500, "Internal server error", type="server_error",
                                                          code="internal_error"))
+
+
+class _ContainErrors:
+    """Answers an unexpected exception with `on_internal_error`'s 500 and keeps the connection.
+    Starlette's outermost error middleware would answer it too, but then re-raise it, and
+    uvicorn closes the connection of an app that raised: the client's next request on that
+    keep-alive connection failed. Once a response has started (a stream) nothing can be sent
+    in its place, so the exception goes on up."""
+
+    def __init__(self, app, server: OpenAIServer):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as e:
+            if started:
+                raise
+            response = await self.server.on_internal_error(Request(scope, receive), e)
+            await response(scope, receive, send)
+
+
+def client_of(request: Request) -> str:
+    """Who sent a request, for the per-client limits: its bearer key (hashed, so no key sits in
+    memory beside the counts), else its peer address; requests the server replays itself (Batch
+    API lines, async requests) have neither."""
+    auth = request.headers.get("authorization")
+    if auth:
+        return "key:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
+    return f"addr:{request.client.host}" if request.client else "internal"
 
 
 async def _disconnected(request: Request) -> None:
@@ -418,24 +482,33 @@ def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | No
     app.add_exception_handler(APIError, server.on_api_error)
     app.add_exception_handler(LeanserveError, server.on_engine_error)
     app.add_exception_handler(HTTPException, server.on_http_error)
-    app.add_exception_handler(Exception, server.on_internal_error)
+    app.add_middleware(_ContainErrors, server=server)
     app.get("/health")(server.health)
     app.get("/ready")(server.readiness)
     app.get("/metrics")(server.prometheus)
     api = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
-    api.get("/models")(server.models)
-    api.post("/chat/completions")(server.chat_completions)
-    api.post("/completions")(server.completions)
+    api.get("/models", **openapi.spec(None))(server.models)
+    api.post("/chat/completions", **openapi.spec(p.ChatCompletionRequest, *openapi.GENERATE, ok=openapi.STREAM))(
+        server.chat_completions)
+    api.post("/completions", **openapi.spec(p.CompletionRequest, *openapi.GENERATE, ok=openapi.STREAM))(
+        server.completions)
     app.include_router(api)
     app.include_router(adapters.adapter_router(server))
     if jobs is not None:
         from .batch_api import batch_router  # it imports this module
         app.include_router(batch_router(server, jobs))
+    openapi.install(app)
     return app
 
 
 class _DrainingServer(uvicorn.Server):
-    """Marks the app unready as soon as a shutdown signal arrives, before uvicorn drains."""
+    """One drain window from the shutdown signal on. uvicorn alone waits its graceful timeout
+    for the connections, then cancels the requests still running (each a 500, from the
+    CancelledError) and only then runs the lifespan shutdown, whose engine drain has nothing
+    left to drain. Here the engine drains at once, beside uvicorn's wait: at
+    SHUTDOWN_GRACE_SECONDS it aborts what still runs, those requests answer 503 (a stream ends
+    with finish_reason "abort"), and uvicorn, which waits twice as long, cancels only a request
+    stuck elsewhere."""
 
     def __init__(self, config: uvicorn.Config, openai_server: OpenAIServer):
         super().__init__(config)
@@ -445,16 +518,25 @@ class _DrainingServer(uvicorn.Server):
         self.openai_server.ready = False
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets=None) -> None:
+        drain = asyncio.create_task(self.openai_server.engine.shutdown(SHUTDOWN_GRACE_SECONDS))
+        await super().shutdown(sockets)  # its lifespan shutdown finds the engine drained
+        await drain
+
 
 def run_server(engine, config: ServerConfig, jobs: JobsConfig | None = None) -> None:
     """Serves until SIGTERM or SIGINT, then: /ready and new requests get 503, requests in
-    flight get SHUTDOWN_GRACE_SECONDS to finish before they are aborted, the engine stops."""
+    flight get SHUTDOWN_GRACE_SECONDS to finish before they are aborted (and answer 503), the
+    engine stops. Connections that are slow to send a request are cut (connections.py)."""
     app = create_app(engine, config, jobs)
-    server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port,
-                                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS),
+    protocol = connections.header_timeout_protocol(config.header_timeout_seconds,
+                                                   app.state.server.metrics.registry)
+    server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, http=protocol,
+                                            timeout_graceful_shutdown=2 * SHUTDOWN_GRACE_SECONDS),
                              app.state.server)
     # After a graceful stop uvicorn re-raises the signal it caught, under the handlers it found,
     # so that the default ones end the process. Ignoring them lets a clean shutdown exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    banner.show(app.state.server, jobs.data_dir if jobs else None)
     server.run()

@@ -28,7 +28,7 @@ from ..jobs import JobsConfig
 from ..jobs.carbon_schedule import deadline_of, window_seconds
 from ..jobs.store import JobStore
 from ..jobs.worker import EngineRates, JobWorker
-from . import protocol as p
+from . import openapi, protocol as p
 from .app import CLIENT_GONE, OpenAIServer
 from .protocol import APIError
 
@@ -306,17 +306,20 @@ def batch_router(server: OpenAIServer, config: JobsConfig) -> APIRouter:
             api.store.close()
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)], lifespan=lifespan)
-    router.post("/files")(api.upload_file)
-    router.get("/files")(api.list_files)
-    router.get("/files/{file_id}")(api.retrieve_file)
-    router.get("/files/{file_id}/content")(api.file_content)
-    router.delete("/files/{file_id}")(api.delete_file)
-    router.post("/batches")(api.create_batch)
-    router.get("/batches")(api.list_batches)
-    router.get("/batches/{batch_id}")(api.retrieve_batch)
-    router.post("/batches/{batch_id}/cancel")(api.cancel_batch)
-    router.post("/async/chat/completions")(api.submit_chat)
-    router.get("/async/{request_id}")(api.retrieve_async)
+    router.post("/files", **openapi.spec(openapi.FILE_UPLOAD, *openapi.JSON_BODY, media_type="multipart/form-data"))(
+        api.upload_file)
+    router.get("/files", **openapi.spec(None, 400, query=openapi.FILE_QUERY))(api.list_files)
+    router.get("/files/{file_id}", **openapi.spec(None, 404))(api.retrieve_file)
+    router.get("/files/{file_id}/content", response_class=FileResponse, **openapi.spec(None, 404, ok=openapi.BINARY))(
+        api.file_content)
+    router.delete("/files/{file_id}", **openapi.spec(None, 404))(api.delete_file)
+    router.post("/batches", **openapi.spec(BatchCreateRequest, *openapi.JSON_BODY, 404))(api.create_batch)
+    router.get("/batches", **openapi.spec(None, 400, query=openapi.BATCH_QUERY))(api.list_batches)
+    router.get("/batches/{batch_id}", **openapi.spec(None, 404))(api.retrieve_batch)
+    router.post("/batches/{batch_id}/cancel", **openapi.spec(None, 404, 409))(api.cancel_batch)
+    router.post("/async/chat/completions", status_code=202,
+                **openapi.spec(p.ChatCompletionRequest, *openapi.JSON_BODY, 404, 503))(api.submit_chat)
+    router.get("/async/{request_id}", **openapi.spec(None, 404))(api.retrieve_async)
     return router
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from ..energy.metrics import EnergyMetrics, Utilisation
+from ..energy.metrics import BoundedLabels, EnergyMetrics, Utilisation
 from ..engine.sequence import CLASS_NAMES, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -125,8 +125,9 @@ class LoRAMetrics:
         self.load_time = Histogram("leanserve_lora_load_seconds", "Time to read and check one LoRA adapter",
                                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
                                    registry=r)
-        self.requests = Counter("leanserve_lora_requests", "Generation requests by the adapter they name",
-                                ["adapter"], registry=r)
+        # adapter names come from clients (POST /v1/adapters): bounded like energy's labels
+        self.requests = BoundedLabels(Counter("leanserve_lora_requests", "Generation requests by the adapter "
+                                              "they name", ["adapter"], registry=r))
 
     def loaded(self, name: str, seconds: float) -> None:
         """Called by the adapter store from its loader threads (prometheus_client is thread-safe)."""

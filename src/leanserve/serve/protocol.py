@@ -90,12 +90,17 @@ def _prompts(value) -> list[str | list[int]]:
                      "(non-negative integers) or a list of token-id lists")
 
 
+MAX_STOPS = 16  # OpenAI takes 4; vLLM users send a few more
+
+
 def _stop_list(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(value)}")
         return value
     raise ValueError("must be a string or a list of strings")
 
@@ -138,12 +143,12 @@ class GenerateRequest(_Strict):
     user: str | None = None
     logit_bias: Annotated[dict | None, Unsupported] = None
     # extensions
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1)  # its upper bound, the vocabulary, is the engine's to check
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = []
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field([], max_length=64)
     priority: Literal["realtime", "standard", "batch"] = "realtime"  # service class
 
     def sampling_kwargs(self) -> dict:
@@ -256,6 +261,7 @@ def completion_choice(index: int, text: str, logprobs: dict | None, finish_reaso
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def model_list(names: list[str], created: int) -> dict:
-    return {"object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": "leanserve"} for n in names]}
+def model_list(names: list[str], created: int, facts: dict) -> dict:
+    """`facts` (banner.model_facts) go in the extension field `leanserve`, which clients ignore."""
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "leanserve",
+                                        "leanserve": facts} for n in names]}
