@@ -1,7 +1,8 @@
 """The `leanserve` command line.
 
 Each subcommand is an entry of COMMANDS: a function that declares its arguments, one that
-runs it and returns the exit status, and a one-line help.
+runs it and returns the exit status, and a one-line help. Every flag has a help string, and
+`--help` shows each default.
 """
 from __future__ import annotations
 
@@ -9,17 +10,50 @@ import argparse
 import asyncio
 import sys
 
-from .config import EngineConfig, LoRAConfig, ServerConfig
+from .config import DEFAULT_MAX_MODEL_LEN, EngineConfig, LoRAConfig, ServerConfig
 from .energy.config import add_energy_args, energy_config
 from .errors import LeanserveError
 from .jobs import JobsConfig
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to a flag's help, except where it says nothing: a default of
+    None or an empty list (the help says what happens), on/off switches (--x/--no-x ones
+    name the default one), or help that already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if isinstance(action, argparse.BooleanOptionalAction) and action.default is not None and "default" not in text:
+            return f"{text} (default: {action.option_strings[0 if action.default else 1]})"
+        if action.nargs == 0 or action.default in (None, [], ()) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+    def _get_default_metavar_for_optional(self, action):  # --port N, not --port PORT: a shorter usage
+        return "N" if action.type in (int, float) else super()._get_default_metavar_for_optional(action)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("leanserve")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig()
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, metavar="PATH",
                         help="a Hugging Face folder or a .gguf file (default: the built-in SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"],
+                        help="the dtype of the weights and activations (quantized layers aside)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                        help=f"context of one sequence, prompt and output (default: the model's, capped at "
+                             f"{DEFAULT_MAX_MODEL_LEN}; also capped by the KV cache)")
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences in one step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                         help="tokens (prefill chunks + decodes) in one step")
@@ -62,8 +96,18 @@ def _lora_config(args) -> LoRAConfig:
                       max_rank=args.max_lora_rank, factor_dtype=args.lora_factor_dtype)
 
 
+def _positive(args, *names: str, zero_ok: bool = False) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 if zero_ok else value > 0):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
 def _engine_config(args, **extra) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    _positive(args, "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_gib")
+    return EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gib=args.kv_cache_gib,
                         kv_cache_dtype=args.kv_cache_dtype,
                         prefix_caching=args.prefix_caching, quantization=args.quantization,
@@ -80,13 +124,25 @@ def _load_engine(config: EngineConfig):
 # -- serve ------------------------------------------------------------------------------------
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    d = ServerConfig()
+    d, e = ServerConfig(), EngineConfig()
     _add_engine_args(parser)
-    parser.add_argument("--host", default=d.host)
-    parser.add_argument("--port", type=int, default=d.port)
-    parser.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
+    parser.add_argument("--host", default=d.host, help="the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=d.port, help="the TCP port to listen on")
+    parser.add_argument("--max-waiting", type=int, default=e.max_waiting,
                         help="queued requests beyond this get HTTP 429")
-    parser.add_argument("--api-key", action="append", default=None,
+    parser.add_argument("--max-seqs-per-client", type=int, default=e.max_seqs_per_client,
+                        help="sequences one client (API key, else address) may have waiting or running; "
+                             "past it that client alone gets HTTP 429")
+    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, metavar="N",
+                        help="output tokens of a chat request that sets no max_tokens (0: up to the context); "
+                             "text completions keep OpenAI's 16")
+    parser.add_argument("--max-sequences-per-request", type=int, default=d.max_sequences_per_request,
+                        help="prompts x n of one request; more get HTTP 400")
+    parser.add_argument("--header-timeout-seconds", type=float, default=d.header_timeout_seconds,
+                        help="a connection whose request headers take longer is closed")
+    parser.add_argument("--body-timeout-seconds", type=float, default=d.body_timeout_seconds,
+                        help="a request body that stalls this long between chunks gets HTTP 408")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help="require this bearer key (repeatable; also $LEANSERVE_API_KEY, comma-separated)")
     parser.add_argument("--api-key-class", action="append", default=None, metavar="KEY=CLASS",
                         help="accept KEY, and run its requests that set no `priority` in CLASS (realtime, "
@@ -94,12 +150,14 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-unload-seconds", type=float, default=None, metavar="N",
                         help="scale to zero: free the model weights and KV cache after N idle seconds "
                              "(/ready then answers 503); the next request loads them again")
-    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="the model name clients send (default: the model's)")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
     parser.add_argument("--usage-log", default=None, metavar="PATH",
                         help="append one JSON line per finished request (read it with `leanserve report`)")
     jobs = JobsConfig()
-    parser.add_argument("--data-dir", default=jobs.data_dir, help="where files, batches and async requests are kept")
+    parser.add_argument("--data-dir", default=jobs.data_dir, metavar="DIR",
+                        help="where files, batches and async requests are kept (one server per directory)")
     parser.add_argument("--max-batch-concurrency", type=int, default=jobs.max_batch_concurrency,
                         help="Batch API lines in the engine at once")
     parser.add_argument("--max-file-bytes", type=int, default=jobs.max_file_bytes,
@@ -109,20 +167,37 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                              "that still meet their completion window")
 
 
-def _serve(args) -> int:
-    from .serve.app import run_server
+def _server_config(args) -> ServerConfig:
     from .serve.auth import api_key_classes, api_keys
 
-    if args.idle_unload_seconds is not None and not args.idle_unload_seconds > 0:
-        raise ValueError(f"--idle-unload-seconds must be > 0, got {args.idle_unload_seconds}")
-    config = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
-                          api_keys=api_keys(args.api_key), api_key_classes=api_key_classes(args.api_key_class),
-                          max_body_bytes=args.max_body_bytes, usage_log=args.usage_log)
-    jobs = JobsConfig(data_dir=args.data_dir, max_batch_concurrency=args.max_batch_concurrency,
+    _positive(args, "max_body_bytes", "max_sequences_per_request", "header_timeout_seconds",
+              "body_timeout_seconds")
+    _positive(args, "default_max_tokens", zero_ok=True)
+    return ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                        api_keys=api_keys(args.api_key), api_key_classes=api_key_classes(args.api_key_class),
+                        max_body_bytes=args.max_body_bytes, usage_log=args.usage_log,
+                        default_max_tokens=args.default_max_tokens or None,
+                        max_sequences_per_request=args.max_sequences_per_request,
+                        header_timeout_seconds=args.header_timeout_seconds,
+                        body_timeout_seconds=args.body_timeout_seconds)
+
+
+def _serve_engine_config(args) -> EngineConfig:
+    _positive(args, "idle_unload_seconds", "max_seqs_per_client")
+    return _engine_config(args, max_waiting=args.max_waiting, max_seqs_per_client=args.max_seqs_per_client,
+                          idle_unload_seconds=args.idle_unload_seconds)
+
+
+def _jobs_config(args) -> JobsConfig:
+    return JobsConfig(data_dir=args.data_dir, max_batch_concurrency=args.max_batch_concurrency,
                       max_file_bytes=args.max_file_bytes, carbon_forecast=args.carbon_forecast)
-    engine = _load_engine(_engine_config(args, max_waiting=args.max_waiting,
-                                         idle_unload_seconds=args.idle_unload_seconds))
-    run_server(engine, config, jobs)
+
+
+def _serve(args) -> int:
+    from .serve.app import run_server
+
+    config, jobs = _server_config(args), _jobs_config(args)  # bad flags fail before the model loads
+    run_server(_load_engine(_serve_engine_config(args)), config, jobs)
     return 0
 
 
@@ -130,8 +205,8 @@ def _serve(args) -> int:
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
     _add_engine_args(parser)
-    parser.add_argument("prompt")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("prompt", help="the text to answer")
+    parser.add_argument("--max-tokens", type=int, default=256, help="output tokens at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                         help="wrap the prompt in the model's chat template as a user message")
@@ -220,10 +295,14 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leanserve", description="LLM serving with a bill on every response")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="leanserve", description="LLM serving with a bill on every response",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"leanserve {version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of these; `leanserve COMMAND --help` shows its flags and their defaults")
     for name, (add_args, run, help) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help, description=help))
+        add_args(sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter))
     return parser
 
 

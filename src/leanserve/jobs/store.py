@@ -98,7 +98,8 @@ class JobStore:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
-            raise LeanserveError(f"the data directory {self.root} is in use by another leanserve process") from None
+            raise LeanserveError(f"the data directory {self.root} is in use by another leanserve process; "
+                                 "pass --data-dir DIR to run a second server with its own state") from None
         self._db = sqlite3.connect(self.root / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
