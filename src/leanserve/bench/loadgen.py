@@ -39,6 +39,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..energy.meters import DEFAULT_WATTS_PER_GB, ProcessesMeter
+from ..progress import Progress
 from . import report
 from .report import RequestRecord
 
@@ -240,32 +241,50 @@ def _error_message(body: bytes) -> str:
         return body.decode(errors="replace")[:200]
 
 
+async def _tick(progress: Progress) -> None:
+    """A line every `progress.every` seconds even while no request finishes."""
+    while True:
+        await asyncio.sleep(progress.every)
+        progress.tick()
+
+
 async def run_level(client: aiohttp.ClientSession, url: str, bodies: list[dict], timeout: float,
-                    concurrency: int | None, rate: float | None, seed: int) -> tuple[list[RequestRecord], float]:
+                    concurrency: int | None, rate: float | None, seed: int,
+                    progress: Progress | None = None) -> tuple[list[RequestRecord], float]:
     """All `bodies` at one load level (`rate` None: closed loop of `concurrency` clients);
-    returns their records, in order, and the wall time."""
+    returns their records, in order, and the wall time. `progress` counts finished requests
+    and their output tokens, and is closed at the end."""
     records: list[RequestRecord] = []
     t0 = time.perf_counter()
 
     async def one(i: int) -> None:
-        records.append(await send(client, url, bodies[i], timeout, i, t0))
+        record = await send(client, url, bodies[i], timeout, i, t0)
+        records.append(record)
+        if progress:
+            progress.advance(1, tokens=record.output_tokens if record.ok else 0)
 
-    if rate is None:
-        pending = iter(range(len(bodies)))  # shared: each client takes the next request
+    ticker = asyncio.create_task(_tick(progress)) if progress else None
+    try:
+        if rate is None:
+            pending = iter(range(len(bodies)))  # shared: each client takes the next request
 
-        async def client_loop() -> None:
-            for i in pending:
-                await one(i)
+            async def client_loop() -> None:
+                for i in pending:
+                    await one(i)
 
-        await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(bodies)))))
-    else:
-        gaps = random.Random(seed)
-        tasks = []
-        for i in range(len(bodies)):
-            if i:
-                await asyncio.sleep(gaps.expovariate(rate))
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+            await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(bodies)))))
+        else:
+            gaps = random.Random(seed)
+            tasks = []
+            for i in range(len(bodies)):
+                if i:
+                    await asyncio.sleep(gaps.expovariate(rate))
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+    finally:
+        if ticker:
+            ticker.cancel()
+            progress.close()
     return sorted(records, key=lambda r: r.index), time.perf_counter() - t0
 
 
@@ -324,9 +343,11 @@ async def measured_level(client: aiohttp.ClientSession, base: str, url: str, bod
     before = await server_counters(client, base) if server else None
     meter = pid_meter(args)
     sampler = asyncio.create_task(_sample_memory(meter)) if meter else None
+    progress = Progress(len(bodies), f"bench serve {report.level_name(level)}",
+                        total_tokens=len(bodies) * args.output_len)
     try:
         records, duration = await run_level(client, url, bodies, args.timeout, level["concurrency"],
-                                            level["request_rate"], seed)
+                                            level["request_rate"], seed, progress)
     finally:
         if sampler:
             sampler.cancel()

@@ -24,7 +24,8 @@ from ..engine import lora as lora_mod
 from ..engine.llm import LLM
 from ..engine.lora import TARGETS, module_shapes
 from ..engine.sequence import SamplingParams
-from .offline import make_prompts, throughput_result
+from ..progress import Progress
+from .offline import counting_steps, make_prompts, run_progress, throughput_result
 
 
 def write_random_adapter(folder: str, args, rank: int, seed: int, targets=tuple(TARGETS), alpha: float | None = None,
@@ -53,11 +54,13 @@ def write_random_adapter(folder: str, args, rank: int, seed: int, targets=tuple(
     return folder
 
 
-def _tok_per_s(llm: LLM, prompts, output_len: int, adapters) -> float:
+def _tok_per_s(llm: LLM, prompts, output_len: int, adapters, progress: Progress | None = None) -> float:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, adapter=adapters)
-    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+    with counting_steps(llm, progress):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, adapter=adapters)
+        elapsed = time.perf_counter() - t0
+    return sum(len(o.token_ids) for o in outs) / elapsed
 
 
 def _first_token_ms(llm: LLM, prompt, adapter: str | None, register: str | None = None) -> float:
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         for k, (mode, adapters) in enumerate(modes.items()):
             # new prompts every run: no run reuses another's prefix-cached prefill
             fresh = make_prompts(n, args.input_len, margs.vocab_size, special, seed=1 + rep * len(modes) + k)
-            runs[mode].append(_tok_per_s(llm, fresh, args.output_len, adapters))
+            progress = run_progress(f"bench lora {mode} run {rep + 1}/{args.repeats}", fresh, args.output_len)
+            runs[mode].append(_tok_per_s(llm, fresh, args.output_len, adapters, progress))
     med = {k: statistics.median(v) for k, v in runs.items()}
 
     # time to first token: a new adapter read from its file, a resident one, the base model

@@ -9,6 +9,7 @@ median reported, with leanserve's ratio to each baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -19,6 +20,7 @@ from ..engine.engine import DTYPES
 from ..engine.llm import LLM
 from .loadgen import machine_info
 from ..engine.sequence import SamplingParams
+from ..progress import Progress
 
 
 def make_prompts(n: int, length: int, vocab: int, special: set[int], seed: int = 0) -> list[list[int]]:
@@ -30,11 +32,39 @@ def make_prompts(n: int, length: int, vocab: int, special: set[int], seed: int =
     return prompts
 
 
-def run_leanserve(llm: LLM, prompts, output_len: int) -> float:
+def run_progress(label: str, prompts, output_len: int) -> Progress:
+    """The progress line of one timed run: requests done of `prompts`, each `output_len` tokens."""
+    return Progress(len(prompts), label, total_tokens=len(prompts) * output_len)
+
+
+@contextlib.contextmanager
+def counting_steps(llm: LLM, progress: Progress | None):
+    """Counts the engine's finished requests and new tokens into `progress` as `llm.generate`
+    steps it (the engine's own `step`, wrapped on the instance for the duration); closes it."""
+    if progress is None:
+        yield
+        return
+    step = llm.engine.step
+
+    def counted():
+        outs = step()
+        progress.advance(sum(1 for o in outs if o.finished), tokens=sum(len(o.token_ids) for o in outs))
+        return outs
+
+    llm.engine.step = counted
+    try:
+        yield
+    finally:
+        del llm.engine.step  # the class's method again
+        progress.close()
+
+
+def run_leanserve(llm: LLM, prompts, output_len: int, progress: Progress | None = None) -> float:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - t0
+    with counting_steps(llm, progress):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
     return sum(len(o.token_ids) for o in outs) / elapsed
 
 
@@ -53,18 +83,25 @@ def load_transformers(model: str | None, dtype: torch.dtype):
 
 
 @torch.inference_mode()
-def run_hf(hf, prompts, output_len: int, batched: bool) -> float:
+def run_hf(hf, prompts, output_len: int, batched: bool, progress: Progress | None = None) -> float:
+    """`progress` advances per prompt one at a time, and once at the end of the static batch."""
     def gen(batch):
         width = max(len(p) for p in batch)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
                           min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-        return (out.shape[1] - width) * len(batch)
+        tokens = (out.shape[1] - width) * len(batch)
+        if progress:
+            progress.advance(len(batch), tokens=tokens)
+        return tokens
 
     t0 = time.perf_counter()
     tokens = gen(prompts) if batched else sum(gen([p]) for p in prompts)
-    return tokens / (time.perf_counter() - t0)
+    rate = tokens / (time.perf_counter() - t0)
+    if progress:
+        progress.close()
+    return rate
 
 
 def throughput_result(bench: str, argv: list[str] | None, args, runs: dict[str, list[float]],
@@ -109,11 +146,18 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_baselines:
         hf = load_transformers(args.model, DTYPES[args.dtype])
         runs["transformers_serial"], runs["transformers_static_batch"] = [], []
-    for _ in range(args.repeats):
-        runs["leanserve"].append(run_leanserve(llm, prompts, args.output_len))
+    serial = prompts[:args.serial_prompts]
+    for rep in range(args.repeats):
+        run = f"run {rep + 1}/{args.repeats}"
+        runs["leanserve"].append(run_leanserve(
+            llm, prompts, args.output_len, run_progress(f"bench offline leanserve {run}", prompts, args.output_len)))
         if hf is not None:
-            runs["transformers_serial"].append(run_hf(hf, prompts[:args.serial_prompts], args.output_len, False))
-            runs["transformers_static_batch"].append(run_hf(hf, prompts, args.output_len, True))
+            runs["transformers_serial"].append(run_hf(
+                hf, serial, args.output_len, False,
+                run_progress(f"bench offline transformers_serial {run}", serial, args.output_len)))
+            runs["transformers_static_batch"].append(run_hf(
+                hf, prompts, args.output_len, True,
+                run_progress(f"bench offline transformers_static_batch {run}", prompts, args.output_len)))
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         **throughput_result("offline", argv, args, runs, med),
