@@ -3,6 +3,7 @@ default service class, realtime latency under a running batch, and carbon-aware 
 of batches (the forecast file is read again for each batch, so tests rewrite it)."""
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -134,7 +135,13 @@ def test_a_keys_class_is_the_default_and_an_explicit_priority_wins(server, model
 
 # -- realtime latency under a running batch ------------------------------------------------------
 
+PROBES = itertools.count(100)  # numbers every TTFT probe's prompt apart (same token count)
+
+
 def ttft(client, model: str, prompt: str) -> float:
+    """Seconds to the first content chunk of a stream. Each probe's prompt is new, so none
+    finds its prompt in the prefix cache from an earlier probe."""
+    prompt = f"{next(PROBES)}. {prompt}"
     start = time.perf_counter()
     stream = client.chat.completions.create(**chat_body(model, prompt), stream=True)
     try:
@@ -146,32 +153,79 @@ def ttft(client, model: str, prompt: str) -> float:
     raise AssertionError("no content streamed")
 
 
-@pytest.mark.slow
-def test_realtime_ttft_under_a_running_batch(server, client, model):
-    for p in PROMPTS[:2]:  # warm up: first calls pay for allocations
-        ttft(client, model, p)
-    idle = [ttft(client, model, p) for p in PROMPTS]
-    batch = submit(client, batch_lines(model, 40, 32))
+TTFT_BOUND = 3  # busy median / idle median
+ROUNDS = 3  # a failed bound measures again, twice at most (the load of other processes moves)
+GROUP = 4  # probes of each kind in a row
+LINES, LINE_TOKENS = 8, 32  # a batch that fills the engine (max_batch_concurrency 8) for 32 steps
+
+
+def running_batch(server, client, model: str):
+    """Submits a batch of LINES lines and returns it once it fills the engine."""
+    batch = submit(client, batch_lines(model, LINES, LINE_TOKENS))
     deadline = time.monotonic() + 60
-    while server.metrics()["leanserve_running_sequences"] < 4:  # the batch fills the engine
+    while server.metrics()["leanserve_running_sequences"] < 4:
         assert time.monotonic() < deadline, "the batch does not run"
-        time.sleep(0.05)
-    busy = []
-    for p in PROMPTS:
-        running = server.metrics()["leanserve_running_sequences"]
-        busy.append(ttft(client, model, p))
-        assert running >= 1, "the batch ended before the realtime requests were measured"
-    during = client.batches.retrieve(batch.id).request_counts
+        time.sleep(0.02)
+    return batch
+
+
+def finish(client, batch) -> None:
+    """Waits for the batch to end and checks that every line was answered."""
     batch = wait_status(client, batch.id, ("completed", "failed", "cancelled"), timeout=300)
     assert batch.status == "completed"
-    assert (batch.request_counts.completed, batch.request_counts.failed) == (40, 0)
-    assert during.completed < 40
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (LINES, 0)
+
+
+def wait_engine_empty(server, timeout: float = 30) -> None:
+    """Until the engine runs nothing (the probes' closed streams are aborted a moment later)."""
+    deadline = time.monotonic() + timeout
+    while server.metrics()["leanserve_running_sequences"] > 0:
+        assert time.monotonic() < deadline, "the engine does not empty"
+        time.sleep(0.02)
+
+
+def ttft_round(server, client, model: str) -> tuple[list[float], list[float]]:
+    """Idle and busy TTFT probes, alternated so that both meet the same load of other
+    processes: GROUP prompts on the idle server, the same prompts under a batch that fills
+    the engine, the batch runs out, and again with the next GROUP prompts."""
+    idle, busy = [], []
+    for group in (PROMPTS[i:i + GROUP] for i in range(0, len(PROMPTS), GROUP)):
+        wait_engine_empty(server)
+        idle += [ttft(client, model, p) for p in group]
+        batch = running_batch(server, client, model)
+        for p in group:
+            assert server.metrics()["leanserve_running_sequences"] >= 4
+            busy.append(ttft(client, model, p))
+        # its lines started together and end together: none done yet, so it ran throughout
+        # (a realtime request queued behind the batch would find it done)
+        assert client.batches.retrieve(batch.id).request_counts.completed == 0, \
+            "the batch ended before the realtime requests were answered"
+        finish(client, batch)
+    return idle, busy
+
+
+@pytest.mark.slow
+def test_realtime_ttft_under_a_running_batch(server, client, model, forecast_path):
+    write_forecast(forecast_path, {0})  # batches start at once
+    for p in PROMPTS[:2]:  # warm up: first calls pay for allocations, first batch steps too
+        ttft(client, model, p)
+    finish(client, submit(client, batch_lines(model, LINES, 2)))
     # A realtime arrival shares its steps with up to 8 batch decodes and may wait for the
     # step in flight; its prefill is never queued behind batch lines. Measured on a shared
-    # 2-core machine: busy median about 1.0x the idle one (~0.4 s); behind the batch's
-    # backlog (FIFO) it would be tens of seconds.
-    ratio = statistics.median(busy) / statistics.median(idle)
-    assert ratio <= 3, (ratio, idle, busy)
+    # 2-core machine: busy median 1.6x the idle one (0.31 s idle), and 1.45x with a CPU hog
+    # on one core (0.98 s idle); behind the batch (FIFO) it would wait for all 32 steps.
+    # No absolute time: both medians come from the same round, idle and busy probes
+    # alternated, so other processes' load slows both; a round that misses the bound is
+    # measured again (load moves), the bound itself stays.
+    rounds = []
+    for _ in range(ROUNDS):
+        idle, busy = ttft_round(server, client, model)
+        rounds.append((statistics.median(busy) / statistics.median(idle), idle, busy))
+        print(f"round {len(rounds)}: busy/idle TTFT median {rounds[-1][0]:.2f} "
+              f"(idle {statistics.median(idle):.3f} s, busy {statistics.median(busy):.3f} s)")
+        if rounds[-1][0] <= TTFT_BOUND:
+            break
+    assert rounds[-1][0] <= TTFT_BOUND, rounds
 
 
 # -- carbon-aware deferral -----------------------------------------------------------------------
