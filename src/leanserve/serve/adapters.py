@@ -19,7 +19,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from .. import jsonsafe
 from ..errors import InvalidRequest, ModelLoadError
@@ -80,15 +80,7 @@ def adapter_router(server) -> APIRouter:
         lora.on_load.append(metrics.loaded)
 
     async def load(request: Request) -> JSONResponse:
-        body = await server._body(request)
-        try:
-            jsonsafe.check_depth(body)
-        except ValueError as e:
-            raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
-        try:
-            req = LoadAdapter.model_validate_json(_vllm_names(body))
-        except ValidationError as e:
-            raise p.validation_error(e) from None
+        req = p.parse_body(LoadAdapter, _vllm_names(await server._body(request)))
         if lora is None:
             raise APIError(400, "LoRA adapters are not enabled on this server")
         started = time.perf_counter()
@@ -118,9 +110,9 @@ def adapter_router(server) -> APIRouter:
         body = await server._body(request)
         try:
             data = jsonsafe.loads(body)
-            name = data.get("lora_name") or data.get("name")
-        except (ValueError, AttributeError):
-            name = None
+        except ValueError as e:
+            raise p.unparsable(e) from None
+        name = (data.get("lora_name") or data.get("name")) if isinstance(data, dict) else None
         if not isinstance(name, str):
             raise APIError(400, "lora_name is required", param="lora_name")
         return await delete(name)
@@ -138,9 +130,9 @@ def _vllm_names(body: bytes) -> bytes:
     if b"lora_name" not in body and b"lora_path" not in body:
         return body
     try:
-        data = json.loads(body)
+        data = jsonsafe.loads(body)
     except ValueError:
-        return body
+        return body  # parse_body says what is wrong with it
     if isinstance(data, dict):
         data = {{"lora_name": "name", "lora_path": "path"}.get(k, k): v for k, v in data.items()}
     return json.dumps(data).encode()

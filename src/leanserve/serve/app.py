@@ -21,11 +21,9 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .. import jsonsafe
 from ..config import ServerConfig
 from ..energy.ledger import Bill
 from ..energy.report import UsageLog, usage_record
@@ -165,15 +163,7 @@ class OpenAIServer:
     async def _parse(self, request: Request, model: type[p.BaseModel]):
         if not self.ready:
             raise self._unavailable("The server is starting or shutting down")
-        body = await self._body(request)
-        try:
-            jsonsafe.check_depth(body)
-        except ValueError as e:
-            raise APIError(400, f"We could not parse the JSON body of your request: {e}") from None
-        try:
-            req = model.model_validate_json(body)
-        except ValidationError as e:
-            raise p.validation_error(e) from None
+        req = p.parse_body(model, await self._body(request))
         request.state.adapter = adapters.resolve(self, req.model)  # 404 for an unknown model or adapter
         # responses then name the model as the request did (an adapter's name, as vLLM does)
         return req

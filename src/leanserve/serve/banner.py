@@ -8,8 +8,11 @@ import os
 import shlex
 import sys
 
+import torch
+
 from ..kernels import names, native
 from ..models.loader import builtin_model_path, weights_format
+from ..models.quant import PackedLinear
 
 
 def model_facts(engine) -> dict:
@@ -82,6 +85,9 @@ def text(server, data_dir: str | None) -> str:
         "data dir": os.path.abspath(data_dir) if data_dir else "none (no Batch API)",
         "limits": f"chat max_tokens {config.default_max_tokens or 'up to the context'} when unset, "
                   f"{config.max_sequences_per_request} sequences (prompts x n) per request",
+        **({"note": "this CPU has no bf16 dot products (no AVX512-BF16 or AMX): bf16 is emulated and slower "
+                    "than float32 here; --dtype float32 is faster"}
+           if f["dtype"] == "bfloat16" and not PackedLinear.available(torch.bfloat16) else {}),
         "url": f"{url}/v1",
         "try": f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
                f"-d {shlex.quote(json.dumps(body))}",

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
+from .. import jsonsafe
 from ..energy.ledger import Bill
 from ..engine.sequence import Logprob, RequestMetrics
 
@@ -30,12 +31,28 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def unparsable(reason) -> APIError:
+    return APIError(400, f"We could not parse the JSON body of your request: {reason}")
+
+
+def parse_body(model: type[BaseModel], body: bytes):
+    """`model` from a client's JSON body: its nesting depth bounded first (jsonsafe; pydantic's
+    parser would take any depth), then strict parsing; a 400 APIError either way."""
+    try:
+        jsonsafe.check_depth(body)
+        return model.model_validate_json(body)
+    except ValidationError as e:  # a ValueError too: first
+        raise validation_error(e) from None
+    except ValueError as e:
+        raise unparsable(e) from None
+
+
 def validation_error(exc: ValidationError) -> APIError:
     """The first problem pydantic found, named the way OpenAI names it (`messages[0].role`)."""
     err = exc.errors()[0]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or None
     if err["type"] == "json_invalid":
-        return APIError(400, f"We could not parse the JSON body of your request: {err['msg']}")
+        return unparsable(err["msg"])
     if err["type"] == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if err["type"] == "model_type" and param is None:
