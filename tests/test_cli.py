@@ -3,14 +3,16 @@ flags into the configs, the data-directory lock's message, and the progress line
 commands (on a fake clock; no model is loaded and no server started)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import re
 from types import SimpleNamespace
 
+import openai
 import pytest
 
-from leanserve import cli
+from leanserve import batch_cli, cli
 from leanserve.bench import loadgen, offline
 from leanserve.bench.report import RequestRecord
 from leanserve.config import EngineConfig, ServerConfig
@@ -50,17 +52,36 @@ def options_without_help(text: str) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
-def test_every_option_has_help(command, capsys):
-    text = help_text(*([command] if command else []), capsys=capsys)
+def printed_help(argv, capsys, monkeypatch) -> tuple[str, argparse.ArgumentParser]:
+    """`leanserve ARGV --help`'s text and the parser that printed it: bench and batch hand
+    their arguments to parsers of their own."""
+    printed, print_help = [], argparse.ArgumentParser.print_help
+
+    def recording(self, file=None):
+        printed.append(self)
+        print_help(self, file)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help", recording)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0 and len(printed) == 1
+    return capsys.readouterr().out, printed[0]
+
+
+HELP_COMMANDS = [(), *((c,) for c in cli.COMMANDS), ("bench", "offline"), ("bench", "serve"), ("bench", "lora"),
+                 ("batch", "submit"), ("batch", "status")]
+
+
+@pytest.mark.parametrize("argv", HELP_COMMANDS, ids=lambda argv: " ".join(argv) or "leanserve")
+def test_every_option_has_help(argv, capsys, monkeypatch):
+    text, parser = printed_help(argv, capsys, monkeypatch)
     assert "options:" in text
     assert options_without_help(text) == []
-    parser = cli.build_parser()
-    if command:
-        parser = parser._subparsers._group_actions[0].choices[command]
-        assert isinstance(parser.formatter_class("x"), cli.HelpFormatter)
+    assert parser.prog == " ".join(["leanserve", *argv])
+    assert isinstance(parser.formatter_class("x"), cli.HelpFormatter)
     for action in parser._actions:  # positionals too
         assert action.help, action.option_strings or action.dest
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_serve_help_shows_defaults(capsys):
@@ -234,3 +255,97 @@ def test_bench_serve_level_advances_the_progress(monkeypatch):
     assert len(records) == 5
     assert (progress.done, progress.tokens, progress.closed) == (5, 32, True)  # the failed one has no tokens
     assert out.getvalue().startswith("bench serve c=2: 5/5 requests, ")
+
+
+def test_bench_and_batch_help_show_defaults(capsys, monkeypatch):
+    for argv, flags in [
+        (("bench", "offline"), [("--num-prompts N", "32"), ("--input-len N", "128"), ("--output-len N", "128"),
+                                ("--dtype DTYPE", "bfloat16"), ("--repeats N", "3")]),
+        (("bench", "lora"), [("--rank N", "8"), ("--cold-rank N", "16"), ("--repeats N", "3")]),
+        (("bench", "serve"), [("--endpoint {completions,chat}", "completions"), ("--num-prompts N", "32")]),
+        (("batch", "submit"), [("--endpoint {/v1/chat/completions,/v1/completions}", "/v1/chat/completions"),
+                               ("--completion-window WINDOW", "24h")]),
+    ]:
+        text = " ".join(printed_help(argv, capsys, monkeypatch)[0].split())
+        monkeypatch.undo()
+        for flag, default in flags:
+            assert re.search(re.escape(flag) + r" [^-]*\(default: " + re.escape(default) + r"\)", text), (argv, flag)
+    assert "BATCH_ID the id" in " ".join(printed_help(("batch", "status"), capsys, monkeypatch)[0].split())
+
+
+# -- batch submit --wait ----------------------------------------------------------------------
+
+def a_batch(status: str, total: int = 0, completed: int = 0, failed: int = 0, **leanserve) -> openai.types.Batch:
+    return openai.types.Batch.model_validate({
+        "id": "batch_x", "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": "file-x",
+        "completion_window": "24h", "status": status, "created_at": 0, "output_file_id": "file-out",
+        "request_counts": {"total": total, "completed": completed, "failed": failed},
+        **({"leanserve": leanserve} if leanserve else {})})
+
+
+class FakeBatches:
+    """A server's batch, one state per poll; `sleep` moves the fake clock on."""
+    def __init__(self, states, clock=None):
+        self.states, self.clock, self.polls = list(states), clock, 0
+
+    def retrieve(self, batch_id):
+        assert batch_id == "batch_x"
+        self.polls += 1
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def create(self, **kwargs):
+        return a_batch("validating")
+
+    def sleep(self, seconds):
+        self.clock.now += seconds
+
+
+def test_batch_wait_shows_rate_elapsed_and_eta_every_few_seconds():
+    clock, out = FakeClock(), io.StringIO()
+    done = [0, 0, 2, 4, 4, 5, 6, 8, 9, 9]  # at t = 1 ... 10 s after validating; a line fails from t = 6
+    states = [a_batch("validating"), *(a_batch("in_progress", 10, n - (n >= 6), int(n >= 6)) for n in done),
+              a_batch("finalizing", 10, 9, 1), a_batch("completed", 10, 9, 1)]
+    batches = FakeBatches(states, clock)
+    batch = batch_cli.follow(SimpleNamespace(batches=batches), "batch_x", 1.0, out, clock=clock,
+                             sleep=batches.sleep, wall=lambda: 0.0)
+    assert batch.status == "completed" and batches.polls == 13
+    assert out.getvalue().splitlines() == [
+        "batch_x validating: validating the input file",
+        "batch_x in_progress: 4/10 requests, 0.80 req/s, elapsed 0:05, ETA 0:08",  # t = 5
+        "batch_x in_progress: 9/10 requests (1 failed), 0.90 req/s, elapsed 0:10, ETA 0:01",  # t = 10
+        "batch_x completed: 10/10 requests (1 failed), 0.83 req/s, elapsed 0:12, done",  # t = 12
+    ]
+
+
+def test_batch_wait_counts_the_run_from_a_deferred_start():
+    """A batch deferred to a cleaner hour: one line says until when, and the rate, elapsed
+    time and ETA are of the run, not of the wait."""
+    clock, out = FakeClock(), io.StringIO()
+    base, start = 1_767_268_800 - 100, 1_767_268_800 + 3600  # start: 2026-01-01 13:00:00Z, 3599 s after poll 4
+    deferred = [a_batch("in_progress", 4, n, scheduled_start_at=start) for n in (0, 0, 0, 0, 1, 1, 2, 2, 2)]
+    batches = FakeBatches([a_batch("validating"), *deferred, a_batch("completed", 4, 4, scheduled_start_at=start)],
+                          clock)
+
+    def sleep(seconds):  # polls 1 to 4 at t = 0, 1, 1801, 3599 s; then every second
+        clock.now += {2: 1800, 3: 1798}.get(batches.polls, seconds)
+
+    batch_cli.follow(SimpleNamespace(batches=batches), "batch_x", 1.0, out, clock=clock, sleep=sleep,
+                     wall=lambda: base + clock.now)
+    assert out.getvalue().splitlines() == [
+        "batch_x validating: validating the input file",
+        "batch_x in_progress: deferred to a cleaner hour, scheduled start 2026-01-01 13:00:00Z",
+        "batch_x in_progress: 2/4 requests, 0.40 req/s, elapsed 0:05, ETA 0:05",
+        "batch_x completed: 4/4 requests, 0.57 req/s, elapsed 0:07, done",
+    ]
+
+
+def test_batch_submit_wait_prints_the_progress_and_the_summary(monkeypatch, tmp_path, capsys):
+    path = tmp_path / "requests.jsonl"
+    path.write_text("{}\n")
+    batches = FakeBatches([a_batch("in_progress", 2), a_batch("in_progress", 2, 1), a_batch("completed", 2, 2)])
+    client = SimpleNamespace(batches=batches, files=SimpleNamespace(create=lambda **kw: SimpleNamespace(id="file-x")))
+    monkeypatch.setattr(batch_cli, "_client", lambda args: client)
+    assert batch_cli.main(["submit", str(path), "--wait", "--poll-seconds", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "batch_x" and "output: file-out" in out
+    assert re.fullmatch(r"batch_x completed: 2/2 requests, [\d.]+ req/s, elapsed 0:00, done\n", err)

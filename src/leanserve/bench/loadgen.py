@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..energy.meters import DEFAULT_WATTS_PER_GB, ProcessesMeter
 from ..progress import Progress
+from ..cli import HelpFormatter
 from . import report
 from .report import RequestRecord
 
@@ -62,9 +63,11 @@ def _rate_list(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="leanserve bench serve", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="leanserve bench serve", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (with or without /v1)")
-    ap.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions")
+    ap.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions",
+                    help="completions: POST /v1/completions; chat: POST /v1/chat/completions")
     ap.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     load = ap.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=_int_list, default=None,

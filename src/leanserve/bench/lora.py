@@ -25,6 +25,7 @@ from ..engine.llm import LLM
 from ..engine.lora import TARGETS, module_shapes
 from ..engine.sequence import SamplingParams
 from ..progress import Progress
+from ..cli import HelpFormatter
 from .offline import counting_steps, make_prompts, run_progress, throughput_result
 
 
@@ -72,15 +73,19 @@ def _first_token_ms(llm: LLM, prompt, adapter: str | None, register: str | None 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="leanserve bench lora", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="leanserve bench lora", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: built-in)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="dtype of the weights and activations: bfloat16, float16 or float32")
     ap.add_argument("--concurrency", type=int, default=32, help="requests at once, each on its own adapter")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--cold-rank", type=int, default=16)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=8, help="rank of the resident adapters, on every projection")
+    ap.add_argument("--cold-rank", type=int, default=16,
+                    help="rank of the new adapters whose first token is timed from registering them")
+    ap.add_argument("--input-len", type=int, default=128, help="tokens of every prompt (random ids)")
+    ap.add_argument("--output-len", type=int, default=128, help="output tokens of every request (ignore_eos)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each mode, and of each time to first token; the median is reported")
     ap.add_argument("--segment-min-rows", type=int, default=None,
                     help="override engine.lora.SEGMENT_MIN_ROWS (1: every run of rows its own matmuls; "
                          "a large number: every row gathered)")

@@ -21,6 +21,7 @@ from ..engine.llm import LLM
 from .loadgen import machine_info
 from ..engine.sequence import SamplingParams
 from ..progress import Progress
+from ..cli import HelpFormatter
 
 
 def make_prompts(n: int, length: int, vocab: int, special: set[int], seed: int = 0) -> list[list[int]]:
@@ -118,19 +119,25 @@ def throughput_result(bench: str, argv: list[str] | None, args, runs: dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="leanserve bench offline", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="leanserve bench offline", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: built-in)")
-    ap.add_argument("--num-prompts", type=int, default=32)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-prompts", type=int, default=32,
+                    help="prompts of a run, all handed to leanserve at once and to the static batch")
+    ap.add_argument("--input-len", type=int, default=128, help="tokens of every prompt (random ids)")
+    ap.add_argument("--output-len", type=int, default=128, help="output tokens of every prompt (ignore_eos)")
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="dtype of the weights and activations: bfloat16, float16 or float32")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each system; the median is reported")
     ap.add_argument("--serial-prompts", type=int, default=4,
                     help="prompts for the one-at-a-time transformers baseline (it is slow)")
     ap.add_argument("--no-baselines", action="store_true", help="leanserve only")
-    ap.add_argument("--quantization", choices=["int8", "int4", "auto", "w8a8"], default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--quantization", choices=["int8", "int4", "auto", "w8a8"], default=None,
+                    help="leanserve's linear layers, as `leanserve serve --quantization` (default: none)")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="leanserve: sequences in one step (default: the engine's)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="leanserve: tokens (prefill chunks + decodes) in one step (default: the engine's)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
 
