@@ -410,7 +410,7 @@ class AsyncEngine:
                                  "engine at once (--max-seqs-per-client)")
         if client is not None and held + count > cap:
             raise Overloaded(f"this client already has {held} sequences in the engine and may have at most "
-                             f"{self.config.max_seqs_per_client} (--max-seqs-per-client); retry when some finish")
+                             f"{cap} (--max-seqs-per-client); retry when some finish")
         if any(rid in self._streams for rid, _, _ in requests):
             raise InvalidRequest("a request id is already in use")
         seqs = [self.engine.make_sequence(rid, prompt, params, priority, adapter, client, max_tokens_cap)
