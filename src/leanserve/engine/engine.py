@@ -32,6 +32,7 @@ from .runner import ModelRunner
 from .sampling import Sampler
 from .scheduler import Scheduler
 from .sequence import RequestError, RequestOutput, SamplingParams, Sequence
+from .structured import GrammarCompiler, MaskBatch, forced_tokens
 
 log = logging.getLogger("leanserve.engine")
 
@@ -73,6 +74,10 @@ class LLMEngine:
         self.lora.smoothing = self.smoothing
         self.runner.lora = self.scheduler.lora = self.lora
         self.sampler = Sampler(config.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, args.vocab_size)
+        self.masks = MaskBatch(args.vocab_size, self.eos_ids)
+        self.forced_tokens = 0  # structured-output tokens appended without sampling (fast-forward)
+        self.constrained_tokens = 0  # structured-output tokens, sampled or forced
         self.ledger = make_ledger(config.energy, args)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
@@ -166,7 +171,10 @@ class LLMEngine:
                     else f"the {room} tokens left in the context"
                 raise InvalidRequest(f"min_tokens ({params.min_tokens}) must not exceed max_tokens; this request sets "
                                      f"none, so it is {bound}", "min_tokens")
-        return Sequence(next(self._ids), request_id, ids, params, max_tokens, priority, lora, client)
+        seq = Sequence(next(self._ids), request_id, ids, params, max_tokens, priority, lora, client)
+        if params.constraint is not None:  # compiled already by the server (off the loop), else here
+            seq.matcher = self.grammars.matcher(params.constraint)
+        return seq
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -226,7 +234,12 @@ class LLMEngine:
         for seq, _ in batch:
             if seq.metrics.first_scheduled is None:
                 seq.metrics.first_scheduled = now
-        batch, (out, to_sample, argmax), outputs = self._forward(batch)
+        # the constrained rows' token masks are computed while the forward pass runs
+        self.masks.start([seq for seq, n in batch if seq.num_computed + n == len(seq)])
+        try:
+            batch, (out, to_sample, argmax), outputs = self._forward(batch)
+        finally:
+            allowed = self.masks.result()
         for seq, n in batch:
             seq.num_computed += n
             self.kv.register_full_blocks(seq)
@@ -235,7 +248,7 @@ class LLMEngine:
         if argmax:  # the model gave the tokens: greedy rows, nothing to apply to the logits
             tokens, logprobs, errors = out.tolist(), [None] * len(to_sample), [None] * len(to_sample)
         else:
-            tokens, logprobs, errors = self.sampler.sample(out, to_sample, self.eos_ids)
+            tokens, logprobs, errors = self.sampler.sample(out, to_sample, self.eos_ids, allowed)
         now = time.perf_counter()
         for seq, token, lp, error in zip(to_sample, tokens, logprobs, errors):
             if seq.metrics.first_token is None:
@@ -279,20 +292,35 @@ class LLMEngine:
         return out
 
     def _append(self, seq: Sequence, token: int, lp) -> RequestOutput:
-        seq.token_ids.append(token)
+        """Appends the sampled token, then (structured outputs without logprobs) the tokens
+        its grammar forces next, each checked for a stop like a sampled one."""
+        tokens, text = [token], ""
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
+            if seq.params.logprobs is None:
+                tokens += forced_tokens(seq.matcher)[:max(0, seq.max_tokens - seq.num_output - 1)]
+                seq.matcher.consume_tokens(tokens[1:])
+                self.forced_tokens += len(tokens) - 1
+            self.constrained_tokens += len(tokens)
         p = seq.params
-        may_stop = seq.num_output >= p.min_tokens
         detok = self.detoks[seq.request_id]
-        if may_stop and token in p.stop_token_ids:
-            return self._finish(seq, detok.flush(), [token], lp, "stop", stop_reason=token)
-        if may_stop and token in self.eos_ids and not p.ignore_eos:
-            return self._finish(seq, detok.flush(), [token], lp, "stop")
-        text, stop = detok.add(token)
-        if may_stop and stop is not None:
-            return self._finish(seq, text, [token], lp, "stop", stop_reason=stop)
-        if seq.num_output >= seq.max_tokens or len(seq) >= self.max_model_len:
-            return self._finish(seq, text + detok.flush(), [token], lp, "length")
-        return self._output(seq, text, [token], lp)
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            done = tokens[:i + 1]
+            may_stop = seq.num_output >= p.min_tokens
+            if may_stop and token in p.stop_token_ids:
+                return self._finish(seq, text + detok.flush(), done, lp, "stop", stop_reason=token)
+            if may_stop and token in self.eos_ids and not p.ignore_eos:
+                return self._finish(seq, text + detok.flush(), done, lp, "stop")
+            piece, stop = detok.add(token)
+            text += piece
+            if may_stop and stop is not None:
+                return self._finish(seq, text, done, lp, "stop", stop_reason=stop)
+            if seq.num_output >= seq.max_tokens or len(seq) >= self.max_model_len:
+                return self._finish(seq, text + detok.flush(), done, lp, "length")
+        if seq.matcher is not None and seq.matcher.is_stopped():  # complete: nothing but EOS may follow
+            return self._finish(seq, text + detok.flush(), tokens, lp, "stop")
+        return self._output(seq, text, tokens, lp)
 
     def _finish(self, seq: Sequence, text, tokens, lp, finish: str, stop_reason=None) -> RequestOutput:
         self.scheduler.remove(seq)
@@ -366,6 +394,7 @@ class AsyncEngine:
         self.lora = self.engine.lora
         self.max_model_len = self.engine.max_model_len
         self.ledger = self.engine.ledger
+        self.grammars = self.engine.grammars
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -452,7 +481,8 @@ class AsyncEngine:
                 "num_preemptions": e.scheduler.num_preemptions,
                 "prefix_cache_queried_tokens": e.kv.queried_tokens, "prefix_cache_hit_tokens": e.kv.hit_tokens,
                 "tokens_run": e.tokens_run, "model_loaded": e.loaded, "model_unloads": e.num_unloads,
-                "model_load_seconds": list(e.load_seconds)}
+                "model_load_seconds": list(e.load_seconds),
+                "structured_tokens": e.constrained_tokens, "structured_forced_tokens": e.forced_tokens}
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stops admitting, lets running requests finish for `timeout` s, aborts the rest and

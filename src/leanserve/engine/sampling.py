@@ -39,6 +39,8 @@ class Sampler:
         (`__call__` would then do exactly that). The model may then pick them itself."""
         for seq in seqs:
             p = seq.params
+            if seq.matcher is not None:
+                return False
             if not p.greedy or p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty \
                     or p.frequency_penalty:
                 return False
@@ -46,14 +48,14 @@ class Sampler:
                 return False
         return True
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int], allowed: dict | None = None
                ) -> tuple[list[int | None], list[Logprob | None], list[Exception | None]]:
         """`__call__` over the batch; if that raises, each row alone, so one row's failure
         costs only that row (its token is None and its error is given). Seeded rows first go
         back to their generator's state before the batch try, so they draw what they would have."""
         states = {s.seq_id: g.get_state() for s in seqs if (g := self.seq_generators.get(s.seq_id)) is not None}
         try:
-            tokens, logprobs = self(logits, seqs, eos_ids)
+            tokens, logprobs = self(logits, seqs, eos_ids, allowed)
             return tokens, logprobs, [None] * len(seqs)
         except Exception:
             log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
@@ -64,19 +66,21 @@ class Sampler:
             else:
                 self.seq_generators.pop(seq.seq_id, None)
             try:
-                (token,), (lp,) = self(logits[i:i + 1], [seq], eos_ids)
+                (token,), (lp,) = self(logits[i:i + 1], [seq], eos_ids, allowed)
                 rows.append((token, lp, None))
             except Exception as e:
                 rows.append((None, None, e))
         tokens, logprobs, errors = (list(column) for column in zip(*rows))
         return tokens, logprobs, errors
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int], allowed: dict | None = None
                  ) -> tuple[list[int], list[Logprob | None]]:
         """logits: [B, vocab], one row per sequence, in the model dtype or float32. Returns
         token ids and logprobs. Greedy rows without penalties take the argmax of the logits as
         they come (float32 holds every bf16 value exactly, so the pick is the same); anything
-        that does arithmetic on them first converts to float32."""
+        that does arithmetic on them first converts to float32. `allowed` (seq_id -> bool
+        [vocab], structured outputs) bans every other token of those rows, after penalties;
+        logprobs stay those of the model's own distribution, as with penalties."""
         if any(not s.params.greedy or s.params.logprobs is not None for s in seqs):
             logits = logits.float()
         raw = logits
@@ -88,13 +92,18 @@ class Sampler:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
                 banned = [t for t in banned if t < logits.shape[1]]
             penalized = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-            if not copied and (banned or penalized):
+            mask = allowed.get(seq.seq_id) if allowed else None
+            if not copied and (banned or penalized or mask is not None):
                 logits = logits.clone() if logits.dtype == torch.float32 else logits.float()
                 copied = True  # `raw` stays the model's own, for logprobs
             if penalized:
                 self._penalize(logits[i], seq)
             if banned:
                 logits[i, banned] = -float("inf")
+            if mask is not None:
+                row = logits[i].masked_fill(~mask, -float("inf"))
+                # nothing left (a ban on EOS where the grammar allows only EOS): the grammar wins
+                logits[i] = row if bool(torch.isfinite(row).any()) else raw[i].float().masked_fill(~mask, -float("inf"))
         tokens = first_argmax(logits)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:

@@ -26,6 +26,9 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's + top k
+    # structured output (engine/structured.Constraint): every token is sampled from what its
+    # grammar allows; forced tokens are appended without sampling (unless logprobs are asked)
+    constraint: object = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -166,6 +169,7 @@ class Sequence:
         self.priority = priority
         self.adapter = adapter  # engine.lora.Adapter, or None for the base model
         self.client = client  # who sent it (API key or address): waiting turns are shared per client
+        self.matcher = None  # llguidance matcher of its constraint (structured output), or None
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # prefix-cache names of its full, computed blocks

@@ -30,7 +30,7 @@ from ..energy.report import UsageLog, usage_record
 from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
 from ..jobs import JobsConfig
 from ..errors import InvalidRequest, LeanserveError, Overloaded
-from . import adapters, banner, connections, openapi, protocol as p
+from . import adapters, banner, connections, openapi, protocol as p, tools
 from .auth import APIKeyAuth
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -55,9 +55,9 @@ UNSERVED_OPENAI_ROUTES = ("/v1/embeddings", "/v1/responses", "/v1/vector_stores"
                           "/v1/realtime", "/v1/evals", "/v1/containers", "/v1/conversations")
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], **template_vars) -> list[int]:
     """The chat template already writes the special tokens, so encoding adds none."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_vars)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -87,6 +87,7 @@ class OpenAIServer:
         self.usage_log = UsageLog(config.usage_log) if config.usage_log else None
         self.ready = False  # True between engine start and the first shutdown signal
         self.created = int(time.time())
+        self.tool_format = tools.tool_format(engine.tokenizer.chat_template)
 
     # -- probes and listings ----------------------------------------------------------------
 
@@ -124,27 +125,42 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self._parse(request, p.ChatCompletionRequest)
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        prompt = chat_prompt_ids(self.engine.tokenizer, messages)
-        params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs())
+        plan = tools.plan_chat(req, self.tool_format)
+        for check in plan.checks:  # each tool's parameters alone first: errors then name the tool
+            await self._compile(check)
+        prompt = chat_prompt_ids(self.engine.tokenizer, plan.messages, **plan.template_vars)
+        await self._compile(plan.constraint)
+        params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs(),
+                                constraint=plan.constraint)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self._submit(rid, [prompt], params, self._priority(request, req), request.state.adapter, request)
         if req.stream:
-            return self._sse(self._chat_events(rid, req, streams), rid, len(streams))
+            return self._sse(self._chat_events(rid, req, streams, plan.fmt), rid, len(streams))
         choices = await self._collect(request, rid, streams, req.user)
         if choices is None:
             return Response(status_code=CLIENT_GONE)
         token_text = self.engine.tokenizer.token_text
         body = p.chat_completion(rid, req.model, [
-            p.chat_choice(i, c.text, p.chat_logprobs(c.logprobs, token_text) if req.logprobs else None,
-                          c.last.finish_reason)
+            self._chat_choice(i, c, plan.fmt, p.chat_logprobs(c.logprobs, token_text) if req.logprobs else None)
             for i, c in enumerate(choices)], self._usage(choices, req.n))
         self.metrics.count(200)
         return JSONResponse(body)
 
+    @staticmethod
+    def _chat_choice(index: int, choice: Choice, fmt, logprobs) -> dict:
+        content, calls, finish = tools.answer(choice.text, choice.last.finish_reason, fmt)
+        return p.chat_choice(index, content, logprobs, finish, calls)
+
+    async def _compile(self, constraint) -> None:
+        """Compiles a structured-output constraint off the event loop (its errors are 400s)."""
+        if constraint is not None:
+            await self.engine.grammars.compile_async(constraint)
+
     async def completions(self, request: Request) -> Response:
         req = await self._parse(request, p.CompletionRequest)
-        params = self._sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+        constraint = req.constraint()
+        await self._compile(constraint)
+        params = self._sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs, constraint=constraint)
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = self._submit(rid, req.prompt, params, self._priority(request, req), request.state.adapter, request)
         if req.stream:
@@ -311,7 +327,8 @@ class OpenAIServer:
         return p.usage(sum(o.num_prompt_tokens for o in outs[::n]), sum(o.num_output_tokens for o in outs),
                        [o.metrics for o in outs], sum((o.bill for o in outs if o.bill), Bill()))
 
-    async def _chat_events(self, rid: str, req: p.ChatCompletionRequest, streams: list):
+    async def _chat_events(self, rid: str, req: p.ChatCompletionRequest, streams: list, fmt=None):
+        """`fmt`: the tool-call format to parse the answer in (content and tool-call deltas)."""
         created = int(time.time())
 
         def chunk(choices, usage=None):
@@ -319,16 +336,24 @@ class OpenAIServer:
 
         token_text = self.engine.tokenizer.token_text
         choices = [Choice() for _ in streams]
+        parsers = [tools.ToolStream(fmt) if fmt is not None else None for _ in streams]
         for i in range(len(streams)):
             yield chunk([p.chat_chunk_choice(i, {"role": "assistant", "content": ""})])
         async with contextlib.aclosing(self._outputs(streams, req.user)) as outputs:
             async for i, out in outputs:
                 choices[i].add(out)
                 logprobs = p.chat_logprobs(out.logprobs, token_text) if out.logprobs else None
-                if out.text or logprobs:
-                    yield chunk([p.chat_chunk_choice(i, {"content": out.text}, logprobs)])
+                if parsers[i] is None:
+                    deltas = [{"content": out.text}] if out.text or logprobs else []
+                else:
+                    deltas = parsers[i].feed(out.text, out.finished) or ([{}] if logprobs else [])
+                for k, delta in enumerate(deltas):
+                    yield chunk([p.chat_chunk_choice(i, delta, logprobs if k == 0 else None)])
                 if out.finished:
-                    yield chunk([p.chat_chunk_choice(i, {}, finish_reason=out.finish_reason)])
+                    finish = out.finish_reason
+                    if parsers[i] is not None and parsers[i].ids and finish == "stop":
+                        finish = "tool_calls"
+                    yield chunk([p.chat_chunk_choice(i, {}, finish_reason=finish)])
         if req.include_usage:
             yield chunk([], self._usage(choices, req.n))
 

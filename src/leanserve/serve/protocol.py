@@ -9,13 +9,14 @@ one file.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from .. import jsonsafe
 from ..energy.ledger import Bill
 from ..engine.sequence import Logprob, RequestMetrics
+from ..engine.structured import Constraint
 
 
 class APIError(Exception):
@@ -136,12 +137,76 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str = "{}"  # a JSON string, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    """One message. Extra fields (tool_calls, name, ...) are ignored, as chat templates do."""
+    """One message. Other extra fields (refusal, audio, ...) are ignored, as chat templates do."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content = ""
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages: the calls it made
+    tool_call_id: str | None = None  # tool messages: the call this answers
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extension: exactly one of these."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class GenerateRequest(_Strict):
@@ -167,6 +232,8 @@ class GenerateRequest(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field([], max_length=64)
     priority: Literal["realtime", "standard", "batch"] = "realtime"  # service class
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def sampling_kwargs(self) -> dict:
         """The `SamplingParams` fields this request sets (None means: the engine's default)."""
@@ -180,6 +247,41 @@ class GenerateRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def constraint(self) -> Constraint | None:
+        """What `response_format` or `structured_outputs` asks the output to be. A json_schema
+        without `strict: true` is constrained too, with keywords the engine cannot enforce
+        ignored (OpenAI constrains only strict schemas; a constrained answer is never worse)."""
+        fmt, so = self.response_format, self.structured_outputs
+        if fmt is not None and so is not None and fmt.type != "text":
+            raise APIError(400, "Set either response_format or structured_outputs, not both", param="structured_outputs")
+        if fmt is not None and fmt.type == "json_object":
+            return Constraint("json_object", param="response_format")
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format of type 'json_schema' needs a 'json_schema' object",
+                               param="response_format.json_schema")
+            return Constraint("json", fmt.json_schema.schema_, strict=bool(fmt.json_schema.strict),
+                              param="response_format.json_schema.schema")
+        if so is None:
+            return None
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(so, k) is not None]
+        if len(given) != 1:
+            raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+                           param="structured_outputs")
+        kind = given[0]
+        value = getattr(so, kind)
+        param = f"structured_outputs.{kind.rstrip('_')}"
+        if kind == "json_":
+            if isinstance(value, str):  # vLLM takes the schema as JSON text too
+                try:
+                    value = jsonsafe.loads(value)
+                except ValueError as e:
+                    raise APIError(400, f"Invalid '{param}': not JSON: {e}", param=param) from None
+            return Constraint("json", value, param=param)
+        if kind == "json_object":
+            return Constraint("json_object", param=param) if value else None
+        return Constraint(kind, value, param=param)
+
 
 class ChatCompletionRequest(GenerateRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -187,9 +289,9 @@ class ChatCompletionRequest(GenerateRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Annotated[list | None, Unsupported] = None
-    tool_choice: Annotated[Any, Unsupported] = None
-    response_format: Annotated[dict | None, Unsupported] = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -245,9 +347,12 @@ def chat_completion(request_id: str, model: str, choices: list[dict], usage: dic
             "choices": choices, "usage": usage}
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_chunk(request_id: str, model: str, created: int, choices: list[dict], usage: dict | None = None,
