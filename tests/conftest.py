@@ -169,3 +169,14 @@ def builtin_llm(builtin_gguf):
     from leanserve import LLM
 
     return LLM(str(builtin_gguf), dtype="float32", num_kv_blocks=256, block_size=16)
+
+
+@pytest.fixture(scope="session")
+def structured_server():
+    """One real server for the structured-output and tool-calling suites (test_structured.py,
+    test_tools.py): the built-in model in float32 (batched rows then equal solo rows exactly)."""
+    from server_fixture import ServerProcess, small_engine
+
+    server = ServerProcess(*small_engine(max_num_seqs=16), "--dtype", "float32")
+    yield server
+    server.stop()
