@@ -482,7 +482,8 @@ class AsyncEngine:
                 "prefix_cache_queried_tokens": e.kv.queried_tokens, "prefix_cache_hit_tokens": e.kv.hit_tokens,
                 "tokens_run": e.tokens_run, "model_loaded": e.loaded, "model_unloads": e.num_unloads,
                 "model_load_seconds": list(e.load_seconds),
-                "structured_tokens": e.constrained_tokens, "structured_forced_tokens": e.forced_tokens}
+                "structured_tokens": e.constrained_tokens, "structured_forced_tokens": e.forced_tokens,
+                "structured_mask_seconds": e.masks.mask_seconds, "structured_compile_seconds": e.grammars.compile_seconds}
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stops admitting, lets running requests finish for `timeout` s, aborts the rest and

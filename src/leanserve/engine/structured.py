@@ -39,6 +39,42 @@ CACHE_SIZE = 256  # compiled grammars kept (by grammar text)
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
+class Timings:
+    """Durations of one kind: the latest ones (for percentiles) and cumulative histogram
+    buckets (for Prometheus). Written by one thread at a time, read by any."""
+
+    def __init__(self, buckets: tuple[float, ...], keep: int = 65536):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)  # cumulative: durations <= buckets[i]
+        self.count, self.sum = 0, 0.0
+        self.latest: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def record(self, seconds: float) -> None:
+        self.latest.append(seconds)
+        self.count += 1
+        self.sum += seconds
+        for i, le in enumerate(self.buckets):
+            if seconds <= le:
+                self.counts[i] += 1
+
+    def __len__(self) -> int:  # reads like the deque of the latest durations
+        return len(self.latest)
+
+    def __iter__(self):
+        return iter(list(self.latest))
+
+    def clear(self) -> None:
+        self.latest.clear()
+
+    def quantile(self, q: float) -> float | None:
+        values = sorted(self.latest)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+MASK_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+COMPILE_BUCKETS = (1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
 def _limits():
     # llguidance's defaults, with tighter fuel: a grammar that needs more is refused at compile
     # time (max_grammar_size, initial_lexer_fuel) or ends its own sequence (step fuel), never
@@ -104,7 +140,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, object] = collections.OrderedDict()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="leanserve-grammar")
-        self.compile_seconds: collections.deque[float] = collections.deque(maxlen=4096)
+        self.compile_seconds = Timings(COMPILE_BUCKETS, keep=4096)  # uncached compiles
 
     @property
     def tokenizer(self):
@@ -147,7 +183,7 @@ class GrammarCompiler:
             matcher = llg.LLMatcher(tokenizer, grammar, limits=limits, log_level=0)
             if matcher.is_error():
                 raise InvalidRequest(f"invalid {_NAMES[constraint.kind]}: {matcher.get_error()}", constraint.param)
-            self.compile_seconds.append(time.perf_counter() - started)
+            self.compile_seconds.record(time.perf_counter() - started)
             with self._lock:
                 self._cache[grammar] = matcher
                 while len(self._cache) > CACHE_SIZE:
@@ -188,7 +224,7 @@ class MaskBatch:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="leanserve-masks")
         self._future: Future | None = None
         self._bits = torch.arange(32, dtype=torch.int32)
-        self.mask_seconds: collections.deque[float] = collections.deque(maxlen=65536)
+        self.mask_seconds = Timings(MASK_BUCKETS)
 
     def start(self, seqs: list) -> None:
         rows = [(s.seq_id, s.matcher) for s in seqs if s.matcher is not None]
@@ -200,7 +236,7 @@ class MaskBatch:
             started = time.perf_counter()
             row = out[k]
             matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
-            self.mask_seconds.append(time.perf_counter() - started)
+            self.mask_seconds.record(time.perf_counter() - started)
         allowed = ((out.unsqueeze(-1) >> self._bits) & 1).view(len(rows), -1)[:, :self.vocab_size].bool()
         stuck = ~allowed.any(dim=1)  # a matcher in its error state allows nothing: let it end
         if stuck.any() and self.eos_ids:

@@ -45,6 +45,7 @@ class ServerMetrics:
             lambda: 1 - engine_stats()["kv_blocks_free"] / engine_stats()["kv_blocks_total"])
         r.register(_EngineCounters(engine_stats))
         r.register(_ModelResidency(engine_stats))
+        r.register(_StructuredOutputs(engine_stats))
         self.energy = EnergyMetrics(ledger, Utilisation())
         r.register(self.energy)
 
@@ -109,6 +110,30 @@ class _ModelResidency:
         buckets = [(str(float(le)), sum(x <= le for x in loads)) for le in LOAD_BUCKETS]
         yield HistogramMetricFamily("leanserve_model_load_seconds", "Time to load the model weights",
                                     buckets=[*buckets, ("+Inf", len(loads))], sum_value=sum(loads))
+
+
+class _StructuredOutputs:
+    """Structured outputs: constrained tokens, those forced by the grammar (appended without
+    sampling), and the time of each token mask and each grammar compile."""
+
+    def __init__(self, engine_stats):
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = self.engine_stats()
+        if "structured_tokens" not in stats:
+            return
+        yield CounterMetricFamily("leanserve_structured_tokens", "Output tokens generated under a grammar",
+                                  value=stats["structured_tokens"])
+        yield CounterMetricFamily("leanserve_structured_forced_tokens", "Of those, tokens the grammar forced "
+                                  "(appended without sampling)", value=stats["structured_forced_tokens"])
+        for key, name, doc in (("structured_mask_seconds", "leanserve_structured_mask_seconds",
+                                "Time to compute one sequence's token mask"),
+                               ("structured_compile_seconds", "leanserve_structured_compile_seconds",
+                                "Time to compile one grammar (cache misses)")):
+            t = stats[key]
+            buckets = [(str(float(le)), n) for le, n in zip(t.buckets, t.counts)]
+            yield HistogramMetricFamily(name, doc, buckets=[*buckets, ("+Inf", t.count)], sum_value=t.sum)
 
 
 class LoRAMetrics:
