@@ -13,6 +13,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from .config import EngineConfig  # noqa: E402
 from .engine.llm import LLM, GenerationOutput  # noqa: E402
 from .engine.sequence import Logprob, SamplingParams  # noqa: E402
+from .engine.structured import Constraint  # noqa: E402
 
-__all__ = ["LLM", "GenerationOutput", "SamplingParams", "Logprob", "EngineConfig"]
+__all__ = ["LLM", "GenerationOutput", "SamplingParams", "Logprob", "EngineConfig", "Constraint"]
 __version__ = "0.1.0"

@@ -125,11 +125,8 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self._parse(request, p.ChatCompletionRequest)
-        plan = tools.plan_chat(req, self.tool_format)
-        for check in plan.checks:  # each tool's parameters alone first: errors then name the tool
-            await self._compile(check)
+        plan = await self.chat_plan(req)
         prompt = chat_prompt_ids(self.engine.tokenizer, plan.messages, **plan.template_vars)
-        await self._compile(plan.constraint)
         params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs(),
                                 constraint=plan.constraint)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -145,6 +142,14 @@ class OpenAIServer:
             for i, c in enumerate(choices)], self._usage(choices, req.n))
         self.metrics.count(200)
         return JSONResponse(body)
+
+    async def chat_plan(self, req: p.ChatCompletionRequest) -> tools.ChatPlan:
+        """The request's prompt messages and constraint, compiled (a bad one is a 400 now)."""
+        plan = tools.plan_chat(req, self.tool_format)
+        for check in plan.checks:  # each tool's parameters alone first: errors then name the tool
+            await self._compile(check)
+        await self._compile(plan.constraint)
+        return plan
 
     @staticmethod
     def _chat_choice(index: int, choice: Choice, fmt, logprobs) -> dict:

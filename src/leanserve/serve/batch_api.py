@@ -280,6 +280,7 @@ class BatchAPI:
         req = await self.server._parse(_replayed_request(path, body, asyncio.Event()), p.ChatCompletionRequest)
         if req.stream:
             raise APIError(400, "'stream' is not supported for async requests", param="stream")
+        await self.server.chat_plan(req)  # a bad schema or tool is refused now, not when it runs
         row = await asyncio.to_thread(self.store.add_async, path, body.decode())
         self.worker.wake()
         return self._ok(async_object(row), 202, {"Location": f"/v1/async/{row['id']}"})
