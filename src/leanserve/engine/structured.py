@@ -223,30 +223,38 @@ class MaskBatch:
         self.words = (vocab_size + 31) // 32
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="leanserve-masks")
         self._future: Future | None = None
-        self._bits = torch.arange(32, dtype=torch.int32)
         self.mask_seconds = Timings(MASK_BUCKETS)
 
     def start(self, seqs: list) -> None:
         rows = [(s.seq_id, s.matcher) for s in seqs if s.matcher is not None]
         self._future = self._pool.submit(self._compute, rows) if rows else None
 
-    def _compute(self, rows: list) -> dict[int, torch.Tensor]:
+    def _compute(self, rows: list) -> tuple[list[int], torch.Tensor]:
+        """llguidance's bitmasks (bit t%32 of word t//32 set: token t allowed). No torch
+        kernels here: a second thread opening OpenMP regions would slow every step."""
         out = torch.empty(len(rows), self.words, dtype=torch.int32)
         for k, (_, matcher) in enumerate(rows):
             started = time.perf_counter()
             row = out[k]
             matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
             self.mask_seconds.record(time.perf_counter() - started)
-        allowed = ((out.unsqueeze(-1) >> self._bits) & 1).view(len(rows), -1)[:, :self.vocab_size].bool()
-        stuck = ~allowed.any(dim=1)  # a matcher in its error state allows nothing: let it end
-        if stuck.any() and self.eos_ids:
-            allowed[stuck.nonzero().flatten().unsqueeze(1), torch.tensor(self.eos_ids)] = True
-        return {i: allowed[k] for k, (i, _) in enumerate(rows)}
+        return [seq_id for seq_id, _ in rows], out
 
     def result(self) -> dict[int, torch.Tensor]:
         """seq_id -> allowed tokens; empty when no row is constrained."""
         future, self._future = self._future, None
-        return future.result() if future is not None else {}
+        if future is None:
+            return {}
+        seq_ids, bitmask = future.result()
+        # little-endian words: byte b of the row holds tokens 8b..8b+7, one bit each
+        allowed = _BYTE_BITS[bitmask.view(torch.uint8).long()].view(len(seq_ids), -1)[:, :self.vocab_size]
+        stuck = ~allowed.any(dim=1)  # a matcher in its error state allows nothing: let it end
+        if stuck.any() and self.eos_ids:
+            allowed[stuck.nonzero().flatten().unsqueeze(1), torch.tensor(self.eos_ids)] = True
+        return dict(zip(seq_ids, allowed))
+
+
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # byte -> its 8 bits, low first
 
 
 def forced_tokens(matcher) -> list[int]:
