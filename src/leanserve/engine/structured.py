@@ -161,8 +161,9 @@ class GrammarCompiler:
             grammar = constraint.grammar()
         except InvalidRequest:
             raise
-        except (ValueError, TypeError) as e:
-            raise InvalidRequest(f"invalid {constraint.kind} constraint: {e}", constraint.param) from None
+        except Exception as e:  # llguidance's ValueError, or anything a hostile value provokes
+            raise InvalidRequest(f"invalid {_NAMES.get(constraint.kind, constraint.kind)}: {e}",
+                                 constraint.param) from None
         tokenizer = self.tokenizer
         with self._lock:
             matcher = self._cache.get(grammar)
@@ -171,7 +172,10 @@ class GrammarCompiler:
         if matcher is None:
             started = time.perf_counter()
             limits = _limits()
-            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=limits)
+            try:
+                is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=limits)
+            except Exception as e:
+                is_error, messages = True, [str(e)]
             if is_error and any("Unimplemented" in m for m in messages):
                 raise InvalidRequest(f"this {_NAMES[constraint.kind]} uses keywords the engine cannot enforce: "
                                      f"{'; '.join(messages)} (with strict false they are ignored)", constraint.param)

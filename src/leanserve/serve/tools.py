@@ -112,9 +112,23 @@ def _arguments(text: str):
 
 
 def call_schema(tool: dict, fmt: ToolFormat) -> dict:
+    """One call of `tool` as a JSON schema. The parameters' own `$ref`s ("#/$defs/X", as
+    pydantic writes them) point into the parameters: they are rebased under `$defs/<name>`,
+    where the parameters go, so they still resolve inside the bigger schema."""
     parameters = tool.get("parameters") or {"type": "object", "properties": {}}
-    return {"type": "object", "properties": {"name": {"const": tool["name"]}, fmt.args_key: parameters},
-            "required": ["name", fmt.args_key], "additionalProperties": False}
+    base = f"#/$defs/{tool['name']}"
+    return {"type": "object", "properties": {"name": {"const": tool["name"]}, fmt.args_key: {"$ref": base}},
+            "required": ["name", fmt.args_key], "additionalProperties": False,
+            "$defs": {tool["name"]: _rebase(parameters, base)}}
+
+
+def _rebase(node, base: str):
+    if isinstance(node, dict):
+        return {k: (base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebase(v, base))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase(v, base) for v in node]
+    return node
 
 
 def _regex_literal(text: str) -> str:
@@ -128,8 +142,12 @@ def tool_constraint(tools: list[dict], fmt: ToolFormat, choice: str, parallel: b
     `text_lark` (a Lark item, e.g. a `%json` block) replaces free text as the non-call answer."""
     offered = tools if choice in ("auto", "required") else [t for t in tools if t["name"] == choice]
     strict = all(t.get("strict") is not False for t in offered)
-    call = json_schema_lark({"anyOf": [call_schema(t, fmt) for t in offered]} if len(offered) > 1
-                            else call_schema(offered[0], fmt), strict)
+    schemas = [call_schema(t, fmt) for t in offered]
+    if len(schemas) > 1:  # the definitions move to the root, where the rebased refs point
+        defs = {k: v for sch in schemas for k, v in sch.pop("$defs").items()}
+        call = json_schema_lark({"anyOf": schemas, "$defs": defs}, strict)
+    else:
+        call = json_schema_lark(schemas[0], strict)
     one = " ".join(json.dumps(s) for s in (fmt.call_open,) if s) + f" {call} " + \
         " ".join(json.dumps(s) for s in (fmt.call_close,) if s)
     rules = [f"call: {one.strip()}"]
