@@ -1,0 +1,331 @@
+"""Tool calling (issue 28): tools in the prompt, calls under a grammar, calls parsed back out.
+
+Two halves. Without a server: chat templates in the Qwen2/Hermes, Llama 3.1 and Mistral
+styles (written here) pick their formats, get the tools, past calls and tool results, and the
+call grammar of each format, run on the built-in model, gives text that parses into valid
+calls and that `ToolStream`, fed token by token, streams as the same calls. With the shared
+`structured_server` (the built-in SmolLM2, whose template knows no tools: the generic
+format): every `tool_choice` through the official `openai` client, streamed and not (the
+stream rebuilt as a client does equals the plain answer of the same greedy request),
+parallel calls, a two-turn conversation, LangChain's `ChatOpenAI` as a real client, and bad
+input (a 400 each, and the server serves the next request).
+
+A call is valid when its name is one of the tools and its `arguments` parse as JSON and
+validate (jsonschema, a reference nobody here wrote) against that tool's `parameters`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import httpx
+import jsonschema
+import pytest
+from pydantic import BaseModel, Field
+
+from leanserve.serve import protocol, tools as T
+from server_fixture import ServerProcess, openai_client, small_engine
+
+MODEL = "SmolLM2-135M-Instruct"
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+TIME_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+               "required": ["city"], "additionalProperties": False}
+WEATHER = {"name": "get_weather", "description": "The current weather in a city", "parameters": WEATHER_PARAMS}
+TIME = {"name": "get_time", "description": "The current local time in a city", "parameters": TIME_PARAMS}
+FUNCTIONS = [WEATHER, TIME]
+TOOLS = [{"type": "function", "function": f} for f in FUNCTIONS]
+PARAMETERS = {f["name"]: f["parameters"] for f in FUNCTIONS}
+ASK_BOTH = [{"role": "user", "content": "What is the weather and the local time in Paris?"}]
+
+
+def check_call(name: str, arguments, parameters: dict = PARAMETERS) -> dict:
+    """One call is valid: a known function, arguments a JSON string (or dict) valid for it."""
+    assert name in parameters, f"{name!r} is not among the tools"
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    jsonschema.validate(args, parameters[name])
+    return args
+
+
+def check_message_calls(calls, parameters: dict = PARAMETERS) -> list[tuple[str, dict]]:
+    """OpenAI message tool_calls (client objects): valid, typed, unique ids; (name, args) each."""
+    assert calls, "no tool calls"
+    ids = [c.id for c in calls]
+    assert all(isinstance(i, str) and i for i in ids) and len(set(ids)) == len(ids), ids
+    assert all(c.type == "function" for c in calls)
+    return [(c.function.name, check_call(c.function.name, c.function.arguments, parameters)) for c in calls]
+
+
+# -- formats, templates, grammars: no server ------------------------------------------------
+
+QWEN2_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n" }}
+{{- "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within " }}
+{{- "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}" }}
+{{- "\\n</tool_call><|im_end|>\\n" }}
+{%- elif messages[0]['role'] == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == "user" or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == "assistant" %}
+{{- '<|im_start|>' + message.role }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == "tool" %}
+{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != "tool" %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+LLAMA31_TEMPLATE = """\
+{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}
+{%- else %}{%- set system_message = "" %}{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{%- if tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}
+{{- system_message + "<|eot_id|>" }}
+{%- if tools is not none %}
+{%- set first_user_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}
+{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}
+{{- "Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\\n\\n" }}
+{{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}. Do not use variables.\\n\\n' }}
+{%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\\n\\n" }}{%- endfor %}
+{{- first_user_message + "<|eot_id|>" }}
+{%- endif %}
+{%- for message in messages %}
+{%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- elif 'tool_calls' in message %}
+{%- set tool_call = message.tool_calls[0].function %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{{- '{"name": "' + tool_call.name + '", "parameters": ' }}{{- tool_call.arguments | tojson }}{{- "}<|eot_id|>" }}
+{%- else %}
+{{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" + message.content + "<|eot_id|>" }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}
+"""
+
+MISTRAL_TEMPLATE = """\
+{%- set user_messages = messages | selectattr("role", "equalto", "user") | list %}
+{{- bos_token }}
+{%- for message in messages %}
+{%- if message.role == "user" %}
+{%- if tools is not none and message == user_messages[-1] %}
+{{- "[AVAILABLE_TOOLS][" }}
+{%- for tool in tools %}{{- tool | tojson }}{%- if not loop.last %}{{- ", " }}{%- endif %}{%- endfor %}
+{{- "][/AVAILABLE_TOOLS]" }}
+{%- endif %}
+{{- "[INST]" + message.content + "[/INST]" }}
+{%- elif message.role == "assistant" and message.tool_calls %}
+{{- "[TOOL_CALLS][" }}
+{%- for tool_call in message.tool_calls %}
+{{- {"name": tool_call.function.name, "arguments": tool_call.function.arguments, "id": tool_call.id} | tojson }}
+{%- if not loop.last %}{{- ", " }}{%- endif %}
+{%- endfor %}
+{{- "]" + eos_token }}
+{%- elif message.role == "assistant" %}
+{{- message.content + eos_token }}
+{%- elif message.role == "tool" %}
+{{- '[TOOL_RESULTS]{"content": ' + message.content | tojson + ', "call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+{%- endif %}
+{%- endfor %}
+"""
+
+NATIVE = {"hermes": (QWEN2_TEMPLATE, T.HERMES), "llama3_json": (LLAMA31_TEMPLATE, T.LLAMA3),
+          "mistral": (MISTRAL_TEMPLATE, T.MISTRAL)}
+
+# A past call and its result, as a client sends them back.
+HISTORY = [
+    {"role": "user", "content": "What is the weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_oslo1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+    {"role": "tool", "tool_call_id": "call_oslo1", "content": "-3 degrees, snow"},
+    *ASK_BOTH,
+]
+
+
+def chat_request(**body) -> protocol.ChatCompletionRequest:
+    return protocol.ChatCompletionRequest.model_validate({"model": MODEL, **body})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    """A fresh leanserve Tokenizer of the built-in model per template (see `with_template`)."""
+    from leanserve.models.tokenizer import Tokenizer
+
+    def with_template(template: str | None):
+        tok = Tokenizer.from_hf_folder(str(tokenizer_dir))
+        if template is not None:
+            tok.chat_template = template
+        return tok
+
+    return with_template
+
+
+@pytest.mark.parametrize("name", list(NATIVE))
+def test_a_template_that_knows_tools_picks_its_native_format(name):
+    template, fmt = NATIVE[name]
+    assert T.tool_format(template) is fmt
+    assert fmt.native
+
+
+def test_a_template_without_tools_gets_the_generic_format(tokenizer):
+    builtin = tokenizer(None).chat_template
+    assert builtin and "tools" not in builtin
+    assert T.tool_format(builtin) is T.GENERIC
+    assert T.tool_format(None) is T.GENERIC
+    assert not T.GENERIC.native
+
+
+@pytest.mark.parametrize("name", list(NATIVE))
+def test_native_templates_get_the_tools_the_past_calls_and_the_results(name, tokenizer):
+    template, fmt = NATIVE[name]
+    plan = T.plan_chat(chat_request(messages=HISTORY, tools=TOOLS, tool_choice="auto"), fmt)
+    assert plan.fmt is fmt
+    assert plan.template_vars == {"tools": TOOLS}
+    past = plan.messages[1]
+    assert past["role"] == "assistant" and past["tool_calls"] == [
+        {"id": "call_oslo1", "type": "function",
+         "function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}}]  # a dict
+    result = plan.messages[2]
+    assert result["role"] == "tool" and result["tool_call_id"] == "call_oslo1"
+    assert result["content"] == "-3 degrees, snow"
+    text = tokenizer(template).apply_chat_template(plan.messages, **plan.template_vars)
+    assert all(any(json.dumps(tool, indent=i) in text for i in (None, 4)) for tool in TOOLS)
+    assert "The current local time in a city" in text
+    assert {"hermes": '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}',
+            "llama3_json": '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}',
+            "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}, '
+                       '"id": "call_oslo1"}]'}[name] in text
+    assert "-3 degrees, snow" in text and "local time in Paris" in text
+    # "none": the template gets no tools, and the answer is not parsed
+    plain = T.plan_chat(chat_request(messages=ASK_BOTH, tools=TOOLS, tool_choice="none"), fmt)
+    assert plain.template_vars == {} and plain.fmt is None and plain.constraint is None
+    assert "get_time" not in tokenizer(template).apply_chat_template(plain.messages, **plain.template_vars)
+
+
+def test_the_generic_format_describes_the_tools_in_the_system_prompt(tokenizer):
+    plan = T.plan_chat(chat_request(messages=[{"role": "system", "content": "Be brief."}, *HISTORY], tools=TOOLS),
+                       T.GENERIC)
+    assert plan.template_vars == {}
+    system, user, past, result = plan.messages[:4]
+    assert system["role"] == "system" and system["content"].startswith("Be brief.")
+    for tool in TOOLS:
+        assert json.dumps(tool) in system["content"]
+    assert past["role"] == "assistant" and "tool_calls" not in past
+    assert past["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}' \
+                              '\n</tool_call>'
+    assert result == {"role": "user", "content": "<tool_response>\n-3 degrees, snow\n</tool_response>"}
+    text = tokenizer(None).apply_chat_template(plan.messages)
+    assert "<tools>" in text and "-3 degrees, snow" in text
+
+
+def token_deltas(tok, ids: list[int]) -> list[str]:
+    """The text each token adds, as a detokenizer streams it."""
+    deltas, previous = [], ""
+    for i in range(len(ids)):
+        text = tok.decode(ids[:i + 1])
+        deltas.append(text[len(previous):])
+        previous = text
+    return deltas
+
+
+def stream_calls(fmt: T.ToolFormat, deltas: list[str]) -> tuple[str, list[dict]]:
+    """Feeds `deltas` to a ToolStream; (content, calls as {id, name, arguments}) as a client
+    rebuilds them, checking the shape of every delta on the way."""
+    stream = T.ToolStream(fmt)
+    content, calls = "", []
+    for k, delta in enumerate(deltas):
+        for out in stream.feed(delta, final=k == len(deltas) - 1):
+            if "content" in out:
+                assert not calls
+                content += out["content"]
+                continue
+            (part,) = out["tool_calls"]
+            i = part["index"]
+            if i == len(calls):  # a new call: its first delta
+                assert part["type"] == "function" and part["id"].startswith("call_")
+                assert part["function"]["arguments"] == ""
+                calls.append({"id": part["id"], "name": part["function"]["name"], "arguments": ""})
+            else:
+                assert i == len(calls) - 1 and set(part) == {"index", "function"}
+                assert set(part["function"]) == {"arguments"} and part["function"]["arguments"]
+                calls[i]["arguments"] += part["function"]["arguments"]
+    return content, calls
+
+
+def prompt_ids(tok, plan: T.ChatPlan) -> list[int]:
+    return tok.encode(tok.apply_chat_template(plan.messages, **plan.template_vars), add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def native_generations(builtin_llm, tokenizer):
+    """Per format and choice, the built-in model's greedy answer under the call grammar: all in
+    one batch. (plan, GenerationOutput) by (format name, choice)."""
+    from leanserve.engine.sequence import SamplingParams
+
+    formats = {**{n: (tmpl, fmt) for n, (tmpl, fmt) in NATIVE.items()}, "generic": (None, T.GENERIC)}
+    choices = {"required": "required", "single": "required", "named": {"type": "function", "function": {"name": "get_time"}},
+               "auto": "auto"}
+    jobs = {}
+    for fname, (template, fmt) in formats.items():
+        tok = tokenizer(template)
+        for cname, choice in choices.items():
+            plan = T.plan_chat(chat_request(messages=ASK_BOTH, tools=TOOLS, tool_choice=choice,
+                                            parallel_tool_calls=cname != "single"), fmt)
+            jobs[fname, cname] = (plan, prompt_ids(tok, plan))
+    outs = builtin_llm.generate([ids for _, ids in jobs.values()],
+                                [SamplingParams(temperature=0, max_tokens=90, constraint=plan.constraint)
+                                 for plan, _ in jobs.values()])
+    return {key: (plan, out) for (key, (plan, _)), out in zip(jobs.items(), outs)}
+
+
+@pytest.mark.parametrize("fname", ["hermes", "llama3_json", "mistral", "generic"])
+@pytest.mark.parametrize("cname", ["required", "single", "named", "auto"])
+def test_the_call_grammar_gives_calls_that_parse_validate_and_stream_alike(native_generations, builtin_llm,
+                                                                          fname, cname):
+    plan, out = native_generations[fname, cname]
+    fmt = plan.fmt
+    text = out.text
+    calls = T.parse_calls(text, fmt)
+    deltas = token_deltas(builtin_llm.tokenizer, out.token_ids)
+    assert "".join(deltas) == text
+    content, streamed = stream_calls(fmt, deltas)
+    if cname == "auto" and calls is None:  # text that does not start a call
+        assert not text.lstrip().startswith(fmt.lead) and content == text and not streamed
+        assert T.answer(text, out.finish_reason, fmt) == (text, None, out.finish_reason)
+        return
+    assert out.finish_reason == "stop", text
+    assert calls, f"{fname} {cname}: {text!r}"
+    for c in calls:
+        check_call(c.name, c.arguments)
+    if cname == "single" or cname == "named":
+        assert len(calls) == 1
+    if cname == "named":
+        assert calls[0].name == "get_time"
+    assert text.startswith(fmt.lead)
+    assert content == "" and [(c["name"], c["arguments"]) for c in streamed] == [(c.name, c.arguments) for c in calls]
+    content, message_calls, finish = T.answer(text, out.finish_reason, fmt)
+    assert content is None and finish == "tool_calls"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message_calls] == \
+        [(c.name, c.arguments) for c in calls]
