@@ -1,0 +1,446 @@
+"""Postgres + pgvector: the vector-store backend for stores past one machine or shared by
+replicas (`--vector-store postgresql://...`).
+
+Four tables (stores, batches, files, chunks); a chunk row holds its text, a `vector(dim)`
+with an HNSW index (cosine) and a generated tsvector with a GIN index (hybrid search). A
+file's attributes, filename and status live on its file row only: search joins them in, so
+re-tagging a file is one UPDATE. Every method is one transaction on a pooled connection.
+
+Search, and why it is not one query: pgvector 0.6 has no iterative index scans, so HNSW
+hands back at most `hnsw.ef_search` candidates from the whole table, and the WHERE clause
+(this store, completed files, the attribute filters) is applied to those after. A store that
+is a small part of the table, or a selective filter, leaves fewer than k rows. So: a store
+of at most `exact_below` chunks is searched exactly (cheap at that size, and exact); a
+larger one by HNSW at ef_search >= k, then again at pgvector's maximum, and when even that
+leaves too few rows, exactly over the rows that pass the filters.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import contextmanager
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from .backend import UNSET, Chunk, SearchHit, VectorBackend
+from .pgfilters import to_sql
+
+RRF_K = 60  # reciprocal rank fusion: score = sum of weight / (RRF_K + rank)
+HYBRID_DEPTH = 50  # how deep each ranking goes before fusing (at least k)
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+SCHEMA_LOCK = 290_029  # advisory lock: replicas opening at once create the schema once
+
+SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS vs_stores (
+    id text PRIMARY KEY,
+    created_at bigint NOT NULL,
+    name text,
+    metadata jsonb NOT NULL,
+    expires_after jsonb,
+    last_active_at bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vs_batches (
+    store_id text NOT NULL REFERENCES vs_stores ON DELETE CASCADE,
+    id text NOT NULL,
+    created_at bigint NOT NULL,
+    cancelled boolean NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (store_id, id)
+);
+CREATE TABLE IF NOT EXISTS vs_files (
+    store_id text NOT NULL REFERENCES vs_stores ON DELETE CASCADE,
+    id text NOT NULL,
+    created_at bigint NOT NULL,
+    status text NOT NULL,
+    last_error jsonb,
+    usage_bytes bigint NOT NULL DEFAULT 0,
+    chunk_count integer NOT NULL DEFAULT 0,
+    attributes jsonb NOT NULL,
+    chunking_strategy jsonb NOT NULL,
+    filename text NOT NULL,
+    batch_id text,
+    PRIMARY KEY (store_id, id)
+);
+CREATE INDEX IF NOT EXISTS vs_files_status ON vs_files (status, created_at, id);
+CREATE TABLE IF NOT EXISTS vs_chunks (
+    store_id text NOT NULL,
+    file_id text NOT NULL,
+    idx integer NOT NULL,
+    text text NOT NULL,
+    tokens integer NOT NULL,
+    embedding vector({dim}) NOT NULL,
+    tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED,
+    PRIMARY KEY (store_id, file_id, idx),
+    FOREIGN KEY (store_id, file_id) REFERENCES vs_files ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS vs_chunks_hnsw ON vs_chunks USING hnsw (embedding vector_cosine_ops);
+CREATE INDEX IF NOT EXISTS vs_chunks_tsv ON vs_chunks USING gin (tsv);
+"""
+
+STORE_SQL = """
+SELECT s.*,
+    count(f.id) FILTER (WHERE f.status = 'in_progress') AS in_progress,
+    count(f.id) FILTER (WHERE f.status = 'completed') AS completed,
+    count(f.id) FILTER (WHERE f.status = 'failed') AS failed,
+    count(f.id) FILTER (WHERE f.status = 'cancelled') AS cancelled,
+    count(f.id) AS total, coalesce(sum(f.usage_bytes), 0) AS usage_bytes
+FROM vs_stores s LEFT JOIN vs_files f ON f.store_id = s.id
+WHERE {where} GROUP BY s.id {order}
+"""
+
+HIT_COLUMNS = "c.file_id, c.idx, c.text, f.filename, f.attributes"
+FROM_CHUNKS = """vs_chunks c JOIN vs_files f ON f.store_id = c.store_id AND f.id = c.file_id
+    WHERE c.store_id = %s AND f.status = 'completed' AND {where}"""
+# `+ 0` makes the ORDER BY an expression the HNSW index cannot serve: an exact scan.
+VECTOR_SQL = f"""SELECT {HIT_COLUMNS}, 1 - (c.embedding <=> %s) AS score FROM {FROM_CHUNKS}
+    ORDER BY (c.embedding <=> %s) {{exact}} LIMIT %s"""
+# plainto_tsquery ANDs the words; a ranking wants any of them (as BM25 does), so '&' -> '|'.
+TEXT_SQL = f"""SELECT {HIT_COLUMNS}, ts_rank(c.tsv, t.q, 1) AS score
+    FROM (SELECT replace(plainto_tsquery('english', %s)::text, ' & ', ' | ')::tsquery AS q) t,
+    {FROM_CHUNKS} AND c.tsv @@ t.q ORDER BY score DESC, c.file_id, c.idx LIMIT %s"""
+
+COPY_SQL = ("COPY vs_chunks (store_id, file_id, idx, text, tokens, embedding) "
+            "FROM STDIN WITH (FORMAT BINARY)")
+COPY_TYPES = ["text", "text", "int4", "text", "int4", "vector"]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def _page(cols: str, cursor_sql: str, scope: list, order: str, after: str | None,
+          before: str | None, params: list) -> tuple[str, str, bool]:
+    """(condition, ORDER BY, flipped) for a cursor page over `cols` (created_at, id);
+    `cursor_sql` finds a cursor row's cols from `scope` params and its id, appended to
+    `params`. `before` alone walks backwards from its row and the caller flips the page."""
+    desc = order == "desc"
+    flipped = before is not None and after is None
+    conds = []
+    for cursor, past in ((after, desc), (before, not desc)):
+        if cursor is not None:
+            conds.append(f"({cols}) {'<' if past else '>'} ({cursor_sql})")
+            params.extend([*scope, cursor])
+    walk = "DESC" if desc != flipped else "ASC"
+    order_by = "ORDER BY " + ", ".join(f"{c} {walk}" for c in cols.split(", "))
+    return " AND ".join(conds) or "TRUE", order_by, flipped
+
+
+def _finish_page(rows: list, limit: int, flipped: bool) -> tuple[list, bool]:
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return (rows[::-1] if flipped else rows), has_more
+
+
+def _counts(r: dict) -> dict:
+    return {k: r[k] for k in ("in_progress", "completed", "failed", "cancelled", "total")}
+
+
+def _store_row(r: dict) -> dict:
+    expires_after = r["expires_after"]
+    expires_at = r["last_active_at"] + 86400 * expires_after["days"] if expires_after else None
+    if r["in_progress"]:
+        status = "in_progress"
+    elif expires_at is not None and time.time() >= expires_at:
+        status = "expired"
+    else:
+        status = "completed"
+    return {"id": r["id"], "object": "vector_store", "created_at": r["created_at"],
+            "name": r["name"], "metadata": r["metadata"], "expires_after": expires_after,
+            "expires_at": expires_at, "last_active_at": r["last_active_at"], "status": status,
+            "usage_bytes": int(r["usage_bytes"]), "file_counts": _counts(r)}
+
+
+def _file_row(r: dict) -> dict:
+    return {"id": r["id"], "object": "vector_store.file", "vector_store_id": r["store_id"],
+            "created_at": r["created_at"], "status": r["status"], "last_error": r["last_error"],
+            "usage_bytes": r["usage_bytes"], "attributes": r["attributes"],
+            "chunking_strategy": r["chunking_strategy"], "filename": r["filename"],
+            "batch_id": r["batch_id"]}
+
+
+def _hit(r: dict, score: float) -> SearchHit:
+    return SearchHit(file_id=r["file_id"], filename=r["filename"], score=float(score),
+                     attributes=r["attributes"], text=r["text"], chunk_index=r["idx"])
+
+
+def fuse(rankings: list[tuple[float, list[dict]]], k: int) -> list[SearchHit]:
+    """Weighted reciprocal rank fusion of (weight, ranked rows) lists; ties by file, chunk."""
+    scores: dict[tuple, float] = {}
+    rows: dict[tuple, dict] = {}
+    for weight, ranked in rankings:
+        for rank, r in enumerate(ranked, 1):
+            key = (r["file_id"], r["idx"])
+            scores[key] = scores.get(key, 0.0) + weight / (RRF_K + rank)
+            rows.setdefault(key, r)
+    best = sorted(scores, key=lambda key: (-scores[key], key))[:k]
+    return [_hit(rows[key], scores[key]) for key in best]
+
+
+class PostgresBackend(VectorBackend):
+    """`url`: a libpq connection string. `ef_search`: HNSW's candidate list for a query
+    (None: pgvector's default, 40). `exact_below`: stores of at most this many chunks are
+    searched exactly. `pool_size`: connections at most (each server worker thread takes one
+    per call)."""
+
+    def __init__(self, url: str, dim: int, ef_search: int | None = None, exact_below: int = 5000,
+                 pool_size: int = 4):
+        self.dim = dim
+        self.ef_search = ef_search
+        self.exact_below = exact_below
+        self._create_schema(url, dim)
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, configure=self._configure,
+                                    open=True)
+
+    @staticmethod
+    def _create_schema(url: str, dim: int) -> None:
+        with psycopg.connect(url) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            conn.execute(SCHEMA.format(dim=int(dim)))
+            width = conn.execute("SELECT atttypmod FROM pg_attribute WHERE attrelid = "
+                                 "'vs_chunks'::regclass AND attname = 'embedding'").fetchone()[0]
+        if width != dim:
+            raise ValueError(f"the database's vector stores hold {width}-d vectors, not {dim}-d: "
+                             "use the embedding model they were made with, or another database")
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection) -> None:
+        register_vector(conn)
+        conn.commit()  # the pool wants its connections idle
+
+    @contextmanager
+    def _cursor(self):
+        """One transaction on a pooled connection: committed when the block ends, rolled back
+        if it raises."""
+        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+
+    # -- stores --------------------------------------------------------------------------------
+
+    def create_store(self, name, metadata, expires_after) -> dict:
+        store_id, now = _new_id("vs_"), int(time.time())
+        with self._cursor() as cur:
+            cur.execute("INSERT INTO vs_stores VALUES (%s, %s, %s, %s, %s, %s)",
+                        (store_id, now, name, Jsonb(metadata or {}),
+                         Jsonb(expires_after) if expires_after else None, now))
+            return self._store(cur, store_id)
+
+    def _store(self, cur, store_id: str) -> dict | None:
+        cur.execute(STORE_SQL.format(where="s.id = %s", order=""), (store_id,))
+        r = cur.fetchone()
+        return _store_row(r) if r else None
+
+    def get_store(self, store_id):
+        with self._cursor() as cur:
+            return self._store(cur, store_id)
+
+    def list_stores(self, limit=20, order="desc", after=None, before=None):
+        params: list = []
+        cond, order_by, flipped = _page("s.created_at, s.id", "SELECT created_at, id FROM vs_stores "
+                                        "WHERE id = %s", [], order, after, before, params)
+        with self._cursor() as cur:
+            cur.execute(STORE_SQL.format(where=cond, order=order_by + " LIMIT %s"), params + [limit + 1])
+            rows, more = _finish_page(cur.fetchall(), limit, flipped)
+        return [_store_row(r) for r in rows], more
+
+    def update_store(self, store_id, name=UNSET, metadata=UNSET, expires_after=UNSET):
+        sets, params = [], []
+        for column, value in (("name", name), ("metadata", metadata), ("expires_after", expires_after)):
+            if value is not UNSET:
+                sets.append(f"{column} = %s")
+                params.append(value if column == "name" else
+                              Jsonb(value or {}) if column == "metadata" else
+                              (Jsonb(value) if value else None))
+        with self._cursor() as cur:
+            if sets:
+                cur.execute(f"UPDATE vs_stores SET {', '.join(sets)} WHERE id = %s", params + [store_id])
+            return self._store(cur, store_id)
+
+    def delete_store(self, store_id) -> bool:
+        with self._cursor() as cur:
+            cur.execute("DELETE FROM vs_stores WHERE id = %s", (store_id,))
+            return cur.rowcount > 0
+
+    def touch_store(self, store_id) -> None:
+        with self._cursor() as cur:
+            cur.execute("UPDATE vs_stores SET last_active_at = %s WHERE id = %s",
+                        (int(time.time()), store_id))
+
+    # -- files in stores -----------------------------------------------------------------------
+
+    def add_file(self, store_id, file_id, filename, attributes, chunking_strategy, batch_id=None):
+        with self._cursor() as cur:
+            return self._attach(cur, store_id, file_id, filename, attributes, chunking_strategy, batch_id)
+
+    def _attach(self, cur, store_id, file_id, filename, attributes, chunking_strategy, batch_id):
+        """Attaching again resets the file: in_progress, its old chunks gone."""
+        cur.execute("SELECT 1 FROM vs_stores WHERE id = %s FOR KEY SHARE", (store_id,))
+        if cur.fetchone() is None:
+            return None
+        cur.execute("DELETE FROM vs_chunks WHERE store_id = %s AND file_id = %s", (store_id, file_id))
+        cur.execute("""INSERT INTO vs_files (store_id, id, created_at, status, attributes,
+                chunking_strategy, filename, batch_id) VALUES (%s, %s, %s, 'in_progress', %s, %s, %s, %s)
+            ON CONFLICT (store_id, id) DO UPDATE SET status = 'in_progress', last_error = NULL,
+                usage_bytes = 0, chunk_count = 0, attributes = EXCLUDED.attributes,
+                chunking_strategy = EXCLUDED.chunking_strategy, filename = EXCLUDED.filename,
+                batch_id = EXCLUDED.batch_id
+            RETURNING *""", (store_id, file_id, int(time.time()), Jsonb(attributes or {}),
+                             Jsonb(chunking_strategy), filename, batch_id))
+        return _file_row(cur.fetchone())
+
+    def get_file(self, store_id, file_id):
+        with self._cursor() as cur:
+            cur.execute("SELECT * FROM vs_files WHERE store_id = %s AND id = %s", (store_id, file_id))
+            r = cur.fetchone()
+        return _file_row(r) if r else None
+
+    def list_files(self, store_id, limit=20, order="desc", after=None, before=None, status=None,
+                   batch_id=None):
+        params: list = [store_id, status, status, batch_id, batch_id]
+        cond, order_by, flipped = _page("created_at, id", "SELECT created_at, id FROM vs_files "
+                                        "WHERE store_id = %s AND id = %s", [store_id],
+                                        order, after, before, params)
+        with self._cursor() as cur:
+            cur.execute(f"""SELECT * FROM vs_files WHERE store_id = %s
+                AND (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR batch_id = %s)
+                AND {cond} {order_by} LIMIT %s""", params + [limit + 1])
+            rows, more = _finish_page(cur.fetchall(), limit, flipped)
+        return [_file_row(r) for r in rows], more
+
+    def update_file_attributes(self, store_id, file_id, attributes):
+        with self._cursor() as cur:
+            cur.execute("UPDATE vs_files SET attributes = %s WHERE store_id = %s AND id = %s RETURNING *",
+                        (Jsonb(attributes or {}), store_id, file_id))
+            r = cur.fetchone()
+        return _file_row(r) if r else None
+
+    def delete_file(self, store_id, file_id) -> bool:
+        with self._cursor() as cur:
+            cur.execute("DELETE FROM vs_files WHERE store_id = %s AND id = %s", (store_id, file_id))
+            return cur.rowcount > 0
+
+    def complete_file(self, store_id, file_id, chunks: list[Chunk]) -> bool:
+        """The file row is locked first: a delete or cancel waits for this to commit, or this
+        finds the file gone. Postgres text cannot hold NUL, so NULs are dropped from chunks."""
+        texts = [c.text.replace("\x00", "") for c in chunks]
+        with self._cursor() as cur:
+            cur.execute("SELECT status FROM vs_files WHERE store_id = %s AND id = %s FOR UPDATE",
+                        (store_id, file_id))
+            r = cur.fetchone()
+            if r is None or r["status"] != "in_progress":
+                return False
+            cur.execute("DELETE FROM vs_chunks WHERE store_id = %s AND file_id = %s", (store_id, file_id))
+            with cur.copy(COPY_SQL) as copy:
+                copy.set_types(COPY_TYPES)
+                for i, (text, c) in enumerate(zip(texts, chunks)):
+                    copy.write_row((store_id, file_id, i, text, c.tokens, np.asarray(c.vector, np.float32)))
+            cur.execute("""UPDATE vs_files SET status = 'completed', last_error = NULL,
+                usage_bytes = %s, chunk_count = %s WHERE store_id = %s AND id = %s""",
+                        (sum(len(t.encode()) for t in texts), len(chunks), store_id, file_id))
+            return True
+
+    def fail_file(self, store_id, file_id, code, message) -> None:
+        """Only an in_progress file fails: a cancelled or re-completed one keeps its status."""
+        with self._cursor() as cur:
+            cur.execute("""UPDATE vs_files SET status = 'failed', last_error = %s
+                WHERE store_id = %s AND id = %s AND status = 'in_progress'""",
+                        (Jsonb({"code": code, "message": message}), store_id, file_id))
+
+    def pending_files(self) -> list[dict]:
+        with self._cursor() as cur:
+            cur.execute("SELECT * FROM vs_files WHERE status = 'in_progress' ORDER BY created_at, id")
+            return [_file_row(r) for r in cur.fetchall()]
+
+    def file_chunks(self, store_id, file_id) -> list[str]:
+        with self._cursor() as cur:
+            cur.execute("SELECT text FROM vs_chunks WHERE store_id = %s AND file_id = %s ORDER BY idx",
+                        (store_id, file_id))
+            return [r["text"] for r in cur.fetchall()]
+
+    # -- file batches --------------------------------------------------------------------------
+
+    def create_batch(self, store_id, files, attributes, chunking_strategy):
+        batch_id = _new_id("vsfb_")
+        with self._cursor() as cur:
+            cur.execute("SELECT 1 FROM vs_stores WHERE id = %s FOR KEY SHARE", (store_id,))
+            if cur.fetchone() is None:
+                return None
+            cur.execute("INSERT INTO vs_batches (store_id, id, created_at) VALUES (%s, %s, %s)",
+                        (store_id, batch_id, int(time.time())))
+            for file_id, filename in files:
+                self._attach(cur, store_id, file_id, filename, attributes, chunking_strategy, batch_id)
+            return self._batch(cur, store_id, batch_id)
+
+    def _batch(self, cur, store_id, batch_id) -> dict | None:
+        cur.execute("""SELECT b.*,
+                count(f.id) FILTER (WHERE f.status = 'in_progress') AS in_progress,
+                count(f.id) FILTER (WHERE f.status = 'completed') AS completed,
+                count(f.id) FILTER (WHERE f.status = 'failed') AS failed,
+                count(f.id) FILTER (WHERE f.status = 'cancelled') AS cancelled, count(f.id) AS total
+            FROM vs_batches b LEFT JOIN vs_files f ON f.store_id = b.store_id AND f.batch_id = b.id
+            WHERE b.store_id = %s AND b.id = %s GROUP BY b.store_id, b.id""", (store_id, batch_id))
+        r = cur.fetchone()
+        if r is None:
+            return None
+        if r["cancelled"]:
+            status = "cancelled"
+        elif r["in_progress"]:
+            status = "in_progress"
+        elif r["total"] and r["failed"] == r["total"]:
+            status = "failed"
+        else:
+            status = "completed"
+        return {"id": r["id"], "object": "vector_store.file_batch", "vector_store_id": store_id,
+                "created_at": r["created_at"], "status": status, "file_counts": _counts(r)}
+
+    def get_batch(self, store_id, batch_id):
+        with self._cursor() as cur:
+            return self._batch(cur, store_id, batch_id)
+
+    def cancel_batch(self, store_id, batch_id):
+        with self._cursor() as cur:
+            cur.execute("UPDATE vs_batches SET cancelled = TRUE WHERE store_id = %s AND id = %s",
+                        (store_id, batch_id))
+            if cur.rowcount == 0:
+                return None
+            cur.execute("""UPDATE vs_files SET status = 'cancelled'
+                WHERE store_id = %s AND batch_id = %s AND status = 'in_progress'""", (store_id, batch_id))
+            return self._batch(cur, store_id, batch_id)
+
+    # -- search --------------------------------------------------------------------------------
+
+    def search(self, store_id, vector, query, k, filters=None, score_threshold=0.0, hybrid=None):
+        where, params = to_sql(filters, "f.attributes")
+        vector = np.asarray(vector, np.float32)
+        depth = k if hybrid is None else max(k, HYBRID_DEPTH)
+        with self._cursor() as cur:
+            by_vector = self._by_vector(cur, store_id, vector, depth, where, params)
+            if hybrid is None:
+                hits = [_hit(r, r["score"]) for r in by_vector[:k]]
+            else:
+                cur.execute(TEXT_SQL.format(where=where), [query, store_id, *params, depth])
+                hits = fuse([(hybrid[0], by_vector), (hybrid[1], cur.fetchall())], k)
+        return [h for h in hits if h.score >= score_threshold]
+
+    def _by_vector(self, cur, store_id, vector, n, where, params) -> list[dict]:
+        """The n nearest rows that pass `where`: see the module docstring for the steps."""
+        args = [vector, store_id, *params, vector, n]
+        cur.execute("SELECT coalesce(sum(chunk_count), 0) AS n FROM vs_files "
+                    "WHERE store_id = %s AND status = 'completed'", (store_id,))
+        if cur.fetchone()["n"] > self.exact_below:
+            first = max(self.ef_search or 40, n)
+            for ef in sorted({min(first, MAX_EF_SEARCH), MAX_EF_SEARCH}):
+                cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
+                cur.execute(VECTOR_SQL.format(where=where, exact=""), args)
+                rows = cur.fetchall()
+                if len(rows) >= n:
+                    return rows
+        cur.execute(VECTOR_SQL.format(where=where, exact="+ 0"), args)
+        return cur.fetchall()
+
+    def close(self) -> None:
+        self._pool.close()
