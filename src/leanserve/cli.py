@@ -236,10 +236,11 @@ def _generate(args) -> int:
 # -- bench ------------------------------------------------------------------------------------
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["offline", "serve", "lora"],
+    parser.add_argument("kind", choices=["offline", "serve", "lora", "structured"],
                         help="offline: leanserve vs transformers in one process; "
                              "serve: load on any OpenAI-compatible server; "
-                             "lora: many LoRA adapters vs none, adapter load times")
+                             "lora: many LoRA adapters vs none, adapter load times; "
+                             "structured: JSON-schema compile and mask times, constrained vs unconstrained tok/s")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
 
 
@@ -252,6 +253,11 @@ def _bench(args) -> int:
         from .bench import lora
 
         lora.main(args.rest)
+        return 0
+    if args.kind == "structured":
+        from .bench import structured
+
+        structured.main(args.rest)
         return 0
     from .bench import offline
 
