@@ -80,6 +80,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--shared-prefix-len", type=int, default=0, help="leading prompt tokens all requests share")
     ap.add_argument("--token-ids", action="store_true", help="send prompts as token ids (completions only)")
     ap.add_argument("--tokenizer", default=None, help="a .gguf file or HF folder (default: the built-in model's)")
+    ap.add_argument("--response-format", choices=["json_object", "json_schema"], default=None,
+                    help="run every level twice, unconstrained then under this response_format (same prompts, "
+                         "no ignore_eos when constrained), and report the ratios and the server's mask times")
+    ap.add_argument("--schema", default=None, metavar="FILE",
+                    help="a JSON schema file for --response-format json_schema (strict; implies json_schema)")
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: TTFT at most this")
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: TPOT at most this")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take in all")
@@ -111,6 +116,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--shared-prefix-len must be >= 0 and smaller than --input-len")
     if args.token_ids and args.endpoint != "completions":
         ap.error("--token-ids needs --endpoint completions")
+    if args.schema and args.response_format is None:
+        args.response_format = "json_schema"
+    if args.response_format == "json_schema" and not args.schema:
+        ap.error("--response-format json_schema needs --schema FILE")
+    if args.schema and args.response_format != "json_schema":
+        ap.error("--schema goes with --response-format json_schema")
     if (args.watts_per_core is not None and args.watts_per_core < 0) or args.watts_per_gb < 0:
         ap.error("--watts-per-core and --watts-per-gb must be >= 0")
     return args
@@ -172,10 +183,26 @@ def prompt_payloads(tokenizer, args, count: int) -> list[str | list[int]]:
     return texts
 
 
-def request_body(args, model: str, prompt: str | list[int]) -> dict:
-    """Exactly --output-len tokens: ignore_eos and min_tokens are the vLLM/leanserve extensions."""
+def response_format(args) -> dict | None:
+    """The request's response_format from --response-format and --schema (None: unconstrained)."""
+    if args.response_format is None:
+        return None
+    if args.response_format == "json_object":
+        return {"type": "json_object"}
+    with open(args.schema) as f:
+        schema = json.load(f)
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(args.schema))[0])[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def request_body(args, model: str, prompt: str | list[int], constraint: dict | None = None) -> dict:
+    """Exactly --output-len tokens: ignore_eos and min_tokens are the vLLM/leanserve extensions.
+    With a `constraint` (a response_format) neither: the answer ends when its JSON closes."""
     body = {"model": model, "max_tokens": args.output_len, "min_tokens": args.output_len, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if constraint is not None:
+        del body["min_tokens"], body["ignore_eos"]
+        body["response_format"] = constraint
     if args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -318,6 +345,73 @@ async def server_counters(client: aiohttp.ClientSession, base: str) -> dict | No
             "prefix_queried": queried.value if queried else None, "prefix_hits": hits.value if hits else None}
 
 
+async def structured_counters(client: aiohttp.ClientSession, base: str) -> dict | None:
+    """A leanserve server's structured-output counters: tokens, forced tokens, and the
+    cumulative buckets of its mask and compile histograms; None without them."""
+    try:
+        text = await _get(client, f"{base}/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+    except (aiohttp.ClientError, ValueError):
+        return None
+    out = {}
+    for key, name in (("tokens", "leanserve_structured_tokens"), ("forced", "leanserve_structured_forced_tokens")):
+        family = families.get(name)
+        if family is None:
+            return None
+        out[key] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    for key, name in (("mask", "leanserve_structured_mask_seconds"), ("compile", "leanserve_structured_compile_seconds")):
+        family = families.get(name)
+        out[key] = {float(s.labels["le"]): s.value for s in (family.samples if family else ())
+                    if s.name.endswith("_bucket")}
+    return out
+
+
+def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
+    """Prometheus' estimate of a quantile from the growth of cumulative buckets (linear within
+    the bucket it falls in; the highest finite bound when it falls in +Inf)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def structured_delta(before: dict, after: dict) -> dict:
+    tokens, forced = after["tokens"] - before["tokens"], after["forced"] - before["forced"]
+    mask = {f"p{round(q * 100)}_us": (None if v is None else round(v * 1e6, 2))
+            for q in (0.5, 0.99) for v in [histogram_quantile(q, before["mask"], after["mask"])]}
+    return {"structured_tokens": tokens, "forced_tokens": forced,
+            "forced_share": round(forced / tokens, 4) if tokens else None, "mask": mask,
+            "masks": (after["mask"].get(float("inf"), 0) - before["mask"].get(float("inf"), 0))}
+
+
+def constrained_ratios(levels: list[dict]) -> list[dict]:
+    """Per load level, constrained over unconstrained: output tok/s and TPOT p50."""
+    out = []
+    free = {report.level_name(lv): lv for lv in levels if not lv.get("response_format")}
+    for lv in levels:
+        base = free.get(report.level_name(lv))
+        if not lv.get("response_format") or base is None:
+            continue
+        a, b = lv["summary"], base["summary"]
+        tpot = (a["tpot_ms"] or {}).get("p50"), (b["tpot_ms"] or {}).get("p50")
+        out.append({"level": report.level_name(lv), "response_format": lv["response_format"],
+                    "output_tok_s": round(a["output_tokens_per_s"] / b["output_tokens_per_s"], 3)
+                    if b["output_tokens_per_s"] else None,
+                    "tpot_p50": round(tpot[0] / tpot[1], 3) if tpot[0] and tpot[1] else None,
+                    "output_tokens_mean": (a["output_tokens_mean"], b["output_tokens_mean"]),
+                    "structured": lv.get("structured")})
+    return out
+
+
 def prefix_hit_rate(before: dict, after: dict) -> float | None:
     """The share of the level's prompt tokens whose KV the server's prefix cache supplied."""
     if before.get("prefix_queried") is None or after.get("prefix_queried") is None:
@@ -429,18 +523,36 @@ async def _run(args, payloads: list) -> dict | None:
         levels = []
         loads = [("concurrency", c) for c in args.concurrency] if args.request_rate is None \
             else [("request_rate", r) for r in args.request_rate]
+        constraint = response_format(args)
+        if constraint is not None:  # the probe of the constrained side: a refused schema fails now
+            probe = await send(client, url, request_body(args, model, payloads[-1], constraint), args.timeout, -1,
+                               time.perf_counter())
+            if not probe.ok:
+                print(f"bench serve: the constrained probe request failed: status {probe.status}: {probe.error}",
+                      file=sys.stderr)
+                return None
+        variants = [None] if constraint is None else [None, constraint]
         for k, (kind, value) in enumerate(loads):
-            level = {"concurrency": None, "request_rate": None, kind: value}
-            print(f"{report.level_name(level)}: {args.num_prompts} requests ...", file=sys.stderr, flush=True)
             prompts = payloads[k * args.num_prompts:(k + 1) * args.num_prompts]
-            bodies = [request_body(args, model, p) for p in prompts]
-            records, duration, energy = await measured_level(client, base, url, bodies, args, level,
-                                                             args.seed + k, server)
-            level["summary"] = report.summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-            if energy:
-                level["summary"]["energy"] = energy
-            level["requests"] = [dict(vars(r), tpot=r.tpot) for r in records]
-            levels.append(level)
+            for variant in variants:  # the same prompts unconstrained, then constrained
+                level = {"concurrency": None, "request_rate": None, kind: value}
+                if constraint is not None:
+                    level["response_format"] = variant["type"] if variant else None
+                what = f" ({level['response_format'] or 'unconstrained'})" if constraint is not None else ""
+                print(f"{report.level_name(level)}{what}: {args.num_prompts} requests ...", file=sys.stderr,
+                      flush=True)
+                bodies = [request_body(args, model, p, variant) for p in prompts]
+                before = await structured_counters(client, base) if variant else None
+                records, duration, energy = await measured_level(client, base, url, bodies, args, level,
+                                                                 args.seed + k, server)
+                after = await structured_counters(client, base) if before else None
+                if after:
+                    level["structured"] = structured_delta(before, after)
+                level["summary"] = report.summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+                if energy:
+                    level["summary"]["energy"] = energy
+                level["requests"] = [dict(vars(r), tpot=r.tpot) for r in records]
+                levels.append(level)
     return {"model": model, "url": url, "levels": levels}
 
 
@@ -474,7 +586,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.label or measured['model']} at {measured['url']}: {args.input_len} in / {args.output_len} out "
           f"tokens, {args.num_prompts} requests per level, "
           f"SLO TTFT {args.slo_ttft_ms:g} ms TPOT {args.slo_tpot_ms:g} ms")
-    print(report.format_table(result["levels"]))
+    if args.response_format:
+        for variant in (None, args.response_format):
+            print(f"\n{variant or 'unconstrained'}:")
+            print(report.format_table([lv for lv in result["levels"] if lv.get("response_format") == variant]))
+    else:
+        print(report.format_table(result["levels"]))
+    if args.response_format:
+        result["constrained_ratios"] = ratios = constrained_ratios(result["levels"])
+        print(f"\nconstrained ({args.response_format}) / unconstrained, same prompts:")
+        for r in ratios:
+            st = r["structured"] or {}
+            mask = st.get("mask") or {}
+            share = st.get("forced_share")
+            print(f"{r['level']:>10}  output tok/s x{r['output_tok_s']}  TPOT p50 x{r['tpot_p50']}  "
+                  f"tokens/request {r['output_tokens_mean'][0]} vs {r['output_tokens_mean'][1]}  "
+                  f"forced {'-' if share is None else f'{share:.1%}'}  "
+                  f"mask p50/p99 {mask.get('p50_us')}/{mask.get('p99_us')} us (server histogram)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
