@@ -36,13 +36,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from ..errors import InvalidRequest
 from .backend import UNSET, Chunk, SearchHit, VectorBackend
+from .fusion import CANDIDATES, fuse
 from .pgfilters import to_sql
 
 log = logging.getLogger("leanserve.rag")
 
-RRF_K = 60  # reciprocal rank fusion: score = sum of weight / (RRF_K + rank)
-HYBRID_DEPTH = 50  # how deep each ranking goes before fusing (at least k)
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 SCHEMA_LOCK = 290_029  # advisory locks: replicas opening at once create the schema once,
 INDEX_LOCK = 290_030  # and one of them builds the index
@@ -130,19 +130,26 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
-def _page(col: str, cursor_sql: str, scope: list, order: str, after: str | None,
+def _page(cur, col: str, cursor_sql: str, scope: list, limit: int, order: str, after: str | None,
           before: str | None, params: list) -> tuple[str, str, bool]:
-    """(condition, ORDER BY, flipped) for a cursor page in creation order (`col`, a seq:
-    created_at is in seconds, and ids are random); `cursor_sql` finds a cursor row's seq
-    from `scope` params and its id, appended to `params`. `before` alone walks backwards
-    from its row and the caller flips the page back."""
+    """(condition, ORDER BY, flipped) for a page in creation order (`col`, a seq: created_at
+    is in seconds and ids are random), with OpenAI's cursors as rag/store.py has them:
+    `after` the rows following that id in the listing's order, `before` the nearest `limit`
+    preceding it (walked backwards, so the caller flips the page). `cursor_sql` finds a
+    cursor's seq from `scope` params and its id; the values go into `params`."""
+    if not 1 <= limit <= 100 or order not in ("asc", "desc"):
+        raise InvalidRequest("limit must be 1 to 100 and order 'asc' or 'desc'", "limit")
     desc = order == "desc"
     flipped = before is not None and after is None
     conds = []
-    for cursor, past in ((after, desc), (before, not desc)):
+    for name, cursor, past in (("after", after, desc), ("before", before, not desc)):
         if cursor is not None:
-            conds.append(f"{col} {'<' if past else '>'} ({cursor_sql})")
-            params.extend([*scope, cursor])
+            cur.execute(cursor_sql, [*scope, cursor])
+            row = cur.fetchone()
+            if row is None:
+                raise InvalidRequest(f"'{name}' names no object in this list: {cursor!r}", name)
+            conds.append(f"{col} {'<' if past else '>'} %s")
+            params.append(row["seq"])
     walk = "DESC" if desc != flipped else "ASC"
     return " AND ".join(conds) or "TRUE", f"ORDER BY {col} {walk}", flipped
 
@@ -151,6 +158,14 @@ def _finish_page(rows: list, limit: int, flipped: bool) -> tuple[list, bool]:
     has_more = len(rows) > limit
     rows = rows[:limit]
     return (rows[::-1] if flipped else rows), has_more
+
+
+def _expiry(expires_after: dict | None) -> Jsonb | None:
+    if not expires_after:
+        return None
+    if expires_after.get("anchor") != "last_active_at" or not isinstance(expires_after.get("days"), int):
+        raise InvalidRequest("expires_after must be {'anchor': 'last_active_at', 'days': n}", "expires_after")
+    return Jsonb({"anchor": "last_active_at", "days": expires_after["days"]})
 
 
 def _counts(r: dict) -> dict:
@@ -180,22 +195,13 @@ def _file_row(r: dict) -> dict:
             "batch_id": r["batch_id"]}
 
 
+def _key(r: dict) -> tuple[str, int]:
+    return r["file_id"], r["idx"]
+
+
 def _hit(r: dict, score: float) -> SearchHit:
     return SearchHit(file_id=r["file_id"], filename=r["filename"], score=float(score),
                      attributes=r["attributes"], text=r["text"], chunk_index=r["idx"])
-
-
-def fuse(rankings: list[tuple[float, list[dict]]], k: int) -> list[SearchHit]:
-    """Weighted reciprocal rank fusion of (weight, ranked rows) lists; ties by file, chunk."""
-    scores: dict[tuple, float] = {}
-    rows: dict[tuple, dict] = {}
-    for weight, ranked in rankings:
-        for rank, r in enumerate(ranked, 1):
-            key = (r["file_id"], r["idx"])
-            scores[key] = scores.get(key, 0.0) + weight / (RRF_K + rank)
-            rows.setdefault(key, r)
-    best = sorted(scores, key=lambda key: (-scores[key], key))[:k]
-    return [_hit(rows[key], scores[key]) for key in best]
 
 
 class PostgresBackend(VectorBackend):
@@ -279,8 +285,7 @@ class PostgresBackend(VectorBackend):
         with self._cursor() as cur:
             cur.execute("INSERT INTO vs_stores (id, created_at, name, metadata, expires_after, "
                         "last_active_at) VALUES (%s, %s, %s, %s, %s, %s)",
-                        (store_id, now, name, Jsonb(metadata or {}),
-                         Jsonb(expires_after) if expires_after else None, now))
+                        (store_id, now, name, Jsonb(metadata or {}), _expiry(expires_after), now))
             return self._store(cur, store_id)
 
     def _store(self, cur, store_id: str) -> dict | None:
@@ -294,9 +299,9 @@ class PostgresBackend(VectorBackend):
 
     def list_stores(self, limit=20, order="desc", after=None, before=None):
         params: list = []
-        cond, order_by, flipped = _page("s.seq", "SELECT seq FROM vs_stores "
-                                        "WHERE id = %s", [], order, after, before, params)
         with self._cursor() as cur:
+            cond, order_by, flipped = _page(cur, "s.seq", "SELECT seq FROM vs_stores WHERE id = %s", [],
+                                            limit, order, after, before, params)
             cur.execute(STORE_SQL.format(where=cond, order=order_by + " LIMIT %s"), params + [limit + 1])
             rows, more = _finish_page(cur.fetchall(), limit, flipped)
         return [_store_row(r) for r in rows], more
@@ -307,8 +312,7 @@ class PostgresBackend(VectorBackend):
             if value is not UNSET:
                 sets.append(f"{column} = %s")
                 params.append(value if column == "name" else
-                              Jsonb(value or {}) if column == "metadata" else
-                              (Jsonb(value) if value else None))
+                              Jsonb(value or {}) if column == "metadata" else _expiry(value))
         with self._cursor() as cur:
             if sets:
                 cur.execute(f"UPDATE vs_stores SET {', '.join(sets)} WHERE id = %s", params + [store_id])
@@ -355,10 +359,9 @@ class PostgresBackend(VectorBackend):
     def list_files(self, store_id, limit=20, order="desc", after=None, before=None, status=None,
                    batch_id=None):
         params: list = [store_id, status, status, batch_id, batch_id]
-        cond, order_by, flipped = _page("seq", "SELECT seq FROM vs_files "
-                                        "WHERE store_id = %s AND id = %s", [store_id],
-                                        order, after, before, params)
         with self._cursor() as cur:
+            cond, order_by, flipped = _page(cur, "seq", "SELECT seq FROM vs_files WHERE store_id = %s AND id = %s",
+                                            [store_id], limit, order, after, before, params)
             cur.execute(f"""SELECT * FROM vs_files WHERE store_id = %s
                 AND (%s::text IS NULL OR status = %s) AND (%s::text IS NULL OR batch_id = %s)
                 AND {cond} {order_by} LIMIT %s""", params + [limit + 1])
@@ -446,10 +449,10 @@ class PostgresBackend(VectorBackend):
         r = cur.fetchone()
         if r is None:
             return None
-        if r["cancelled"]:
-            status = "cancelled"
-        elif r["in_progress"]:
+        if r["in_progress"]:
             status = "in_progress"
+        elif r["cancelled"]:
+            status = "cancelled"
         elif r["total"] and r["failed"] == r["total"]:
             status = "failed"
         else:
@@ -474,17 +477,22 @@ class PostgresBackend(VectorBackend):
     # -- search --------------------------------------------------------------------------------
 
     def search(self, store_id, vector, query, k, filters=None, score_threshold=0.0, hybrid=None):
+        """Hybrid: rag/fusion.py fuses the two rankings, each CANDIDATES deep."""
         where, params = to_sql(filters, "f.attributes")
-        vector = np.asarray(vector, np.float32)
-        depth = k if hybrid is None else max(k, HYBRID_DEPTH)
+        vector = np.asarray(vector, np.float32).reshape(-1)
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        depth = k if hybrid is None else max(k, CANDIDATES)
         with self._cursor() as cur:
             by_vector = self._by_vector(cur, store_id, vector, depth, where, params)
             if hybrid is None:
-                hits = [_hit(r, r["score"]) for r in by_vector[:k]]
+                hits = [_hit(r, r["score"]) for r in by_vector]
             else:
                 cur.execute(TEXT_SQL.format(where=where), [query, store_id, *params, depth])
-                hits = fuse([(hybrid[0], by_vector), (hybrid[1], cur.fetchall())], k)
-        return [h for h in hits if h.score >= score_threshold]
+                by_text = cur.fetchall()
+                rows = {_key(r): r for r in by_text + by_vector}
+                fused = fuse([_key(r) for r in by_vector], [_key(r) for r in by_text], *hybrid)
+                hits = [_hit(rows[key], score) for key, score in fused]
+        return [h for h in hits if h.score >= score_threshold][:k]
 
     def _by_vector(self, cur, store_id, vector, n, where, params) -> list[dict]:
         """The n nearest rows that pass `where`: see the module docstring for the steps."""
