@@ -114,8 +114,16 @@ HIT_COLUMNS = "c.file_id, c.idx, c.text, f.filename, f.attributes"
 FROM_CHUNKS = """vs_chunks c JOIN vs_files f ON f.store_id = c.store_id AND f.id = c.file_id
     WHERE c.store_id = %s AND f.status = 'completed' AND {where}"""
 # `+ 0` makes the ORDER BY an expression the HNSW index cannot serve: an exact scan.
-VECTOR_SQL = f"""SELECT {HIT_COLUMNS}, 1 - (c.embedding <=> %s) AS score FROM {FROM_CHUNKS}
-    ORDER BY (c.embedding <=> %s) {{exact}} LIMIT %s"""
+EXACT_SQL = f"""SELECT {HIT_COLUMNS}, 1 - (c.embedding <=> %s) AS score FROM {FROM_CHUNKS}
+    ORDER BY (c.embedding <=> %s) + 0 LIMIT %s"""
+# The candidates an HNSW scan yields (ef_search of them, from the whole table), then the
+# WHERE clause: what pgvector 0.6 does anyway, written so that the planner cannot pick
+# another plan (with the WHERE beside the ORDER BY it may walk the store's rows and sort).
+ANN_SQL = f"""SELECT {HIT_COLUMNS}, 1 - c.distance AS score
+    FROM (SELECT store_id, file_id, idx, text, embedding <=> %s AS distance FROM vs_chunks
+          ORDER BY embedding <=> %s LIMIT %s) c
+    JOIN vs_files f ON f.store_id = c.store_id AND f.id = c.file_id
+    WHERE c.store_id = %s AND f.status = 'completed' AND {{where}} ORDER BY c.distance LIMIT %s"""
 # plainto_tsquery ANDs the words; a ranking wants any of them (as BM25 does), so '&' -> '|'.
 TEXT_SQL = f"""SELECT {HIT_COLUMNS}, ts_rank(c.tsv, t.q, 1) AS score
     FROM (SELECT replace(plainto_tsquery('english', %s)::text, ' & ', ' | ')::tsquery AS q) t,
@@ -496,18 +504,17 @@ class PostgresBackend(VectorBackend):
 
     def _by_vector(self, cur, store_id, vector, n, where, params) -> list[dict]:
         """The n nearest rows that pass `where`: see the module docstring for the steps."""
-        args = [vector, store_id, *params, vector, n]
         cur.execute("SELECT coalesce(sum(chunk_count), 0) AS n FROM vs_files "
                     "WHERE store_id = %s AND status = 'completed'", (store_id,))
         if cur.fetchone()["n"] > self.exact_below and self._has_index(cur):
             first = max(self.ef_search or 40, n)
             for ef in sorted({min(first, MAX_EF_SEARCH), MAX_EF_SEARCH}):
                 cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
-                cur.execute(VECTOR_SQL.format(where=where, exact=""), args)
+                cur.execute(ANN_SQL.format(where=where), [vector, vector, ef, store_id, *params, n])
                 rows = cur.fetchall()
                 if len(rows) >= n:
                     return rows
-        cur.execute(VECTOR_SQL.format(where=where, exact="+ 0"), args)
+        cur.execute(EXACT_SQL.format(where=where), [vector, store_id, *params, vector, n])
         return cur.fetchall()
 
     def close(self) -> None:
