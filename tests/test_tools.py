@@ -329,3 +329,174 @@ def test_the_call_grammar_gives_calls_that_parse_validate_and_stream_alike(nativ
     assert content is None and finish == "tool_calls"
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in message_calls] == \
         [(c.name, c.arguments) for c in calls]
+
+
+# -- the server: the built-in SmolLM2 (generic format) through real clients ---------------
+
+@pytest.fixture(scope="module")
+def client(structured_server):
+    return openai_client(structured_server)
+
+
+def ask(client, *, stream: bool = False, messages=ASK_BOTH, max_tokens: int = 90, **kw):
+    return client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0,
+                                          max_tokens=max_tokens, stream=stream, **kw)
+
+
+def rebuild_stream(chunks) -> tuple[str | None, list[dict], str | None]:
+    """(content, calls as {id, name, arguments}, finish_reason) from streamed chunks, as a client
+    does: a call's first delta has its id, type, name and arguments ""; later ones fragments."""
+    content, calls, finish = None, [], None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        delta = choice.delta
+        if delta.content:
+            content = (content or "") + delta.content
+        for part in delta.tool_calls or []:
+            if part.index == len(calls):
+                assert part.id and part.type == "function" and part.function.name
+                assert part.function.arguments == ""
+                calls.append({"id": part.id, "name": part.function.name, "arguments": ""})
+            else:
+                assert part.index == len(calls) - 1 and part.id is None and not part.function.name
+                calls[part.index]["arguments"] += part.function.arguments
+        finish = choice.finish_reason or finish
+    return content, calls, finish
+
+
+def pairs(calls) -> list[tuple[str, str]]:
+    return [(c.function.name, c.function.arguments) if not isinstance(c, dict) else (c["name"], c["arguments"])
+            for c in calls]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["required", "named", "auto"])
+def test_tool_choice_calls_are_valid_and_stream_as_the_plain_answer(client, choice):
+    tool_choice = {"type": "function", "function": {"name": "get_time"}} if choice == "named" else choice
+    plain = ask(client, tool_choice=tool_choice)
+    message, finish = plain.choices[0].message, plain.choices[0].finish_reason
+    if choice == "auto" and not message.tool_calls:
+        assert isinstance(message.content, str) and message.content and finish in ("stop", "length")
+        assert not message.content.lstrip().startswith("<tool_call>")
+    else:
+        assert message.content is None and finish == "tool_calls", message
+        made = check_message_calls(message.tool_calls)
+        if choice == "named":
+            assert [name for name, _ in made] == ["get_time"]
+    content, streamed, stream_finish = rebuild_stream(ask(client, tool_choice=tool_choice, stream=True))
+    assert stream_finish == finish
+    assert pairs(streamed) == pairs(message.tool_calls or [])
+    assert len({c["id"] for c in streamed}) == len(streamed)
+    assert (content or None) == message.content
+    # the SDK's own stream helper accumulates to the same message
+    with client.chat.completions.stream(model=MODEL, messages=ASK_BOTH, tools=TOOLS, temperature=0,
+                                        max_tokens=90, tool_choice=tool_choice) as s:
+        final = s.get_final_completion()
+    assert pairs(final.choices[0].message.tool_calls or []) == pairs(message.tool_calls or [])
+    assert final.choices[0].finish_reason == finish
+
+
+@pytest.mark.slow
+def test_tool_choice_none_answers_text(client):
+    plain = ask(client, tool_choice="none", max_tokens=30)
+    message = plain.choices[0].message
+    assert not message.tool_calls and isinstance(message.content, str) and message.content
+    assert plain.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [False, True])
+def test_parallel_tool_calls(client, parallel):
+    reply = ask(client, tool_choice="required", parallel_tool_calls=parallel)
+    calls = reply.choices[0].message.tool_calls
+    check_message_calls(calls)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    if not parallel:
+        assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_a_second_turn_with_the_call_and_its_result(client):
+    first = ask(client, tool_choice="required", parallel_tool_calls=False)
+    (call,) = first.choices[0].message.tool_calls
+    messages = [*ASK_BOTH,
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call.id, "type": "function",
+                     "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+                {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny; 14:05"}]
+    second = ask(client, messages=messages, tool_choice="none", max_tokens=20)
+    assert isinstance(second.choices[0].message.content, str)
+    again = ask(client, messages=messages, tool_choice="auto", max_tokens=60)
+    message = again.choices[0].message
+    assert message.tool_calls is None or check_message_calls(message.tool_calls)
+
+
+class City(BaseModel):
+    """A city and the country it is in."""
+
+    name: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+
+
+@pytest.fixture(scope="module")
+def chat(structured_server):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(base_url=structured_server.url + "/v1", api_key="none", model=MODEL, temperature=0,
+                      max_tokens=100, max_retries=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [None, "json_schema", "function_calling"])
+def test_langchain_structured_output(chat, method):
+    kw = {} if method is None else {"method": method}
+    city = chat.with_structured_output(City, **kw).invoke("Name a big city in France.")
+    assert isinstance(city, City) and city.name and city.country
+
+
+@pytest.mark.slow
+def test_langchain_bound_tools_plain_and_streamed(chat):
+    # an OpenAI-format tool with additionalProperties false: a bare function's schema lets this
+    # small model add keys until max_tokens
+    bound = chat.bind_tools([TOOLS[0]], tool_choice="required")
+    message = bound.invoke("What is the weather in Paris?")
+    assert message.tool_calls and not message.invalid_tool_calls
+    for call in message.tool_calls:
+        check_call(call["name"], call["args"])
+    total = None
+    for piece in bound.stream("What is the weather in Paris?"):
+        total = piece if total is None else total + piece
+    assert not total.invalid_tool_calls
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == [(c["name"], c["args"]) for c in message.tool_calls]
+
+
+BAD = {
+    "unknown function": (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+                         "tool_choice"),
+    "choice without tools": (dict(tool_choice="required"), "tool_choice"),
+    "duplicate names": (dict(tools=[TOOLS[0], TOOLS[0]]), "tools"),
+    "invalid parameters": (dict(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "no-such-type"}}}}}]),
+        "tools[0].function.parameters"),
+    "bad name": (dict(tools=[{"type": "function", "function": {"name": "has space", "parameters": TIME_PARAMS}}]),
+                 "tools"),
+    "regex with tools": (dict(tools=TOOLS, structured_outputs={"regex": "[a-z]+"}), "structured_outputs"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_tool_requests_are_400_and_the_server_carries_on(structured_server, case):
+    body, param = BAD[case]
+    r = httpx.post(f"{structured_server.url}/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": ASK_BOTH, "max_tokens": 5, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] is not None and error["param"].startswith(param), error
+    ok = httpx.post(f"{structured_server.url}/v1/chat/completions", timeout=60,
+                    json={"model": MODEL, "messages": ASK_BOTH, "max_tokens": 1, "tools": TOOLS,
+                          "tool_choice": "none"})
+    assert ok.status_code == 200, ok.text
