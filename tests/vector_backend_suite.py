@@ -388,6 +388,7 @@ spec = json.loads(sys.argv[1])
 b = open_backend(spec)
 dim, store = spec[1]["dim"], sys.argv[2]
 rng = np.random.default_rng(0)
+b.add_file(store, "file-never", "never.txt", None, AUTO)  # in_progress whenever the kill lands
 i = 0
 while True:
     b.add_file(store, f"file-{{i}}", f"{{i}}.txt", {{"n": i}}, AUTO)
@@ -400,8 +401,6 @@ while True:
 """ % CHUNKS_PER_FILE
 
 
-@pytest.mark.xfail(reason="failed once at the end of the 2026-12-07 session (an AssertionError after the "
-                          "restart); not yet investigated: see the session note", strict=False)
 def test_kill9_mid_ingestion_loses_nothing_completed(backend_spec):
     import os
 
@@ -433,7 +432,7 @@ def test_kill9_mid_ingestion_loses_nothing_completed(backend_spec):
             texts = b.file_chunks(store, f)
             assert len(texts) == (CHUNKS_PER_FILE if row["status"] == "completed" else 0), (f, row["status"])
         pending = [r["id"] for r in b.pending_files()]
-        assert pending and all(rows[f]["status"] == "in_progress" for f in pending)
+        assert "file-never" in pending and all(rows[f]["status"] == "in_progress" for f in pending)
         assert set(pending) | {f for f, r in rows.items() if r["status"] == "completed"} == set(rows)
         dim = backend_spec[1]["dim"]
         for f in pending:  # ingested again after the restart: all its chunks, once

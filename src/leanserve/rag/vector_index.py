@@ -1,11 +1,13 @@
 """In-memory search over each store's vectors, kept in step with SQLite, which stays the truth.
 
-Measured on this machine (2 shared cores, 384-d, clustered data): sqlite-vec's vec0 table
-answers a k-NN over 10k rows in 7-19 ms and `vec_distance_cosine` over BLOBs in 13-36 ms,
-while a float32 matrix in memory (one numpy product) takes 0.4 ms at 10k and ~4-14 ms at
-100k. So a store's vectors are loaded from SQLite once, kept as one matrix per file, and
-searched exactly; past `ann_threshold` chunks (20k: ~3 ms exact) an HNSW graph (usearch,
-float16, ef_search 128: ~0.35 ms at 100k with recall@10 0.998) answers instead. The graph is built in a
+Measured on this machine (2 cores shared with other work, load 5-7; 384-d clustered
+vectors; medians): sqlite-vec's vec0 table answers a k-NN over 10k rows in 7-19 ms and
+`vec_distance_cosine` over BLOBs in 13-36 ms, while a float32 matrix in memory (one numpy
+product) takes 0.4 ms at 10k and 14-34 ms at 100k. So a store's vectors are loaded from
+SQLite once (0.7 s for 100k), kept as one matrix per file, and searched exactly; past
+`ann_threshold` chunks (20k: a few ms exact) an HNSW graph (usearch, float16, ef_search
+128: 0.57 ms p50 at 100k through SQLiteBackend.search, recall@10 0.998) answers instead,
+its hits rescored exactly. The graph is built (35 s for 100k on one core) in a
 background thread, from the loaded vectors: exact search answers meanwhile, and a graph
 is never written to disk (after a restart it is rebuilt from the SQLite rows).
 
@@ -37,6 +39,7 @@ class StoreVectors:
         self.lock = threading.Lock()
         self.ann = None  # usearch Index over chunk ids, once built
         self.building: threading.Thread | None = None
+        self.removed = 0  # rows removed from the graph since it was built (HNSW keeps them as tombstones)
         self._flat: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, file index, matrix
         self._where = {int(c): (f, row) for f, (ids, _) in files.items() for row, c in enumerate(ids)}
 
@@ -52,11 +55,14 @@ class StoreVectors:
                 del self._where[int(c)]
             if self.ann is not None:
                 self.ann.remove(old[0])
+                self.removed += len(old[0])
         if ids is not None and len(ids):
             self.files[file_id] = (ids, vectors)
             self._where.update((int(c), (file_id, row)) for row, c in enumerate(ids))
             if self.ann is not None:
                 self.ann.add(ids, vectors, threads=1)
+        if self.ann is not None and self.removed > self.size // 2:  # mostly tombstones: build afresh
+            self.ann, self.removed = None, 0
         self._flat = None
 
     def exact(self, q: np.ndarray, k: int, allowed: set[str] | None) -> list[Hit]:
