@@ -7,9 +7,10 @@ file's attributes, filename and status live on its file row only: search joins t
 re-tagging a file is one UPDATE. Every method is one transaction on a pooled connection.
 
 The HNSW index is built when the chunks first outnumber `index_above`, not at creation:
-measured here, pgvector 0.6 inserts into a live HNSW index at ~90 rows/s (384-d), builds one
-over rows already there at ~1,000 rows/s and COPYs rows without one at ~16,000 rows/s. Below
-the threshold exact search is fast enough; a bulk import can raise it and call
+measured here (2 EPYC cores, 384-d), complete_file COPYs ~12,800 chunks/s into the table
+without the index and 500-1,100/s into it (100k / 10k rows), while building it over rows
+already there takes 4.7 s for 10k and 37 s for 100k (~2,700 rows/s). Below the threshold,
+exact search costs ~23 ms at 10k. A bulk import can raise the threshold and call
 `build_index()` once at the end. CREATE INDEX is transactional: a crash mid-build leaves no
 half index, and the next complete_file builds it again.
 
@@ -214,13 +215,14 @@ def _hit(r: dict, score: float) -> SearchHit:
 
 class PostgresBackend(VectorBackend):
     """`url`: a libpq connection string. `ef_search`: HNSW's candidate list for a query
-    (None: pgvector's default, 40). `exact_below`: stores of at most this many chunks are
+    (pgvector's default, 40, gives recall@10 0.92 at 100k clustered 384-d vectors here; 100
+    gives 0.99 at 2.1 ms p50). `exact_below`: stores of at most this many chunks are
     searched exactly. `index_above`: the HNSW index is built once the table holds more chunks
     than this. `pool_size`: connections at most (each server worker thread takes one per
     call)."""
 
-    def __init__(self, url: str, dim: int, ef_search: int | None = None, exact_below: int = 5000,
-                 index_above: int = 20000, pool_size: int = 4):
+    def __init__(self, url: str, dim: int, ef_search: int = 100, exact_below: int = 2000,
+                 index_above: int = 10000, pool_size: int = 4):
         self.dim = dim
         self.ef_search = ef_search
         self.exact_below = exact_below
@@ -507,7 +509,7 @@ class PostgresBackend(VectorBackend):
         cur.execute("SELECT coalesce(sum(chunk_count), 0) AS n FROM vs_files "
                     "WHERE store_id = %s AND status = 'completed'", (store_id,))
         if cur.fetchone()["n"] > self.exact_below and self._has_index(cur):
-            first = max(self.ef_search or 40, n)
+            first = max(self.ef_search, n)
             for ef in sorted({min(first, MAX_EF_SEARCH), MAX_EF_SEARCH}):
                 cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
                 cur.execute(ANN_SQL.format(where=where), [vector, vector, ef, store_id, *params, n])
