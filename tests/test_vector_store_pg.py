@@ -23,13 +23,13 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from vector_backend_suite import *  # noqa: F401,F403  (the shared tests and their fixtures)
+from vector_backend_suite import AUTO
 
 from leanserve.rag import filters as attribute_filters
 from leanserve.rag.backend import Chunk
 from leanserve.rag.pgvector import PostgresBackend
 
 DIM = 8
-AUTO = {"type": "auto"}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def pg(pg_url):
     b.close()
 
 
-def unit(*xs) -> np.ndarray:
+def vec(*xs) -> np.ndarray:
     v = np.zeros(DIM, np.float32)
     v[: len(xs)] = xs
     return v / np.linalg.norm(v)
@@ -199,39 +199,39 @@ def test_sql_filters_agree_with_rag_filters(pg):
     passes exactly the files rag/filters.py `matches` passes."""
     s = pg.create_store("filters", None, None)["id"]
     for i, (file_id, attributes) in enumerate(FILTER_FILES.items()):
-        completed_file(pg, s, file_id, [chunk(f"text of {file_id}", unit(1, i))], attributes)
+        completed_file(pg, s, file_id, [chunk(f"text of {file_id}", vec(1, i))], attributes)
     for filters, expected in FILTER_CASES:
         attribute_filters.validate(filters)
         assert {f for f, a in FILTER_FILES.items() if attribute_filters.matches(filters, a)} == expected, filters
-        assert {h.file_id for h in pg.search(s, unit(1), "", 10, filters=filters)} == expected, filters
+        assert {h.file_id for h in pg.search(s, vec(1), "", 10, filters=filters)} == expected, filters
 
 
 
 
 def test_hybrid_fused_scores(pg):
     s = pg.create_store("h", None, None)["id"]
-    # Vector ranking for unit(1): a, b, c, d. Text ranking for "zebra": c (three times), then b.
+    # Vector ranking for vec(1): a, b, c, d. Text ranking for "zebra": c (three times), then b.
     completed_file(pg, s, "file-a", [
-        chunk("a lion sleeps in the grass", unit(1, 0.1)),
-        chunk("b the zebra runs past a lion", unit(1, 0.5)),
-        chunk("c zebra zebra herd, zebra stripes", unit(1, 1.5)),
-        chunk("d nothing to see", unit(0, 1)),
+        chunk("a lion sleeps in the grass", vec(1, 0.1)),
+        chunk("b the zebra runs past a lion", vec(1, 0.5)),
+        chunk("c zebra zebra herd, zebra stripes", vec(1, 1.5)),
+        chunk("d nothing to see", vec(0, 1)),
     ])
     # rag/fusion.py: sum of weight / (60 + rank), over what first in both rankings scores
-    vector_only = pg.search(s, unit(1), "zebra", 4, hybrid=(1.0, 0.0))
+    vector_only = pg.search(s, vec(1), "zebra", 4, hybrid=(1.0, 0.0))
     assert [h.text[0] for h in vector_only] == ["a", "b", "c", "d"]
     assert [h.score for h in vector_only] == pytest.approx([61 / 61, 61 / 62, 61 / 63, 61 / 64])
-    text_first = pg.search(s, unit(1), "zebra", 2, hybrid=(0.0, 1.0))
+    text_first = pg.search(s, vec(1), "zebra", 2, hybrid=(0.0, 1.0))
     assert [h.text[0] for h in text_first] == ["c", "b"]
     assert [h.score for h in text_first] == pytest.approx([1, 61 / 62])
-    fused = pg.search(s, unit(1), "zebra", 4, hybrid=(0.8, 0.2))
+    fused = pg.search(s, vec(1), "zebra", 4, hybrid=(0.8, 0.2))
     assert [h.text[0] for h in fused] == ["b", "c", "a", "d"]  # neither ranking's order
     assert [h.score for h in fused] == pytest.approx(
         [61 / 62, 61 * (0.8 / 63 + 0.2 / 61), 0.8, 0.8 * 61 / 64])
-    above = pg.search(s, unit(1), "zebra", 4, hybrid=(0.8, 0.2), score_threshold=0.9)
+    above = pg.search(s, vec(1), "zebra", 4, hybrid=(0.8, 0.2), score_threshold=0.9)
     assert [h.text[0] for h in above] == ["b", "c"]  # the threshold applies to fused scores
-    assert pg.search(s, unit(1), "zebra", 4, hybrid=(0.5, 0.5), filters=cmp("eq", "x", 1)) == []
-    stopwords = pg.search(s, unit(1), "the of", 2, hybrid=(0.5, 0.5))  # no text ranking at all
+    assert pg.search(s, vec(1), "zebra", 4, hybrid=(0.5, 0.5), filters=cmp("eq", "x", 1)) == []
+    stopwords = pg.search(s, vec(1), "the of", 2, hybrid=(0.5, 0.5))  # no text ranking at all
     assert [h.text[0] for h in stopwords] == ["a", "b"]
 
 

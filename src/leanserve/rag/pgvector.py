@@ -17,15 +17,17 @@ half index, and the next complete_file builds it again.
 Search, and why it is not one query: pgvector 0.6 has no iterative index scans, so HNSW
 hands back at most `hnsw.ef_search` candidates from the whole table, and the WHERE clause
 (this store, completed files, the attribute filters) is applied to those after. A store that
-is a small part of the table, or a selective filter, leaves fewer than k rows. So: a store
-of at most `exact_below` chunks is searched exactly (cheap at that size, and exact); a
-larger one by HNSW at ef_search >= k, then again at pgvector's maximum, and when even that
-leaves too few rows, exactly over the rows that pass the filters. Without the index, every
+is a small part of the table, or a selective filter, leaves fewer than k rows. So each
+search first counts the chunks that pass (from the file rows: cheap). At most `exact_below`
+of them: exact search over those. Else HNSW with ef_search raised until twice k such rows
+are expected among its candidates, then at pgvector's maximum (1000) if that fell short, and
+exact search over the passing rows when even that would or did. Without the index, every
 search is exact.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from contextlib import contextmanager
@@ -506,11 +508,16 @@ class PostgresBackend(VectorBackend):
 
     def _by_vector(self, cur, store_id, vector, n, where, params) -> list[dict]:
         """The n nearest rows that pass `where`: see the module docstring for the steps."""
-        cur.execute("SELECT coalesce(sum(chunk_count), 0) AS n FROM vs_files "
-                    "WHERE store_id = %s AND status = 'completed'", (store_id,))
-        if cur.fetchone()["n"] > self.exact_below and self._has_index(cur):
-            first = max(self.ef_search, n)
-            for ef in sorted({min(first, MAX_EF_SEARCH), MAX_EF_SEARCH}):
+        cur.execute(f"""SELECT coalesce(sum(f.chunk_count), 0) AS passing,
+                (SELECT reltuples FROM pg_class WHERE oid = 'vs_chunks'::regclass) AS total
+            FROM vs_files f WHERE f.store_id = %s AND f.status = 'completed' AND {where}""",
+                    [store_id, *params])
+        r = cur.fetchone()
+        passing, total = r["passing"], max(r["total"], r["passing"])
+        if passing > max(self.exact_below, n) and self._has_index(cur):
+            # HNSW's candidates are drawn from the whole table: enough for n passing rows?
+            first = max(self.ef_search, n, math.ceil(2 * n * total / passing))
+            for ef in (first, MAX_EF_SEARCH) if first < MAX_EF_SEARCH else ():
                 cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef),))
                 cur.execute(ANN_SQL.format(where=where), [vector, vector, ef, store_id, *params, n])
                 rows = cur.fetchall()
