@@ -35,6 +35,9 @@ except ImportError:  # pragma: no cover
     llg = None
 
 COMPILE_TIMEOUT_SECONDS = 10.0  # past this a grammar is refused as too complex
+# Compiles at once: a few slow schemas must not queue every other request's compile behind
+# them (the timeout counts the wait for a thread). llguidance drops the GIL while it builds.
+COMPILE_THREADS = 16
 CACHE_SIZE = 256  # compiled grammars kept (by grammar text)
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
@@ -139,7 +142,7 @@ class GrammarCompiler:
         self._tokenizer = None
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, object] = collections.OrderedDict()
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="leanserve-grammar")
+        self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="leanserve-grammar")
         self.compile_seconds = Timings(COMPILE_BUCKETS, keep=4096)  # uncached compiles
 
     @property

@@ -90,13 +90,17 @@ class _EngineCounters:
             yield CounterMetricFamily(name, doc, value=stats[key])
 
 
-class _ModelResidency:
-    """Scale to zero: whether the weights are in memory, how often they were dropped, and
-    how long each load took (the first one at startup too). Engines without these stats
-    (tests' fakes) report nothing."""
+class _FromStats:
+    """A collector over the engine's `stats()` dict, read at scrape time."""
 
     def __init__(self, engine_stats):
         self.engine_stats = engine_stats
+
+
+class _ModelResidency(_FromStats):
+    """Scale to zero: whether the weights are in memory, how often they were dropped, and
+    how long each load took (the first one at startup too). Engines without these stats
+    (tests' fakes) report nothing."""
 
     def collect(self):
         stats = self.engine_stats()
@@ -112,12 +116,9 @@ class _ModelResidency:
                                     buckets=[*buckets, ("+Inf", len(loads))], sum_value=sum(loads))
 
 
-class _StructuredOutputs:
+class _StructuredOutputs(_FromStats):
     """Structured outputs: constrained tokens, those forced by the grammar (appended without
     sampling), and the time of each token mask and each grammar compile."""
-
-    def __init__(self, engine_stats):
-        self.engine_stats = engine_stats
 
     def collect(self):
         stats = self.engine_stats()
