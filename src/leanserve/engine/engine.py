@@ -20,8 +20,8 @@ import torch
 
 from ..config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from ..energy.config import make_ledger
-from ..energy.ledger import work_from_batch
-from ..errors import InvalidRequest, Overloaded
+from ..energy.ledger import Work, work_from_batch
+from ..errors import InvalidRequest, ModelLoadError, Overloaded
 from ..models.llama import KVPool, build_model
 from ..models.loader import load_model_files
 from ..models.quant import CALIBRATION_TEXT, pack_model, quantize_model, smooth_for_w8a8
@@ -341,6 +341,49 @@ class LLMEngine:
             priority=seq.priority, adapter=seq.adapter.name if seq.adapter is not None else None)
 
 
+def load_embedding_model(spec: str | None):
+    """The EmbeddingModel `spec` names ("builtin", a folder), or None."""
+    if spec is None:
+        return None
+    from ..rag.embed import EmbeddingModel  # noqa: only servers that embed load the encoder
+
+    if spec == "builtin":
+        try:
+            return EmbeddingModel.builtin()
+        except ModelLoadError as e:
+            log.warning("no /v1/embeddings: %s", e)
+            return None
+    return EmbeddingModel(spec)
+
+
+EMBED_BUSY_TOKENS = 256  # tokens per embedding batch while generation runs (~35 ms for MiniLM on 2 AVX2 cores)
+
+
+class EmbedShare:
+    """How much of the step thread background embeddings may take while generation runs.
+
+    Embeddings run on the step thread (one OpenMP pool for both: two pools on two cores made
+    one MiniLM call 40x slower), between generation steps. A realtime embedding (a search
+    query) runs at the next step. Standard and batch ones (an ingestion) earn time as
+    generation steps run: `share` of the thread's busy time, so a realtime chat's time per
+    output token grows by at most share/(1-share) while a bulk ingestion runs, and the
+    ingestion still moves. With no generation waiting, embeddings take the whole thread."""
+
+    def __init__(self, share: float = 0.25, cap_seconds: float = 0.25):
+        self.ratio = share / (1 - share)
+        self.cap = cap_seconds
+        self.credit = 0.0  # seconds background embedding may take now
+
+    def generated(self, seconds: float) -> None:
+        self.credit = min(self.cap, self.credit + self.ratio * seconds)
+
+    def may_run(self) -> bool:
+        return self.credit > 0
+
+    def embedded(self, seconds: float) -> None:
+        self.credit -= seconds
+
+
 def release_memory() -> None:
     """Gives freed memory back to the OS. glibc keeps freed heap pages mapped for reuse, so
     after dropping the weights the resident size only falls once `malloc_trim` returns them."""
@@ -372,6 +415,7 @@ class AsyncEngine:
         def boot() -> None:
             try:
                 result["engine"] = LLMEngine(config)
+                result["embedding_model"] = load_embedding_model(config.embedding_model)
             except BaseException as e:  # re-raised by __init__ on the caller's thread
                 result["error"] = e
                 return
@@ -395,6 +439,10 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.ledger = self.engine.ledger
         self.grammars = self.engine.grammars
+        self.embedding_model = result["embedding_model"]  # None: no /v1/embeddings
+        self.embeddings = self._embedding_batcher()
+        self._embed_ids = itertools.count()
+        self._embed_share = EmbedShare()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -474,6 +522,33 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def _embedding_batcher(self):
+        if self.embedding_model is None:
+            return None
+        from ..rag.embed import EmbeddingBatcher  # noqa: only servers that embed
+
+        return EmbeddingBatcher(self.embedding_model)
+
+    async def embed(self, token_lists: list[list[int]], priority: int = 0, truncate: bool = False):
+        """(float32 [n, dim] numpy embeddings, their Bill), computed on the step thread in
+        token-bounded batches between generation steps (see EmbedShare). Inputs over the
+        model's length raise InvalidRequest unless `truncate`."""
+        if self.embeddings is None:
+            raise InvalidRequest("this server has no embedding model", param="model")
+        if self._stopping:
+            raise Overloaded("the server is shutting down")
+        tag = f"embd-{next(self._embed_ids)}"
+        future = self.embeddings.submit(token_lists, priority, truncate=truncate, tag=tag)
+        self._wake.set()
+        try:
+            vectors = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the batcher drops its inputs that have not run
+            raise
+        finally:
+            bill = self.ledger.close(tag)
+        return vectors.numpy(), bill
+
     def stats(self) -> dict:
         e = self.engine
         return {"num_running": len(e.scheduler.running), "num_waiting": e.num_waiting + self._sent - self._received,
@@ -503,6 +578,8 @@ class AsyncEngine:
         self._wake.set()
         self._begin.set()
         await asyncio.to_thread(self._thread.join, 10)
+        if self.embeddings is not None:
+            self.embeddings.cancel_all(Overloaded("the server is shutting down"))
 
     # -- the step thread --------------------------------------------------------------------
 
@@ -539,13 +616,17 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._thread_stop:
+            if self.embeddings is not None and self.embeddings.has_work():
+                self._run_embeddings()
             outs = self._drain_inbox()
             if self.engine.has_unfinished():
                 self._last_busy = time.monotonic()
                 if not self.engine.loaded:
                     self._reload()
                 try:
+                    started = time.perf_counter()
                     outs += self.engine.step()
+                    self._embed_share.generated(time.perf_counter() - started)
                 except Exception as e:  # a bug that the step's own recovery could not contain
                     log.exception("engine step failed; aborting the running requests")
                     for rid in list(self.engine.seqs):
@@ -554,11 +635,26 @@ class AsyncEngine:
                         outs.append(out)
             if outs:
                 self._loop.call_soon_threadsafe(self._deliver_all, outs)
-            elif not self.engine.has_unfinished():
+            elif not self.engine.has_unfinished() and not (self.embeddings is not None and self.embeddings.has_work()):
                 self.engine.ledger.poll()  # idle energy, and RAPL read at least once per wrap
                 self._unload_if_idle()
                 self._wake.wait(0.5)
                 self._wake.clear()
+
+    def _run_embeddings(self) -> None:
+        """One token-bounded embedding batch, if EmbedShare lets it run now."""
+        busy = self.engine.has_unfinished()
+        if busy and self.embeddings.head_priority() > 0 and not self._embed_share.may_run():
+            return
+        batch = self.embeddings.next_batch(EMBED_BUSY_TOKENS if busy else None)
+        if not batch:
+            return
+        started = time.perf_counter()
+        with self.ledger.step([Work(item.request.tag, len(item.tokens), 0, False) for item in batch]):
+            result = self.embeddings.compute(batch)
+        self.embeddings.deliver(batch, *result)  # after the step closed: the waiters then close their bills
+        if busy:
+            self._embed_share.embedded(time.perf_counter() - started)
 
     def _unload_if_idle(self) -> None:
         """Scale to zero: no request in the engine or on its way for idle_unload_seconds."""

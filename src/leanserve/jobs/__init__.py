@@ -24,6 +24,9 @@ class JobsConfig:
     # and energy bill once it has run some tokens; before that, from these two figures.
     default_tokens_per_second: float = 100.0  # prompt + output tokens per second of engine time
     default_joules_per_token: float = 0.2  # IT energy per token (the built-in model on a 2-core CPU)
+    # Vector stores: None -> SQLite at <data_dir>/vectors.sqlite3; a path (or sqlite://path)
+    # -> SQLite there; postgresql://... -> Postgres with pgvector (rag/pgvector.py)
+    vector_store: str | None = None
 
     def __post_init__(self):
         for name in ("max_batch_concurrency", "max_async_concurrency", "max_file_bytes"):

@@ -58,6 +58,8 @@ def estimated_tokens(body: str) -> int:
     """A rough upper estimate of the tokens one request line costs: its prompt (by length)
     plus max_tokens for each of its n choices."""
     request = json.loads(body)
+    if "input" in request and "messages" not in request:  # an embeddings line: no output tokens
+        return len(json.dumps(request["input"], ensure_ascii=False)) // CHARS_PER_TOKEN + 1
     prompt = request.get("messages", request.get("prompt", ""))
     output = request.get("max_completion_tokens") or request.get("max_tokens") or DEFAULT_OUTPUT_TOKENS
     n = request.get("n") if isinstance(request.get("n"), int) and request["n"] > 0 else 1

@@ -239,6 +239,11 @@ class EmbeddingBatcher:
     def has_work(self) -> bool:
         return bool(self._queue)
 
+    def head_priority(self) -> int:
+        """The priority of the next input to run (REALTIME if none waits)."""
+        with self._lock:
+            return self._queue[0][0] if self._queue else REALTIME
+
     def next_batch(self, max_tokens: int | None = None) -> list[BatchItem]:
         """Takes the next inputs off the queue in order while they fit in `max_tokens`
         (default: the batcher's); the first always does. Cancelled requests' inputs are dropped."""
@@ -261,15 +266,24 @@ class EmbeddingBatcher:
 
     def run(self, batch: list[BatchItem]) -> None:
         """Embeds `batch` and resolves the requests it completes; an error fails its requests."""
+        self.deliver(batch, *self.compute(batch))
+
+    def compute(self, batch: list[BatchItem]) -> tuple[torch.Tensor | None, Exception | None]:
+        """The batch's vectors, or the error that embedding it raised (resolves nothing: a
+        caller that meters the step delivers after closing it)."""
         if not batch:
-            return
+            return None, None
         try:
-            vectors = self.model.embed([item.tokens for item in batch])
+            return self.model.embed([item.tokens for item in batch]), None
         except Exception as e:  # noqa: BLE001 - the batch's requests fail, the queue goes on
+            return None, e
+
+    def deliver(self, batch: list[BatchItem], vectors: torch.Tensor | None, error: Exception | None) -> None:
+        if error is not None:
             for request in {item.request for item in batch}:
-                _resolve(request.future, error=e)
+                _resolve(request.future, error=error)
             return
-        for item, vector in zip(batch, vectors):
+        for item, vector in zip(batch, vectors if vectors is not None else []):
             request = item.request
             request.vectors[item.index] = vector
             request.left -= 1

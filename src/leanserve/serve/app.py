@@ -47,10 +47,10 @@ log = logging.getLogger("leanserve.serve")
 
 SHUTDOWN_GRACE_SECONDS = 5.0  # for requests in flight at a shutdown signal; then they are aborted
 CLIENT_GONE = 499  # nginx's status for "client closed the request"; only ever seen in metrics
-SERVED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/files", "/v1/batches",
-                 "/v1/async", "/v1/adapters")
+SERVED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/files",
+                 "/v1/batches", "/v1/async", "/v1/vector_stores", "/v1/adapters")
 # Routes of the OpenAI API not served here (yet): their 404 says so, instead of "Invalid URL".
-UNSERVED_OPENAI_ROUTES = ("/v1/embeddings", "/v1/responses", "/v1/vector_stores", "/v1/fine_tuning", "/v1/audio",
+UNSERVED_OPENAI_ROUTES = ("/v1/responses", "/v1/fine_tuning", "/v1/audio",
                           "/v1/images", "/v1/moderations", "/v1/assistants", "/v1/threads", "/v1/uploads",
                           "/v1/realtime", "/v1/evals", "/v1/containers", "/v1/conversations")
 
@@ -119,6 +119,11 @@ class OpenAIServer:
         self.metrics.count(200)
         body = p.model_list([self.model_name], self.created, banner.model_facts(self.engine))
         body["data"] += adapters.model_entries(self)
+        embedder = getattr(self.engine, "embedding_model", None)
+        if embedder is not None:
+            body["data"].append({"id": embedder.name, "object": "model", "created": self.created,
+                                 "owned_by": "leanserve", "leanserve": {"kind": "embedding", "dimensions": embedder.dim,
+                                                                        "max_input_tokens": embedder.max_length}})
         return JSONResponse(body)
 
     # -- generation -------------------------------------------------------------------------
@@ -512,11 +517,21 @@ def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | No
         server.chat_completions)
     api.post("/completions", **openapi.spec(p.CompletionRequest, *openapi.GENERATE, ok=openapi.STREAM))(
         server.completions)
+    embedder = getattr(engine, "embedding_model", None)
+    if embedder is not None:
+        from .embeddings import EmbeddingRequest, EmbeddingsAPI
+
+        server.embeddings_api = EmbeddingsAPI(server, embedder.name)  # also the Batch API's /v1/embeddings
+        api.post("/embeddings", **openapi.spec(EmbeddingRequest, *openapi.GENERATE))(server.embeddings_api.embeddings)
     app.include_router(api)
     app.include_router(adapters.adapter_router(server))
     if jobs is not None:
         from .batch_api import batch_router  # it imports this module
         app.include_router(batch_router(server, jobs))
+        if embedder is not None:  # vector stores need files to ingest and a model to embed them
+            from .vector_stores import server_router
+
+            app.include_router(server_router(server, server.job_store, jobs.vector_store, jobs.data_dir))
     openapi.install(app)
     return app
 

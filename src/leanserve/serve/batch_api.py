@@ -34,9 +34,20 @@ from .protocol import APIError
 
 log = logging.getLogger("leanserve.serve")
 
-HANDLERS = {"/v1/chat/completions": OpenAIServer.chat_completions, "/v1/completions": OpenAIServer.completions}
+
+
+async def _embeddings(server: OpenAIServer, request: Request):
+    api = getattr(server, "embeddings_api", None)
+    if api is None:
+        raise APIError(400, "This server has no embedding model (started with --embedding-model none)", param="url")
+    return await api.embeddings(request)
+
+
+HANDLERS = {"/v1/chat/completions": OpenAIServer.chat_completions, "/v1/completions": OpenAIServer.completions,
+            "/v1/embeddings": _embeddings}
 TRY_LATER = {429, 503, CLIENT_GONE}  # overloaded, shutting down, stopped: not an answer to store
 FORM_OVERHEAD = 64 * 1024  # multipart headers and the purpose field, on top of the file
+FILE_PURPOSES = ("batch", "assistants", "user_data")  # batch input; vector store files
 MIN_MEASURED_TOKENS = 512  # the engine's own rates are trusted after it has run this many
 
 
@@ -128,7 +139,7 @@ def list_object(rows: list[dict], limit: int, shape) -> dict:
 class BatchCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     input_file_id: str
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: str  # "24h" as OpenAI's; also any "Nh" up to a week (jobs.carbon_schedule)
     metadata: dict[str, str] | None = None
 
@@ -188,8 +199,9 @@ class BatchAPI:
             raise APIError(CLIENT_GONE, "The client disconnected while sending the file") from None
         try:
             upload, purpose = form.get("file"), form.get("purpose")
-            if purpose != "batch":
-                raise APIError(400, f"'purpose' must be 'batch', not {purpose!r}", param="purpose")
+            if purpose not in FILE_PURPOSES:
+                raise APIError(400, f"'purpose' must be one of {', '.join(FILE_PURPOSES)}, not {purpose!r}",
+                               param="purpose")
             if not isinstance(upload, UploadFile):
                 raise APIError(400, "Missing the 'file' part", param="file")
             temp = self.store.new_temp_path()
@@ -296,6 +308,7 @@ def batch_router(server: OpenAIServer, config: JobsConfig) -> APIRouter:
     """The routes under /v1, with a lifespan that starts the job worker once the engine runs
     and stops it before the engine stops: `app.include_router(batch_router(server, config))`."""
     api = BatchAPI(server, config)
+    server.job_store = api.store  # the vector stores read their files from it
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -70,7 +70,7 @@ class VLLMLoadAdapter(BaseModel):
 UNLOAD_ADAPTER = {"type": "object", "properties": {"lora_name": {"type": "string"}, "name": {"type": "string"}},
                   "anyOf": [{"required": ["lora_name"]}, {"required": ["name"]}]}
 FILE_UPLOAD = {"type": "object", "required": ["file", "purpose"],
-               "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"const": "batch"}}}
+               "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"enum": ["batch", "assistants", "user_data"]}}}
 FILE_QUERY = {"limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 10000},
               "order": {"enum": ["asc", "desc"], "default": "desc"}, "after": {"type": "string"},
               "purpose": {"type": "string"}}
