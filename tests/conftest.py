@@ -180,3 +180,28 @@ def structured_server():
     server = ServerProcess(*small_engine(max_num_seqs=16), "--dtype", "float32")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real Postgres with pgvector (pgserver bundles PostgreSQL 16 + pgvector 0.6), shared by
+    test_vector_store_pg.py and test_vector_stores.py. Not under pytest's tmp_path: its root
+    is mode 0700 (pytest resets it), and as root pgserver runs Postgres as the user
+    `pgserver`, who must reach the data directory."""
+    import shutil
+    import tempfile
+
+    import pgserver
+    import psycopg
+
+    pgdata = tempfile.mkdtemp(prefix="leanserve-pg-")
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    except Exception as e:  # noqa: a machine where the bundled Postgres cannot run at all
+        shutil.rmtree(pgdata, ignore_errors=True)
+        pytest.skip(f"pgserver could not start Postgres on this machine: {e!r}")
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    yield server
+    server.cleanup()
+    shutil.rmtree(pgdata, ignore_errors=True)

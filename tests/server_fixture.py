@@ -56,8 +56,9 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        output = self.output()  # stop() removes the log
         self.stop()
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+        raise RuntimeError(f"server not ready after {timeout}s:\n{output}")
 
     def output(self) -> str:
         return Path(self.log.name).read_text()

@@ -10,10 +10,8 @@ Every test gets a fresh schema (cheaper than a database): `pending_files` spans 
 from __future__ import annotations
 
 import itertools
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 
@@ -30,25 +28,6 @@ from leanserve.rag.backend import Chunk
 from leanserve.rag.pgvector import PostgresBackend
 
 DIM = 8
-
-
-@pytest.fixture(scope="module")
-def pg_server():
-    """Not under pytest's tmp_path: its root is mode 0700 (pytest resets it), and as root
-    pgserver runs Postgres as the user `pgserver`, who must reach the data directory."""
-    import pgserver
-
-    pgdata = tempfile.mkdtemp(prefix="leanserve-pg-")
-    try:
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    except Exception as e:  # noqa: a machine where the bundled Postgres cannot run at all
-        shutil.rmtree(pgdata, ignore_errors=True)
-        pytest.skip(f"pgserver could not start Postgres on this machine: {e!r}")
-    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    yield server
-    server.cleanup()
-    shutil.rmtree(pgdata, ignore_errors=True)
 
 
 _schemas = itertools.count()

@@ -531,7 +531,10 @@ def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | No
         if embedder is not None:  # vector stores need files to ingest and a model to embed them
             from .vector_stores import server_router
 
-            app.include_router(server_router(server, server.job_store, jobs.vector_store, jobs.data_dir))
+            try:
+                app.include_router(server_router(server, server.job_store, jobs.vector_store, jobs.data_dir))
+            except ImportError as e:  # installed without the rag extra: everything else still serves
+                log.warning("no /v1/vector_stores: %s (pip install 'leanserve[rag]')", e)
     openapi.install(app)
     return app
 

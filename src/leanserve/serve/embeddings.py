@@ -41,7 +41,7 @@ class EmbeddingRequest(p._Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's extension
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's extension: -1 or k >= 1
     priority: Literal["realtime", "standard", "batch"] = "realtime"
 
 
@@ -93,6 +93,9 @@ class EmbeddingsAPI:
                 model.supports_dimensions and req.dimensions < model.dim):
             raise APIError(400, f"This model's embeddings have {model.dim} dimensions and cannot be shortened "
                            f"(dimensions={req.dimensions})", param="dimensions")
+        if req.truncate_prompt_tokens == 0:
+            raise APIError(400, "truncate_prompt_tokens must be -1 (the model's limit) or at least 1",
+                           param="truncate_prompt_tokens")
         lists = self.token_lists(req) if len(req.input) <= 16 else await asyncio.to_thread(self.token_lists, req)
         priority = req.priority if "priority" in req.model_fields_set else \
             getattr(request.state, "service_class", None) or req.priority

@@ -224,9 +224,7 @@ class VectorStoresAPI:
 
     async def list_files(self, store_id: str, request: Request) -> JSONResponse:
         await self._store(store_id)
-        status = request.query_params.get("filter")
-        if status is not None and status not in ("in_progress", "completed", "failed", "cancelled"):
-            raise APIError(400, "'filter' must be one of in_progress, completed, failed, cancelled", param="filter")
+        status = _status_filter(request)
         cursor = self._cursor(request)
         rows, more = await asyncio.to_thread(lambda: self.backend.list_files(store_id, status=status, **cursor))
         return self._ok(_list([_file_object(r) for r in rows], more))
@@ -309,7 +307,7 @@ class VectorStoresAPI:
 
     async def batch_files(self, store_id: str, batch_id: str, request: Request) -> JSONResponse:
         await self._batch(store_id, batch_id)
-        status = request.query_params.get("filter")
+        status = _status_filter(request)
         cursor = self._cursor(request)
         rows, more = await asyncio.to_thread(lambda: self.backend.list_files(store_id, status=status,
                                                                              batch_id=batch_id, **cursor))
@@ -345,6 +343,13 @@ class VectorStoresAPI:
                                    "attributes": h.attributes, "content": [{"type": "text", "text": h.text}]}
                                   for h in hits],
                          "has_more": False, "next_page": None})
+
+
+def _status_filter(request: Request) -> str | None:
+    status = request.query_params.get("filter")
+    if status is not None and status not in ("in_progress", "completed", "failed", "cancelled"):
+        raise APIError(400, "'filter' must be one of in_progress, completed, failed, cancelled", param="filter")
+    return status
 
 
 def _not_found(kind: str, object_id: str) -> APIError:
