@@ -2,7 +2,8 @@
 behind one interface with two implementations, chosen by `--vector-store`:
 
 - `rag/store.py`, `SQLiteBackend`: embedded, the default: one SQLite file in the data
-  directory (WAL), vectors in sqlite-vec, text in FTS5 (for hybrid search).
+  directory (WAL), vectors as float32 blobs (searched in memory, exactly or by a usearch
+  HNSW index past a size), text in FTS5 (for hybrid search).
 - `rag/pgvector.py`, `PostgresBackend`: Postgres + pgvector (HNSW), for a store that
   outgrows one machine or is shared by replicas.
 

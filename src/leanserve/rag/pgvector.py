@@ -186,10 +186,10 @@ def _counts(r: dict) -> dict:
 def _store_row(r: dict) -> dict:
     expires_after = r["expires_after"]
     expires_at = r["last_active_at"] + 86400 * expires_after["days"] if expires_after else None
-    if r["in_progress"]:
-        status = "in_progress"
-    elif expires_at is not None and time.time() >= expires_at:
+    if expires_at is not None and time.time() >= expires_at:  # as SQLiteBackend: expiry first
         status = "expired"
+    elif r["in_progress"]:
+        status = "in_progress"
     else:
         status = "completed"
     return {"id": r["id"], "object": "vector_store", "created_at": r["created_at"],
