@@ -244,11 +244,15 @@ def _generate(args) -> int:
 # -- bench ------------------------------------------------------------------------------------
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["offline", "serve", "lora", "structured"],
+    parser.add_argument("kind", choices=["offline", "serve", "lora", "structured", "embeddings", "vectors",
+                                         "retrieval"],
                         help="offline: leanserve vs transformers in one process; "
                              "serve: load on any OpenAI-compatible server; "
                              "lora: many LoRA adapters vs none, adapter load times; "
-                             "structured: JSON-schema compile and mask times, constrained vs unconstrained tok/s")
+                             "structured: JSON-schema compile and mask times, constrained vs unconstrained tok/s; "
+                             "embeddings: our encoder vs sentence-transformers, embeddings/s; "
+                             "vectors: vector-store search latency and recall@10, SQLite and Postgres; "
+                             "retrieval: /v1/embeddings latency and chat latency during an ingestion, over HTTP")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
 
 
@@ -267,6 +271,19 @@ def _bench(args) -> int:
 
         structured.main(args.rest)
         return 0
+    if args.kind == "embeddings":
+        from .bench import embeddings
+
+        embeddings.main(args.rest)
+        return 0
+    if args.kind == "vectors":
+        from .bench import vectors
+
+        return vectors.main(args.rest)
+    if args.kind == "retrieval":
+        from .bench import retrieval
+
+        return retrieval.main(args.rest)
     from .bench import offline
 
     offline.main(args.rest)
