@@ -155,6 +155,8 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
     parser.add_argument("--usage-log", default=None, metavar="PATH",
                         help="append one JSON line per finished request (read it with `leanserve report`)")
+    parser.add_argument("--prompts", default=None, metavar="DIR",
+                        help="serve the versioned prompt templates of DIR (*.prompty; docs/prompts.md)")
     jobs = JobsConfig()
     parser.add_argument("--data-dir", default=jobs.data_dir, metavar="DIR",
                         help="where files, batches and async requests are kept (one server per directory)")
@@ -181,7 +183,7 @@ def _server_config(args) -> ServerConfig:
     _positive(args, "default_max_tokens", zero_ok=True)
     return ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                         api_keys=api_keys(args.api_key), api_key_classes=api_key_classes(args.api_key_class),
-                        max_body_bytes=args.max_body_bytes, usage_log=args.usage_log,
+                        max_body_bytes=args.max_body_bytes, usage_log=args.usage_log, prompts_dir=args.prompts,
                         default_max_tokens=args.default_max_tokens or None,
                         max_sequences_per_request=args.max_sequences_per_request,
                         header_timeout_seconds=args.header_timeout_seconds,
@@ -307,7 +309,8 @@ def _batch(args) -> int:
 # -- report -----------------------------------------------------------------------------------
 
 def _add_report(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="PATH [--by model|adapter|user] [--plot out.png]")
+    parser.add_argument("rest", nargs=argparse.REMAINDER,
+                        help="PATH [--by model|adapter|user|prompt] [--plot out.png]")
 
 
 def _report(args) -> int:
@@ -316,12 +319,28 @@ def _report(args) -> int:
     return report.main(args.rest)
 
 
+# -- prompts ----------------------------------------------------------------------------------
+
+def _add_prompts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER,
+                        help="list DIR | show DIR ID [--version V] | render DIR ID [--version V] [--var NAME=VALUE ...]"
+                             " [--vars-json JSON]")
+
+
+def _prompts(args) -> int:
+    from .prompts_cli import main as prompts_main
+
+    return prompts_main(args.rest)
+
+
 COMMANDS = {
     "serve": (_add_serve, _serve, "serve a model over an OpenAI-compatible HTTP API"),
     "generate": (_add_generate, _generate, "print one answer to a prompt"),
     "bench": (_add_bench, _bench, "measure throughput and latency against baselines"),
     "batch": (_add_batch, _batch, "submit a JSONL file to a server's Batch API and follow it"),
-    "report": (_add_report, _report, "energy, carbon, cost and latency per model, adapter and user of a usage log"),
+    "report": (_add_report, _report, "energy, carbon, cost and latency per model, adapter, user and prompt version "
+               "of a usage log"),
+    "prompts": (_add_prompts, _prompts, "list, show and render the versioned prompt templates of a directory"),
 }
 
 

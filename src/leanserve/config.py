@@ -74,6 +74,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_seconds: int = 1
     usage_log: str | None = None  # append one JSON line per finished request here
+    prompts_dir: str | None = None  # versioned prompt templates (router/templates.py), None: none
     # A chat request that sends no max_tokens generates at most this many (None: up to the
     # context, as vLLM does). Text completions keep OpenAI's default of 16.
     default_max_tokens: int | None = 1024

@@ -1,5 +1,5 @@
 """Per-request usage records: the JSONL the server writes (`--usage-log PATH`), and
-`leanserve report PATH`, which totals them per model, adapter and user and can plot
+`leanserve report PATH`, which totals them per model, adapter, user and prompt version and can plot
 J/token and latency against batch size over time."""
 from __future__ import annotations
 
@@ -16,17 +16,20 @@ from ..bench.report import percentiles
 # the steps the request took part in; energy_source says how joules were measured.
 RECORD_FIELDS = ("time", "request_id", "model", "adapter", "user", "prompt_tokens", "completion_tokens",
                  "queue_ms", "prefill_ms", "decode_ms", "energy_joules", "carbon_grams", "cost_usd",
-                 "energy_source", "batch_size")
-GROUPS = ("model", "adapter", "user")
+                 "energy_source", "batch_size")  # + "prompt" ("id@version" or null) from servers with --prompts
+GROUPS = ("model", "adapter", "user", "prompt")
 
 
-def usage_record(out, model: str, adapter: str | None = None, user: str | None = None) -> dict:
-    """The record of one finished engine output (a RequestOutput with its bill)."""
+def usage_record(out, model: str, adapter: str | None = None, user: str | None = None,
+                 prompt: str | None = None) -> dict:
+    """The record of one finished engine output (a RequestOutput with its bill); `prompt` is
+    "id@version" when the request used a prompt template."""
     m, bill = out.metrics, out.bill
     return {"request_id": out.request_id, "model": model, "adapter": adapter, "user": user,
             "prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
             "queue_ms": round(m.queue_ms, 3), "prefill_ms": round(m.prefill_ms, 3), "decode_ms": round(m.decode_ms, 3),
-            **(bill.usage() if bill else {}), "batch_size": round(bill.batch_size, 3) if bill else None}
+            **(bill.usage() if bill else {}), "batch_size": round(bill.batch_size, 3) if bill else None,
+            "prompt": prompt}
 
 
 class UsageLog:
