@@ -203,3 +203,54 @@ def test_report_groups_by_prompt_version(tmp_path, capsys):
     assert cli_main(["report", str(log), "--by", "prompt"]) == 0
     assert "greet@1" in capsys.readouterr().out
 
+
+# -- end to end ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_chat_completions_with_a_prompt(tmp_path):
+    import openai
+
+    from server_fixture import ServerProcess, openai_client, small_engine
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    write(prompts, "greet-1.prompty", prompt_file(version="1", labels=["production"]))
+    usage_log = tmp_path / "usage.jsonl"
+    server = ServerProcess(*small_engine(), "--dtype", "float32", "--prompts", str(prompts),
+                           "--usage-log", str(usage_log))
+    try:
+        client = openai_client(server)
+        model = client.models.list().data[0].id
+        done = client.chat.completions.create(
+            model=model, messages=[], max_tokens=2,
+            extra_body={"prompt": {"id": "greet", "version": "production", "variables": {"name": "Ada"}}})
+        assert done.model_extra["leanserve"]["prompt"] == {"id": "greet", "version": "1"}
+        assert done.usage.completion_tokens <= 2  # the request's max_tokens beat the template's 7
+        assert done.usage.prompt_tokens > 10  # the template's messages were sent
+
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                           extra_body={"prompt": {"id": "greet", "variables": {"name": 5}}})
+        assert e.value.status_code == 400 and e.value.body["param"] == "prompt.variables.name"
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, messages=[], max_tokens=1,
+                                           extra_body={"prompt": {"id": "greet", "version": "9"}})
+        assert e.value.body["param"] == "prompt.version"
+
+        write(prompts, "greet-2.prompty", prompt_file(version="2"))  # while serving
+        done = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "and hello"}],
+            extra_body={"prompt": {"id": "greet", "variables": {"name": "Bo"}}})
+        assert done.model_extra["leanserve"]["prompt"] == {"id": "greet", "version": "2"}
+        assert done.usage.completion_tokens <= 7  # the template's max_tokens, as a default
+        chunks = list(client.chat.completions.create(
+            model=model, messages=[], max_tokens=1, stream=True,
+            extra_body={"prompt": {"id": "greet", "version": "1", "variables": {"name": "Cy"}}}))
+        assert chunks[0].model_extra["leanserve"]["prompt"] == {"id": "greet", "version": "1"}
+        plain = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert "leanserve" not in (plain.model_extra or {})
+    finally:
+        server.stop()
+    records = [json.loads(line) for line in usage_log.read_text().splitlines()]
+    assert [r.get("prompt") for r in records] == ["greet@1", "greet@2", "greet@1", None]
+    assert cli_main(["report", str(usage_log), "--by", "prompt"]) == 0

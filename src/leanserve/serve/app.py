@@ -29,8 +29,9 @@ from ..energy.ledger import Bill
 from ..energy.report import UsageLog, usage_record
 from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
 from ..jobs import JobsConfig
+from ..router.templates import PromptLibrary
 from ..errors import InvalidRequest, LeanserveError, Overloaded
-from . import adapters, banner, connections, openapi, protocol as p, tools
+from . import adapters, banner, connections, openapi, prompts, protocol as p, tools
 from .auth import APIKeyAuth
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -88,6 +89,7 @@ class OpenAIServer:
         self.ready = False  # True between engine start and the first shutdown signal
         self.created = int(time.time())
         self.tool_format = tools.tool_format(engine.tokenizer.chat_template)
+        self.prompts = PromptLibrary(config.prompts_dir) if config.prompts_dir else None
 
     # -- probes and listings ----------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class OpenAIServer:
     # -- generation -------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
-        req = await self._parse(request, p.ChatCompletionRequest)
+        req = prompts.apply(self.prompts, await self._parse(request, p.ChatCompletionRequest))
         plan = await self.chat_plan(req)
         prompt = chat_prompt_ids(self.engine.tokenizer, plan.messages, **plan.template_vars)
         params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs(),
@@ -142,9 +144,9 @@ class OpenAIServer:
         if choices is None:
             return Response(status_code=CLIENT_GONE)
         token_text = self.engine.tokenizer.token_text
-        body = p.chat_completion(rid, req.model, [
+        body = prompts.annotate(p.chat_completion(rid, req.model, [
             self._chat_choice(i, c, plan.fmt, p.chat_logprobs(c.logprobs, token_text) if req.logprobs else None)
-            for i, c in enumerate(choices)], self._usage(choices, req.n))
+            for i, c in enumerate(choices)], self._usage(choices, req.n)))
         self.metrics.count(200)
         return JSONResponse(body)
 
@@ -302,7 +304,8 @@ class OpenAIServer:
             self.metrics.observe(out)
         self.metrics.energy.add(out.bill or Bill(), model=self.model_name, adapter=out.adapter or "", user=user or "")
         if self.usage_log is not None:
-            self.usage_log.write(usage_record(out, self.model_name, adapter=out.adapter, user=user))
+            self.usage_log.write(usage_record(out, self.model_name, adapter=out.adapter, user=user,
+                                              prompt=prompts.used_label()))
 
     async def _collect(self, request: Request, rid: str, streams: list, user: str | None) -> list[Choice] | None:
         """Every choice, or None when the client disconnects first (its sequences are aborted)."""
@@ -348,7 +351,7 @@ class OpenAIServer:
         choices = [Choice() for _ in streams]
         parsers = [tools.ToolStream(fmt) if fmt is not None else None for _ in streams]
         for i in range(len(streams)):
-            yield chunk([p.chat_chunk_choice(i, {"role": "assistant", "content": ""})])
+            yield prompts.annotate(chunk([p.chat_chunk_choice(i, {"role": "assistant", "content": ""})]))
         async with contextlib.aclosing(self._outputs(streams, req.user)) as outputs:
             async for i, out in outputs:
                 choices[i].add(out)

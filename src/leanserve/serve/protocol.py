@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
 
 from .. import jsonsafe
 from ..energy.ledger import Bill
@@ -283,8 +283,18 @@ class GenerateRequest(_Strict):
         return Constraint(kind, value, param=param)
 
 
+class PromptRef(_Strict):
+    """leanserve's extension of chat completions: a prompt template (router/templates.py) whose
+    messages go before the request's, its settings defaults the request may override."""
+
+    id: str
+    version: str | int | None = None  # a version, a label, or None / "latest": the highest
+    variables: dict = Field(default_factory=dict)
+
+
 class ChatCompletionRequest(GenerateRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    prompt: PromptRef | None = None  # before messages: with a prompt they may be empty
+    messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -292,6 +302,13 @@ class ChatCompletionRequest(GenerateRequest):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    @field_validator("messages")
+    @classmethod
+    def _some_messages(cls, value, info):
+        if not value and info.data.get("prompt") is None:
+            raise ValueError("List should have at least 1 item after validation, not 0 (or send a prompt)")
+        return value
 
     @property
     def max_new_tokens(self) -> int | None:
