@@ -94,7 +94,8 @@ def test_new_version_appears_on_reload(library, tmp_path):
 
 @pytest.mark.parametrize("expr", ["''.__class__.__mro__", "cycler.__init__.__globals__",
                                   "lipsum.__globals__['os']", "name.__class__", "(name|attr('__class__'))",
-                                  "''['__cla' ~ 'ss__']", "'x' * 100000000", "range.__self__"])
+                                  "''['__cla' ~ 'ss__']", "'x' * 100000000", "range.__self__", "[1].append(2)",
+                                  "{}.update(a=1)"])
 def test_sandbox_escapes_are_refused(tmp_path, expr):
     write(tmp_path, "evil.prompty", prompt_file(pid="evil", body="user:\n{{ " + expr + " }}",
                                                 inputs="  name: {type: string, default: a}\n"))
