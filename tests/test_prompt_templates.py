@@ -84,6 +84,19 @@ def test_a_loaded_version_is_immutable(library, tmp_path):
     assert not library.reload().conflicts and library.get("greet", "1").version == "1"
 
 
+def test_a_vanished_directory_keeps_the_loaded_versions(tmp_path):
+    directory = tmp_path / "prompts"
+    directory.mkdir()
+    write(directory, "g.prompty", prompt_file(labels=["production"]))
+    lib = PromptLibrary(directory)
+    (directory / "g.prompty").unlink()
+    directory.rmdir()
+    assert lib.reload_if_changed() is True
+    assert lib.get("greet").version == "1"
+    with pytest.raises(InvalidRequest):
+        lib.get("greet", "production")  # its file, which carried the label, is gone
+
+
 def test_new_version_appears_on_reload(library, tmp_path):
     assert library.reload_if_changed() is False
     write(tmp_path, "greet-3.prompty", prompt_file(version="3"))

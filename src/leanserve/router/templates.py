@@ -370,13 +370,21 @@ class PromptLibrary:
         self.reload()
 
     def _scan(self) -> list[os.DirEntry]:
-        return sorted((e for e in os.scandir(self.directory) if e.name.endswith(SUFFIX) and e.is_file()),
-                      key=lambda e: e.name)
+        """The prompt files, by name; none when the directory went away (loaded versions stay)."""
+        try:
+            with os.scandir(self.directory) as entries:
+                return sorted((e for e in entries if e.name.endswith(SUFFIX) and e.is_file()), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("prompt directory %s cannot be read: %s", self.directory, e)
+            return []
 
     def _current_signature(self) -> tuple:
         out = []
         for e in self._scan():
-            st = e.stat()
+            try:
+                st = e.stat()
+            except OSError:  # removed since the scan
+                continue
             out.append((e.name, st.st_mtime_ns, st.st_size))
         return tuple(out)
 
