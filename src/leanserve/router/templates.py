@@ -34,7 +34,9 @@ huge repetitions.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -121,9 +123,6 @@ class Prompt:
     digest: str  # of everything but `labels`
     source: str
 
-    def __hash__(self):
-        return hash((self.id, self.version))
-
 
 @dataclass(frozen=True)
 class RenderedPrompt:
@@ -175,7 +174,7 @@ def parse_text(text: str, path: str = "<string>") -> tuple[Prompt, list[str]]:
     inputs = _inputs(front.get("inputs", front.get("variables")) or {})
     messages = _messages(match.group(2), set(inputs))
     content = {k: v for k, v in front.items() if k not in ("label", "labels")}
-    digest = hashlib.sha256(repr((sorted(content.items(), key=str), match.group(2))).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([content, match.group(2)], sort_keys=True, default=str).encode()).hexdigest()
     description = front.get("description") or ""
     if not isinstance(description, str):
         raise PromptFileError("'description' must be a string")
@@ -352,7 +351,7 @@ def render(prompt: Prompt, variables) -> RenderedPrompt:
             raise InvalidRequest(f"prompt {prompt.id!r} version {prompt.version} failed to render: {e}",
                                  param="prompt") from None
         messages.append({"role": role, "content": content})
-    return RenderedPrompt(messages, dict(prompt.settings), prompt.id, prompt.version)
+    return RenderedPrompt(messages, copy.deepcopy(prompt.settings), prompt.id, prompt.version)
 
 
 class PromptLibrary:
@@ -430,9 +429,6 @@ class PromptLibrary:
         self.labels = labels
         self.report = report
         return report
-
-    def ids(self) -> list[str]:
-        return sorted({pid for pid, _ in self.versions})
 
     def list(self) -> list[Prompt]:
         return [self.versions[k] for k in sorted(self.versions)]
