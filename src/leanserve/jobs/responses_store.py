@@ -1,0 +1,50 @@
+"""Stored Responses API objects (`store: true`), in `responses.sqlite3` of the data directory.
+
+A row holds the response as it was returned and the input items it was generated from:
+the items of its `previous_response_id` chain first, then its own. So each row is a whole
+conversation on its own, a follow-up needs one read, and deleting a response in the middle
+of a chain leaves the later ones intact. The data directory's lock (held by `JobStore`)
+already keeps a second server away from this file.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, body TEXT NOT NULL, input_items TEXT NOT NULL);
+"""
+
+
+class ResponseStore:
+    """Thread-safe: one connection behind a lock. Callers on an event loop use `asyncio.to_thread`."""
+
+    def __init__(self, path: str | Path):
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a response id a client was given survives a power cut
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, response: dict, input_items: list[dict]) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
+                             (response["id"], int(time.time()), json.dumps(response), json.dumps(input_items)))
+
+    def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+        """(response, input items) or None."""
+        with self._lock:
+            row = self._db.execute("SELECT body, input_items FROM responses WHERE id = ?", (response_id,)).fetchone()
+        return None if row is None else (json.loads(row[0]), json.loads(row[1]))
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            return bool(self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount)

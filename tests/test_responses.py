@@ -1,0 +1,194 @@
+"""The Responses API (issue 31) through the official `openai` client, on the shared
+`structured_server` (the built-in SmolLM2 in float32, a job store in its own data dir).
+
+Create from a string and from items, instructions, a strict json_schema answer (validated
+with jsonschema), a function tool round trip, streaming (typed events in OpenAI's order,
+sequence numbers counting up, and the final response equal to the same greedy request
+unstreamed), stored responses (retrieve, input_items, delete, previous_response_id) and
+bad input (400s naming what is not supported, 404s for unknown ids).
+"""
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from server_fixture import openai_client
+
+MODEL = "SmolLM2-135M-Instruct"
+WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+                          "required": ["city"], "additionalProperties": False}}
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(structured_server):
+    return openai_client(structured_server)
+
+
+def text_of(response) -> str:
+    return "".join(part.text for item in response.output if item.type == "message" for part in item.content)
+
+
+def test_a_string_input_answers_with_one_message_and_its_bill(client):
+    r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=8, temperature=0,
+                                metadata={"k": "v"}, user="u1")
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert [item.type for item in r.output] == ["message"]
+    assert r.output[0].role == "assistant" and r.output[0].content[0].type == "output_text"
+    assert r.output_text and r.output_text == text_of(r)
+    assert r.usage.input_tokens > 0 and 0 < r.usage.output_tokens <= 8
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.usage.model_extra["leanserve"]["energy_joules"] >= 0
+    assert r.metadata == {"k": "v"} and r.user == "u1" and r.service_tier == "default"
+    if r.usage.output_tokens == 8:
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert r.status == "completed"
+
+
+def test_items_and_instructions_are_the_chat_messages(client):
+    """The same conversation as chat messages gives the same greedy answer."""
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Name a colour."}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Blue."}]},
+             {"role": "user", "content": "Another one?"}]
+    r = client.responses.create(model=MODEL, input=items, instructions="Answer in one word.", max_output_tokens=6,
+                                temperature=0)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, messages=[
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"}])
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_strict_json_schema_answer_validates(client):
+    r = client.responses.create(model=MODEL, input="Invent a person.", max_output_tokens=40, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "person", "schema": PERSON,
+                                                 "strict": True}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), PERSON)
+    assert r.text.format.type == "json_schema"
+
+
+def test_a_function_tool_round_trip(client):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.responses.create(model=MODEL, input=ask, tools=[WEATHER], tool_choice="required",
+                                parallel_tool_calls=False, max_output_tokens=40, temperature=0)
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert r.tools[0].strict is True
+    follow = ask + [call.model_dump(exclude_none=True),
+                    {"type": "function_call_output", "call_id": call.call_id, "output": '{"celsius": 21}'}]
+    answer = client.responses.create(model=MODEL, input=follow, tools=[WEATHER], tool_choice="none",
+                                     max_output_tokens=12, temperature=0)
+    assert [item.type for item in answer.output] == ["message"] and answer.output_text
+
+
+def test_a_stream_has_openai_events_and_ends_as_the_plain_response(client):
+    kwargs = dict(model=MODEL, input="Count to five.", max_output_tokens=10, temperature=0, store=False)
+    plain = client.responses.create(**kwargs)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_response() if plain.status == "completed" else None
+    kinds = [e.type for e in events]
+    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    end = ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+           f"response.{plain.status}"]
+    assert kinds[-4:] == end and set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == plain.output_text
+    last = events[-1].response
+    assert last.output_text == plain.output_text and last.status == plain.status
+    assert last.usage.output_tokens == plain.usage.output_tokens
+    if final is not None:
+        assert final.output_text == plain.output_text
+
+
+def test_a_streamed_function_call(client):
+    kwargs = dict(model=MODEL, input="Weather in Rome?", tools=[WEATHER], tool_choice="required",
+                  parallel_tool_calls=False, max_output_tokens=40, temperature=0, store=False)
+    plain = client.responses.create(**kwargs)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[2] == "response.output_item.added" and events[2].item.type == "function_call"
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done",
+                          "response.completed"]
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    [call], [plain_call] = final.output, plain.output
+    assert args == call.arguments == plain_call.arguments and call.name == plain_call.name == "get_weather"
+
+
+def test_stored_responses_retrieve_list_chain_and_delete(client):
+    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=6, temperature=0)
+    got = client.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == first.output_text
+    second = client.responses.create(model=MODEL, input="What is my name?", previous_response_id=first.id,
+                                     max_output_tokens=6, temperature=0)
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    items = list(client.responses.input_items.list(second.id, order="asc"))
+    assert [i.type for i in items] == ["message", "message", "message"]
+    assert [i.role for i in items] == ["user", "assistant", "user"]
+    assert items[0].content[0].text == "My name is Ada." and items[-1].content[0].text == "What is my name?"
+    page = client.responses.input_items.list(second.id, limit=2)  # newest first
+    assert [i.id for i in page.data] == [items[2].id, items[1].id] and page.has_more
+    assert [i.id for i in page] == [i.id for i in reversed(items)]  # the client pages on
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    assert client.responses.retrieve(second.id).id == second.id  # a chain's later response stands alone
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(first.id)
+
+
+def test_store_false_keeps_nothing(client):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, previous_response_id=r.id)
+    assert e.value.body["param"] == "previous_response_id"
+
+
+@pytest.mark.parametrize("body, param, named", [
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]", "reasoning"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input[0].content[0]", "input_image"),
+    ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "web_search"),
+    ({"input": "Hi", "tools": [{"type": "computer_use_preview"}]}, "tools[0].type", "computer_use_preview"),
+    ({"input": "Hi", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
+    ({"input": "Hi", "background": True}, "background", "not supported"),
+    ({"input": "Hi", "tool_choice": "required"}, "tool_choice", "tools"),
+    ({"input": "Hi", "temperature": 3}, "temperature", "temperature"),
+    ({"input": "Hi", "frobnicate": 1}, "frobnicate", "frobnicate"),
+])
+def test_bad_input_is_a_400_naming_it(structured_server, body, param, named):
+    r = httpx.post(f"{structured_server.url}/v1/responses", json={"model": MODEL, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and named in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_unknown_ids_are_404s(client, structured_server):
+    for call in (lambda: client.responses.retrieve("resp_nope"), lambda: client.responses.delete("resp_nope"),
+                 lambda: client.responses.cancel("resp_nope"),
+                 lambda: client.responses.input_items.list("resp_nope")):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.body["code"] == "not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_nope")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="no-such-model", input="Hi")
