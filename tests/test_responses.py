@@ -10,6 +10,7 @@ bad input (400s naming what is not supported, 404s for unknown ids).
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -169,7 +170,6 @@ def test_store_false_keeps_nothing(client):
     ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "web_search"),
     ({"input": "Hi", "tools": [{"type": "computer_use_preview"}]}, "tools[0].type", "computer_use_preview"),
     ({"input": "Hi", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
-    ({"input": "Hi", "background": True}, "background", "not supported"),
     ({"input": "Hi", "tool_choice": "required"}, "tool_choice", "tools"),
     ({"input": "Hi", "temperature": 3}, "temperature", "temperature"),
     ({"input": "Hi", "frobnicate": 1}, "frobnicate", "frobnicate"),
@@ -192,3 +192,33 @@ def test_unknown_ids_are_404s(client, structured_server):
         client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_nope")
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="no-such-model", input="Hi")
+
+
+def test_a_background_response_is_polled_to_its_end(client):
+    r = client.responses.create(model=MODEL, input="Say hi.", max_output_tokens=6, temperature=0, background=True)
+    assert r.background is True and r.status in ("queued", "in_progress") and r.output == []
+    deadline = time.monotonic() + 60
+    while r.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        r = client.responses.retrieve(r.id)
+    assert r.status in ("completed", "incomplete") and r.output_text and r.usage.output_tokens > 0
+    assert client.responses.cancel(r.id).status == r.status  # it has ended: nothing to cancel
+
+
+def test_a_background_response_is_cancelled(client):
+    r = client.responses.create(model=MODEL, input="Count from 1 to 500, one number per line.",
+                                max_output_tokens=400, background=True)
+    cancelled = client.responses.cancel(r.id)
+    assert cancelled.id == r.id and cancelled.status == "cancelled"
+    assert client.responses.retrieve(r.id).status == "cancelled"
+    plain = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(client.responses.create(model=MODEL, input="Hi", max_output_tokens=2).id)
+    assert plain.status in ("completed", "incomplete")  # the server serves on
+
+
+def test_background_needs_store_and_no_stream(structured_server):
+    for extra in ({"store": False}, {"stream": True}):
+        r = httpx.post(f"{structured_server.url}/v1/responses", timeout=30,
+                       json={"model": MODEL, "input": "Hi", "background": True, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "background"

@@ -5,6 +5,9 @@ the items of its `previous_response_id` chain first, then its own. So each row i
 conversation on its own, a follow-up needs one read, and deleting a response in the middle
 of a chain leaves the later ones intact. The data directory's lock (held by `JobStore`)
 already keeps a second server away from this file.
+
+A background response is stored at once, in progress, and again when it ends; one still in
+progress when the store opens was cut off by the last process's end, and is failed then.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from pathlib import Path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
-    id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, body TEXT NOT NULL, input_items TEXT NOT NULL);
+    id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, status TEXT NOT NULL, body TEXT NOT NULL,
+    input_items TEXT NOT NULL);
 """
 
 
@@ -29,6 +33,15 @@ class ResponseStore:
         self._db.execute("PRAGMA synchronous=FULL")  # a response id a client was given survives a power cut
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self._fail_interrupted()
+
+    def _fail_interrupted(self) -> None:
+        rows = self._db.execute("SELECT id, body FROM responses WHERE status IN ('queued', 'in_progress')").fetchall()
+        for response_id, body in rows:
+            error = {"code": "server_error", "message": "The server stopped before this response was finished"}
+            body = dict(json.loads(body), status="failed", error=error)
+            self._db.execute("UPDATE responses SET status = 'failed', body = ? WHERE id = ?",
+                             (json.dumps(body), response_id))
 
     def close(self) -> None:
         with self._lock:
@@ -36,8 +49,9 @@ class ResponseStore:
 
     def put(self, response: dict, input_items: list[dict]) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
-                             (response["id"], int(time.time()), json.dumps(response), json.dumps(input_items)))
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                             (response["id"], int(time.time()), response["status"], json.dumps(response),
+                              json.dumps(input_items)))
 
     def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
         """(response, input items) or None."""

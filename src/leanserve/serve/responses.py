@@ -254,13 +254,17 @@ def finished(body: dict, output: list[dict], finish_reason: str | None, chat_usa
 class ResponsesAPI:
     def __init__(self, server: OpenAIServer, store: ResponseStore):
         self.server, self.store = server, store
+        self.running: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}  # background responses
+        self.closing = False
 
     async def create(self, request: Request) -> Response:
         server = self.server
         req = await server._parse(request, ResponsesRequest)
-        for name, why in (("prompt", "prompt templates"), ("background", "background responses")):
-            if getattr(req, name):
-                raise APIError(400, f"'{name}' ({why}) is not supported by this server yet", param=name)
+        if req.prompt is not None:
+            raise APIError(400, "'prompt' (prompt templates) is not supported by this server yet", param="prompt")
+        if req.background and (req.stream or not req.store):
+            raise APIError(400, "A background response must be stored (store true); streaming one is not supported "
+                           "by this server yet: poll it with GET /v1/responses/{id}", param="background")
         items = normalize_input(req.input)
         if req.previous_response_id is not None:
             items = await self._conversation(req.previous_response_id) + items
@@ -277,18 +281,58 @@ class ResponsesAPI:
         body = shell(rid, req, "flex" if priority == "batch" else "default")
         if req.stream:
             return self._sse(self._events(rid, req, streams, plan.fmt, body, items), rid)
+        if req.background:
+            body["background"] = True
+            await asyncio.to_thread(self.store.put, body, items)
+            stop = asyncio.Event()
+            task = asyncio.create_task(self._background(rid, req, streams, plan.fmt, body, items, stop))
+            self.running[rid] = (task, stop)
+            task.add_done_callback(lambda _: self.running.pop(rid, None))
+            server.metrics.count(200)
+            return JSONResponse(body)
         choices = await server._collect(request, rid, streams, req.user)
         if choices is None:
             return Response(status_code=CLIENT_GONE)
-        last = choices[0].last
-        content, calls, finish = tools.answer(choices[0].text, last.finish_reason, plan.fmt)
-        status = "incomplete" if last.finish_reason == "length" else "completed"
-        output = [call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls or []] \
-            or [message_item(content or "", status)]
-        body = finished(body, output, last.finish_reason, server._usage(choices, 1))
+        body = self._answer(choices, plan.fmt, body)
         await self._keep(req, body, items)
         server.metrics.count(200)
         return JSONResponse(body)
+
+    def _answer(self, choices: list[Choice], fmt, body: dict) -> dict:
+        last = choices[0].last
+        content, calls, finish = tools.answer(choices[0].text, last.finish_reason, fmt)
+        status = "incomplete" if last.finish_reason == "length" else "completed"
+        output = [call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls or []] \
+            or [message_item(content or "", status)]
+        return finished(body, output, last.finish_reason, self.server._usage(choices, 1))
+
+    async def _background(self, rid: str, req: ResponsesRequest, streams: list, fmt, body: dict, items: list[dict],
+                          stop: asyncio.Event) -> None:
+        """Generates a background response and stores how it ended; `stop` cancels it."""
+        try:
+            choices = await self.server._collect(_stoppable(stop), rid, streams, req.user)
+            if choices is None and self.closing:
+                body = dict(body, status="failed", error={
+                    "code": "server_error", "message": "The server shut down before this response was finished"})
+            elif choices is None:
+                body = dict(body, status="cancelled")
+            else:
+                body = self._answer(choices, fmt, body)
+        except APIError as e:
+            body = dict(body, status="failed", error={"code": e.code or e.type, "message": e.message})
+        except Exception:
+            log.exception("background response %s failed", rid)
+            body = dict(body, status="failed", error={"code": "server_error", "message": "Internal error"})
+        await asyncio.to_thread(self.store.put, body, items)
+
+    async def stop_background(self) -> None:
+        """At shutdown: background responses still running end as failed (stored so)."""
+        self.closing = True
+        for _, stop in list(self.running.values()):
+            stop.set()
+        for task, _ in list(self.running.values()):
+            with contextlib.suppress(Exception):
+                await task
 
     async def _conversation(self, response_id: str) -> list[dict]:
         found = await asyncio.to_thread(self.store.get, response_id)
@@ -405,9 +449,17 @@ class ResponsesAPI:
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
     async def cancel(self, response_id: str) -> JSONResponse:
-        await self._stored(response_id)
-        raise APIError(400, "Only a background response can be cancelled, and this server runs none yet; this "
-                       "response has finished", param="response_id")
+        """Stops a background response still running; one that has ended is returned as it is."""
+        response, _ = await self._stored(response_id)
+        if not response.get("background"):
+            raise APIError(400, "Only a background response can be cancelled", param="response_id")
+        if response_id in self.running:
+            task, stop = self.running[response_id]
+            stop.set()
+            await asyncio.shield(task)
+            response, _ = await self._stored(response_id)
+        self.server.metrics.count(200)
+        return JSONResponse(response)
 
     async def input_items(self, response_id: str, request: Request) -> JSONResponse:
         """The items the response was generated from, those of its previous responses first."""
@@ -433,6 +485,16 @@ class ResponsesAPI:
                              "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)})
 
 
+def _stoppable(stop: asyncio.Event) -> Request:
+    """A request whose client "disconnects" when `stop` is set: `_collect` then aborts the
+    sequences, as it does for a client gone."""
+    async def receive() -> dict:
+        await stop.wait()
+        return {"type": "http.disconnect"}
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/responses", "headers": []}, receive)
+
+
 def _error_event(code: str, message: str, param: str | None) -> str:
     event = {"type": "error", "code": code, "message": message, "param": param, "sequence_number": 0}
     return f"event: error\ndata: {json.dumps(event)}\n\n"
@@ -451,6 +513,7 @@ def responses_router(server: OpenAIServer) -> APIRouter:
         try:
             yield
         finally:
+            await api.stop_background()
             api.store.close()
 
     router = APIRouter(prefix="/v1/responses", dependencies=[Depends(server.authorize)], lifespan=lifespan)
