@@ -94,7 +94,7 @@ def offline_text(offline: LLM, adapter: str | None, prompt: str = PROMPT, n: int
 
 def test_models_lists_adapters_with_their_base(client, base, lora_root):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {base, "pine", "r1", "r2", "r3"}
+    assert set(models) == {base, "pine", "r1", "r2", "r3", "all-MiniLM-L6-v2"}  # and the embedding model
     assert models["pine"].model_extra["parent"] == base
     assert models["pine"].model_extra["root"] == str((lora_root / "allowed" / "pine").resolve())
 
