@@ -5,7 +5,9 @@ Create from a string and from items, instructions, a strict json_schema answer (
 with jsonschema), a function tool round trip, streaming (typed events in OpenAI's order,
 sequence numbers counting up, and the final response equal to the same greedy request
 unstreamed), stored responses (retrieve, input_items, delete, previous_response_id) and
-bad input (400s naming what is not supported, 404s for unknown ids).
+bad input (400s naming what is not supported, 404s for unknown ids), background responses
+(polled, cancelled) and LangChain's `ChatOpenAI(use_responses_api=True)` as a second client.
+The translation of items into chat messages is checked alone too, without a server.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import jsonschema
 import openai
 import pytest
 
+from leanserve.serve import responses as R
+from leanserve.serve.protocol import APIError
 from server_fixture import openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -27,8 +31,41 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
           "required": ["name", "age"], "additionalProperties": False}
 
-pytestmark = pytest.mark.slow
 
+
+# -- the translation alone ------------------------------------------------------------------
+
+def test_items_become_chat_messages_calls_joined():
+    items = R.normalize_input([
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city":"Rome"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "21C"},
+        {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "25C"}]}])
+    assert [i["id"][:3] for i in items] == ["msg", "fc_", "fc_", "fco", "fco"]
+    messages = R.to_messages(items)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["call_1", "call_2"]
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_2", "name": "get_weather", "content": "25C"}
+    req = R.ResponsesRequest(model="m", input="x", instructions="Be brief.", tools=[WEATHER], service_tier="flex")
+    chat = R.chat_request(req, items, "batch")
+    assert chat.messages[0].role == "system" and chat.messages[0].content == "Be brief."
+    assert chat.tools[0].function.strict is True and chat.priority == "batch"
+
+
+@pytest.mark.parametrize("value, param", [
+    ([{"type": "item_reference", "id": "msg_1"}], "input[0]"),
+    ([{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}], "input[0].content[0]"),
+    ([{"role": "tool", "content": "x"}], "input[0].role"),
+    ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0].call_id"),
+])
+def test_items_that_cannot_be_served_are_400s(value, param):
+    with pytest.raises(APIError) as e:
+        R.normalize_input(value)
+    assert e.value.status == 400 and e.value.param == param
+
+
+# -- through the server ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def client(structured_server):
@@ -39,6 +76,7 @@ def text_of(response) -> str:
     return "".join(part.text for item in response.output if item.type == "message" for part in item.content)
 
 
+@pytest.mark.slow
 def test_a_string_input_answers_with_one_message_and_its_bill(client):
     r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=8, temperature=0,
                                 metadata={"k": "v"}, user="u1")
@@ -56,6 +94,7 @@ def test_a_string_input_answers_with_one_message_and_its_bill(client):
         assert r.status == "completed"
 
 
+@pytest.mark.slow
 def test_items_and_instructions_are_the_chat_messages(client):
     """The same conversation as chat messages gives the same greedy answer."""
     items = [{"role": "user", "content": [{"type": "input_text", "text": "Name a colour."}]},
@@ -70,6 +109,7 @@ def test_items_and_instructions_are_the_chat_messages(client):
     assert r.usage.input_tokens == chat.usage.prompt_tokens
 
 
+@pytest.mark.slow
 def test_a_strict_json_schema_answer_validates(client):
     r = client.responses.create(model=MODEL, input="Invent a person.", max_output_tokens=40, temperature=0,
                                 text={"format": {"type": "json_schema", "name": "person", "schema": PERSON,
@@ -79,6 +119,7 @@ def test_a_strict_json_schema_answer_validates(client):
     assert r.text.format.type == "json_schema"
 
 
+@pytest.mark.slow
 def test_a_function_tool_round_trip(client):
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     r = client.responses.create(model=MODEL, input=ask, tools=[WEATHER], tool_choice="required",
@@ -94,6 +135,7 @@ def test_a_function_tool_round_trip(client):
     assert [item.type for item in answer.output] == ["message"] and answer.output_text
 
 
+@pytest.mark.slow
 def test_a_stream_has_openai_events_and_ends_as_the_plain_response(client):
     kwargs = dict(model=MODEL, input="Count to five.", max_output_tokens=10, temperature=0, store=False)
     plain = client.responses.create(**kwargs)
@@ -115,6 +157,7 @@ def test_a_stream_has_openai_events_and_ends_as_the_plain_response(client):
         assert final.output_text == plain.output_text
 
 
+@pytest.mark.slow
 def test_a_streamed_function_call(client):
     kwargs = dict(model=MODEL, input="Weather in Rome?", tools=[WEATHER], tool_choice="required",
                   parallel_tool_calls=False, max_output_tokens=40, temperature=0, store=False)
@@ -131,6 +174,7 @@ def test_a_streamed_function_call(client):
     assert args == call.arguments == plain_call.arguments and call.name == plain_call.name == "get_weather"
 
 
+@pytest.mark.slow
 def test_stored_responses_retrieve_list_chain_and_delete(client):
     first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=6, temperature=0)
     got = client.responses.retrieve(first.id)
@@ -154,6 +198,7 @@ def test_stored_responses_retrieve_list_chain_and_delete(client):
         client.responses.delete(first.id)
 
 
+@pytest.mark.slow
 def test_store_false_keeps_nothing(client):
     r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
@@ -163,6 +208,7 @@ def test_store_false_keeps_nothing(client):
     assert e.value.body["param"] == "previous_response_id"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, param, named", [
     ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]", "reasoning"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
@@ -181,6 +227,7 @@ def test_bad_input_is_a_400_naming_it(structured_server, body, param, named):
     assert error["param"] == param and named in error["message"] and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.slow
 def test_unknown_ids_are_404s(client, structured_server):
     for call in (lambda: client.responses.retrieve("resp_nope"), lambda: client.responses.delete("resp_nope"),
                  lambda: client.responses.cancel("resp_nope"),
@@ -194,6 +241,7 @@ def test_unknown_ids_are_404s(client, structured_server):
         client.responses.create(model="no-such-model", input="Hi")
 
 
+@pytest.mark.slow
 def test_a_background_response_is_polled_to_its_end(client):
     r = client.responses.create(model=MODEL, input="Say hi.", max_output_tokens=6, temperature=0, background=True)
     assert r.background is True and r.status in ("queued", "in_progress") and r.output == []
@@ -205,6 +253,7 @@ def test_a_background_response_is_polled_to_its_end(client):
     assert client.responses.cancel(r.id).status == r.status  # it has ended: nothing to cancel
 
 
+@pytest.mark.slow
 def test_a_background_response_is_cancelled(client):
     r = client.responses.create(model=MODEL, input="Count from 1 to 500, one number per line.",
                                 max_output_tokens=400, background=True)
@@ -217,8 +266,27 @@ def test_a_background_response_is_cancelled(client):
     assert plain.status in ("completed", "incomplete")  # the server serves on
 
 
+@pytest.mark.slow
 def test_background_needs_store_and_no_stream(structured_server):
     for extra in ({"store": False}, {"stream": True}):
         r = httpx.post(f"{structured_server.url}/v1/responses", timeout=30,
                        json={"model": MODEL, "input": "Hi", "background": True, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == "background"
+
+
+@pytest.mark.slow
+def test_a_flex_tier_runs_in_the_batch_class(client):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, service_tier="flex", store=False)
+    assert r.service_tier == "flex" and r.status in ("completed", "incomplete")
+
+
+@pytest.mark.slow
+def test_langchain_over_the_responses_api(structured_server):
+    """LangChain's ChatOpenAI with use_responses_api, a real client of this API, tools too."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=f"{structured_server.url}/v1", api_key="none", max_retries=0,
+                     temperature=0, max_tokens=40, use_responses_api=True)
+    assert llm.invoke("Say hi.").text
+    call = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Oslo?").tool_calls[0]
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)

@@ -280,7 +280,8 @@ class ResponsesAPI:
         streams = server._submit(rid, [prompt], params, priority, request.state.adapter, request)
         body = shell(rid, req, "flex" if priority == "batch" else "default")
         if req.stream:
-            return self._sse(self._events(rid, req, streams, plan.fmt, body, items), rid)
+            seq = itertools.count()  # the events' sequence numbers, an error event's too
+            return self._sse(self._events(rid, req, streams, plan.fmt, body, items, seq), rid, seq)
         if req.background:
             body["background"] = True
             await asyncio.to_thread(self.store.put, body, items)
@@ -345,9 +346,9 @@ class ResponsesAPI:
         if req.store:
             await asyncio.to_thread(self.store.put, body, items)
 
-    async def _events(self, rid: str, req: ResponsesRequest, streams: list, fmt, body: dict, items: list[dict]):
+    async def _events(self, rid: str, req: ResponsesRequest, streams: list, fmt, body: dict, items: list[dict],
+                      seq: itertools.count):
         """OpenAI's streamed events: the answer is either one message or function calls."""
-        seq = itertools.count()
 
         def event(kind: str, **fields) -> dict:
             return {"type": kind, "sequence_number": next(seq), **fields}
@@ -414,16 +415,16 @@ class ResponsesAPI:
         await self._keep(req, final, items)
         yield event(f"response.{final['status']}", response=final)
 
-    def _sse(self, events, rid: str) -> StreamingResponse:
+    def _sse(self, events, rid: str, seq: itertools.count) -> StreamingResponse:
         async def body():
             try:
                 async for event in events:
                     yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
             except APIError as e:  # the request's own fault, found after the stream began
-                yield _error_event(e.code or e.type, e.message, e.param)
+                yield _error_event(e.code or e.type, e.message, e.param, next(seq))
             except Exception:
                 log.exception("stream %s failed", rid)
-                yield _error_event("server_error", "Internal error while streaming", None)
+                yield _error_event("server_error", "Internal error while streaming", None, next(seq))
             finally:
                 await events.aclose()
                 self.server._abort(rid, 1)
@@ -495,8 +496,8 @@ def _stoppable(stop: asyncio.Event) -> Request:
     return Request({"type": "http", "method": "POST", "path": "/v1/responses", "headers": []}, receive)
 
 
-def _error_event(code: str, message: str, param: str | None) -> str:
-    event = {"type": "error", "code": code, "message": message, "param": param, "sequence_number": 0}
+def _error_event(code: str, message: str, param: str | None, sequence_number: int) -> str:
+    event = {"type": "error", "code": code, "message": message, "param": param, "sequence_number": sequence_number}
     return f"event: error\ndata: {json.dumps(event)}\n\n"
 
 
