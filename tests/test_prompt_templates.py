@@ -261,10 +261,14 @@ def test_chat_completions_with_a_prompt(tmp_path):
             model=model, messages=[], max_tokens=1, stream=True,
             extra_body={"prompt": {"id": "greet", "version": "1", "variables": {"name": "Cy"}}}))
         assert chunks[0].model_extra["leanserve"]["prompt"] == {"id": "greet", "version": "1"}
+        response = client.responses.create(model=model, input="and hello", max_output_tokens=2,
+                                           prompt={"id": "greet", "version": "1", "variables": {"name": "Di"}})
+        assert response.prompt.id == "greet" and response.prompt.version == "1"
+        assert response.usage.input_tokens > 10 and response.usage.output_tokens <= 2
         plain = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
         assert "leanserve" not in (plain.model_extra or {})
     finally:
         server.stop()
     records = [json.loads(line) for line in usage_log.read_text().splitlines()]
-    assert [r.get("prompt") for r in records] == ["greet@1", "greet@2", "greet@1", None]
+    assert [r.get("prompt") for r in records] == ["greet@1", "greet@2", "greet@1", "greet@1", None]
     assert cli_main(["report", str(usage_log), "--by", "prompt"]) == 0

@@ -215,7 +215,7 @@ def test_store_false_keeps_nothing(client):
      "input[0].content[0]", "input_image"),
     ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "web_search"),
     ({"input": "Hi", "tools": [{"type": "computer_use_preview"}]}, "tools[0].type", "computer_use_preview"),
-    ({"input": "Hi", "prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
+    ({"input": "Hi", "prompt": {"id": "pmpt_1"}}, "prompt", "prompt templates"),  # no --prompts DIR here
     ({"input": "Hi", "tool_choice": "required"}, "tool_choice", "tools"),
     ({"input": "Hi", "temperature": 3}, "temperature", "temperature"),
     ({"input": "Hi", "frobnicate": 1}, "frobnicate", "frobnicate"),

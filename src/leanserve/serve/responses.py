@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
 
 from ..jobs.responses_store import ResponseStore
-from . import openapi, protocol as p, tools
+from . import openapi, prompts, protocol as p, tools
 from .app import CLIENT_GONE, Choice, OpenAIServer, chat_prompt_ids, log
 from .protocol import APIError
 
@@ -204,7 +204,7 @@ def chat_request(req: ResponsesRequest, items: list[dict], priority: str) -> p.C
     fields = {"model": req.model, "messages": messages, "max_completion_tokens": req.max_output_tokens,
               "temperature": req.temperature, "top_p": req.top_p, "user": req.user, "tools": chat_tools(req),
               "tool_choice": chat_tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
-              "response_format": response_format(req), "priority": priority}
+              "response_format": response_format(req), "priority": priority, "prompt": req.prompt}
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
@@ -260,8 +260,6 @@ class ResponsesAPI:
     async def create(self, request: Request) -> Response:
         server = self.server
         req = await server._parse(request, ResponsesRequest)
-        if req.prompt is not None:
-            raise APIError(400, "'prompt' (prompt templates) is not supported by this server yet", param="prompt")
         if req.background and (req.stream or not req.store):
             raise APIError(400, "A background response must be stored (store true); streaming one is not supported "
                            "by this server yet: poll it with GET /v1/responses/{id}", param="background")
@@ -272,13 +270,16 @@ class ResponsesAPI:
             priority = SERVICE_TIERS[req.service_tier]
         else:
             priority = getattr(request.state, "service_class", None) or "realtime"
-        chat = chat_request(req, items, priority)
+        chat = prompts.apply(server.prompts, chat_request(req, items, priority))  # a template's messages first
         plan = await server.chat_plan(chat)
         prompt = chat_prompt_ids(server.engine.tokenizer, plan.messages, **plan.template_vars)
         params = server._sampling(chat, max_tokens=chat.max_new_tokens, logprobs=None, constraint=plan.constraint)
         rid = new_id("resp")
         streams = server._submit(rid, [prompt], params, priority, request.state.adapter, request)
-        body = shell(rid, req, "flex" if priority == "batch" else "default")
+        body = prompts.annotate(shell(rid, req, "flex" if priority == "batch" else "default"))
+        if chat.prompt is not None:  # OpenAI's field, with the version that ran
+            body["prompt"] = {"id": chat.prompt.id, "version": body["leanserve"]["prompt"]["version"],
+                              "variables": chat.prompt.variables}
         if req.stream:
             seq = itertools.count()  # the events' sequence numbers, an error event's too
             return self._sse(self._events(rid, req, streams, plan.fmt, body, items, seq), rid, seq)
