@@ -584,3 +584,22 @@ def test_native_decode_attention_over_an_int8_cache_long_sharp_and_nan():
     out = kernels.paged_decode_attention(q, cache.k, cache.v, tables, lens, 0, D ** -0.5, cache.k_scale, cache.v_scale)
     assert torch.isnan(out[3, 3:6]).all()
     assert not torch.isnan(out[3, :3]).any() and not torch.isnan(out[:3]).any()
+
+
+def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed midway leaves torch's lock file, and every later load waited on it forever."""
+    import time as _time
+
+    from leanserve import kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = tmp_path.joinpath(_get_build_directory("leanserve_x_test", False), "lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    assert not kernels.clear_stale_lock("leanserve_x_test") and lock.exists()  # a build may be running
+    old = _time.time() - kernels.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    assert kernels.clear_stale_lock("leanserve_x_test") and not lock.exists()
+    assert not kernels.clear_stale_lock("leanserve_x_test")  # nothing to clear

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,28 @@ def names() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.cpp"))
 
 
+STALE_LOCK_SECONDS = 600  # a build here takes under a minute; a lock this old outlived its builder
+
+
+def clear_stale_lock(module: str) -> bool:
+    """Removes the build lock of `module` if it is older than STALE_LOCK_SECONDS. torch's
+    builder takes a lock file in the build folder and every other process waits for it to
+    vanish, without a timeout: a build killed midway (kill -9, OOM) left it behind, and
+    every later start of any server then hung at the first kernel use. True if removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(module, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+        if age < STALE_LOCK_SECONDS:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning("removed a stale build lock %s (%.0f s old: its build was killed)", lock, age)
+    return True
+
+
 @functools.cache
 def native(name: str = "paged_attention"):
     """The compiled module `name` (a .cpp file here), or None when it cannot be built here."""
@@ -64,7 +87,10 @@ def native(name: str = "paged_attention"):
         return None
     try:
         from torch.utils.cpp_extension import load
-        return load(name=f"leanserve_{name}_{_cpu_tag()}", sources=[str(HERE / f"{name}.cpp")], extra_cflags=CFLAGS)
+
+        module = f"leanserve_{name}_{_cpu_tag()}"
+        clear_stale_lock(module)
+        return load(name=module, sources=[str(HERE / f"{name}.cpp")], extra_cflags=CFLAGS)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch fallback
         log.warning("native kernels %s unavailable, using torch ops instead: %s", name, e)
         return None
