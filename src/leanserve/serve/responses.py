@@ -9,6 +9,9 @@ and, streamed, OpenAI's typed events with a `sequence_number`.
 
 `service_tier` picks the engine's priority class: absent or "auto" is the API key's class
 (else realtime), "default" and "priority" are realtime, "flex" is batch.
+
+A `file_search` tool runs before the generation (serve/file_search.py: the query, the
+context budget, the citations); its `file_search_call` item comes first in the output.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import itertools
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,12 +30,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
 
 from ..jobs.responses_store import ResponseStore
-from . import openapi, prompts, protocol as p, tools
+from ..errors import InvalidRequest, LeanserveError, Overloaded
+from . import file_search, openapi, prompts, protocol as p, tools
 from .app import CLIENT_GONE, Choice, OpenAIServer, chat_prompt_ids, log
 from .protocol import APIError
 
 SERVICE_TIERS = {"default": "realtime", "priority": "realtime", "flex": "batch"}
-ITEM_TYPES = ("message", "function_call", "function_call_output")
+ITEM_TYPES = ("message", "function_call", "function_call_output", "file_search_call")
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text")
 
@@ -128,6 +133,13 @@ def normalize_input(value: str | list[dict]) -> list[dict]:
             items.append({"id": item.get("id") or new_id("fc"), "type": "function_call", "status": "completed",
                           "call_id": _string(item, "call_id", param), "name": _string(item, "name", param),
                           "arguments": _string(item, "arguments", param)})
+        elif kind == "file_search_call":  # an earlier search, replayed by a client: kept, not prompted
+            queries = item.get("queries", [])
+            if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+                raise APIError(400, f"Invalid '{param}.queries': must be a list of strings", param=f"{param}.queries")
+            items.append({"id": item.get("id") or file_search.new_call_id(), "type": "file_search_call",
+                          "status": item.get("status") or "completed", "queries": queries,
+                          "results": item.get("results")})
         else:
             output = item.get("output")
             if not isinstance(output, str):
@@ -142,6 +154,8 @@ def to_messages(items: list[dict]) -> list[dict]:
     messages: list[dict] = []
     names = {}
     for item in items:
+        if item["type"] == "file_search_call":
+            continue  # its results were context of the answer after it, not part of the conversation
         if item["type"] == "message":
             messages.append({"role": item["role"], "content": "\n".join(part["text"] for part in item["content"])})
         elif item["type"] == "function_call":
@@ -159,29 +173,42 @@ def to_messages(items: list[dict]) -> list[dict]:
 
 
 def chat_tools(req: ResponsesRequest) -> list[dict] | None:
-    """Flat function tools (`strict` true unless said otherwise, as OpenAI's) as chat tools."""
+    """Flat function tools (`strict` true unless said otherwise, as OpenAI's) as chat tools;
+    a `file_search` tool is run by the server, not offered to the model."""
     if req.tools is None:
         return None
     out = []
     for i, tool in enumerate(req.tools):
+        if tool.get("type") == "file_search":
+            continue
         if tool.get("type") != "function":
             raise APIError(400, f"Invalid 'tools[{i}]': tools of type {tool.get('type')!r} are not supported by "
-                           "this server; only 'function'", param=f"tools[{i}].type", code="unsupported_tool_type")
+                           "this server; only 'function' and 'file_search'", param=f"tools[{i}].type",
+                           code="unsupported_tool_type")
         unknown = set(tool) - {"type", "name", "description", "parameters", "strict"}
         if unknown:
             raise APIError(400, f"Unrecognized argument in 'tools[{i}]': {sorted(unknown)[0]}", param=f"tools[{i}]")
         function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
         out.append({"type": "function", "function": function | {"strict": tool.get("strict", True) is not False}})
-    return out
+    return out or None
 
 
-def chat_tool_choice(choice):
+def searches(req: ResponsesRequest) -> bool:
+    return any(t.get("type") == "file_search" for t in req.tools or [])
+
+
+def chat_tool_choice(req: ResponsesRequest, functions: bool):
+    """With a file_search tool, the search is the tool call the server always makes: "required"
+    or {"type": "file_search"} is met by it, and the model answers after it."""
+    choice = req.tool_choice
+    if searches(req) and (choice in ("auto", "required") or choice == {"type": "file_search"}):
+        return "auto" if functions and choice != {"type": "file_search"} else None
     if choice is None or choice in ("none", "auto", "required"):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise APIError(400, "Invalid 'tool_choice': this server takes 'none', 'auto', 'required' or "
-                   "{\"type\": \"function\", \"name\": ...}", param="tool_choice")
+    raise APIError(400, "Invalid 'tool_choice': this server takes 'none', 'auto', 'required', "
+                   "{\"type\": \"function\", \"name\": ...} or {\"type\": \"file_search\"}", param="tool_choice")
 
 
 def response_format(req: ResponsesRequest) -> dict | None:
@@ -201,9 +228,10 @@ def chat_request(req: ResponsesRequest, items: list[dict], priority: str) -> p.C
     messages = to_messages(items)
     if req.instructions:
         messages.insert(0, {"role": "system", "content": req.instructions})
+    functions = chat_tools(req)
     fields = {"model": req.model, "messages": messages, "max_completion_tokens": req.max_output_tokens,
-              "temperature": req.temperature, "top_p": req.top_p, "user": req.user, "tools": chat_tools(req),
-              "tool_choice": chat_tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
+              "temperature": req.temperature, "top_p": req.top_p, "user": req.user, "tools": functions,
+              "tool_choice": chat_tool_choice(req, bool(functions)), "parallel_tool_calls": req.parallel_tool_calls,
               "response_format": response_format(req), "priority": priority, "prompt": req.prompt}
     try:
         return p.ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -213,9 +241,12 @@ def chat_request(req: ResponsesRequest, items: list[dict], priority: str) -> p.C
 
 # -- response objects -----------------------------------------------------------------------
 
-def message_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
+def message_item(text: str, status: str = "completed", item_id: str | None = None,
+                 annotations: list[dict] | None = None) -> dict:
+    part = _part("output_text", text)
+    part["annotations"] = annotations or []
     return {"id": item_id or new_id("msg"), "type": "message", "role": "assistant", "status": status,
-            "content": [_part("output_text", text)]}
+            "content": [part]}
 
 
 def call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
@@ -239,7 +270,8 @@ def shell(rid: str, req: ResponsesRequest, tier: str) -> dict:
             "reasoning": {"effort": None, "summary": None}, "service_tier": tier, "store": req.store,
             "temperature": req.temperature, "text": {"format": fmt}, "top_p": req.top_p,
             "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),
-            "tools": [dict(t, strict=t.get("strict", True) is not False) for t in req.tools or []],
+            "tools": [dict(t, strict=t.get("strict", True) is not False) if t.get("type") == "function" else t
+                      for t in req.tools or []],
             "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {}}
 
 
@@ -250,6 +282,23 @@ def finished(body: dict, output: list[dict], finish_reason: str | None, chat_usa
 
 
 # -- routes ---------------------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    """One request on its way: the chat request it became (the file search's context put in
+    when it ran), its plan and sampling, and what the search found."""
+
+    rid: str
+    req: ResponsesRequest
+    items: list[dict]
+    chat: p.ChatCompletionRequest
+    plan: tools.ChatPlan
+    priority: str
+    request: Request
+    params: list = field(default_factory=list)
+    found: file_search.Found | None = None
+    call_id: str = field(default_factory=file_search.new_call_id)
+
 
 class ResponsesAPI:
     def __init__(self, server: OpenAIServer, store: ResponseStore):
@@ -270,62 +319,98 @@ class ResponsesAPI:
             priority = SERVICE_TIERS[req.service_tier]
         else:
             priority = getattr(request.state, "service_class", None) or "realtime"
+        search, _, index = file_search.parse(req.tools)
+        if search is not None and req.tool_choice != "none":
+            await file_search.check_stores(getattr(server, "vector_stores", None), search, index)
+        else:
+            search = None
         chat = prompts.apply(server.prompts, chat_request(req, items, priority))  # a template's messages first
-        plan = await server.chat_plan(chat)
-        prompt = chat_prompt_ids(server.engine.tokenizer, plan.messages, **plan.template_vars)
-        params = server._sampling(chat, max_tokens=chat.max_new_tokens, logprobs=None, constraint=plan.constraint)
-        rid = new_id("resp")
-        streams = server._submit(rid, [prompt], params, priority, request.state.adapter, request)
-        body = prompts.annotate(shell(rid, req, "flex" if priority == "batch" else "default"))
+        turn = Turn(new_id("resp"), req, items, chat, await server.chat_plan(chat), priority, request)
+        turn.params = server._sampling(chat, max_tokens=chat.max_new_tokens, logprobs=None,
+                                       constraint=turn.plan.constraint)
+        query_at = file_search.last_user(chat.messages) if search is not None else None
+        body = prompts.annotate(shell(turn.rid, req, "flex" if priority == "batch" else "default"))
         if chat.prompt is not None:  # OpenAI's field, with the version that ran
             body["prompt"] = {"id": chat.prompt.id, "version": body["leanserve"]["prompt"]["version"],
                               "variables": chat.prompt.variables}
         if req.stream:
             seq = itertools.count()  # the events' sequence numbers, an error event's too
-            return self._sse(self._events(rid, req, streams, plan.fmt, body, items, seq), rid, seq)
+            find = None if query_at is None else lambda: self._search(turn, search, query_at)
+            return self._sse(self._events(turn, body, find, seq), turn.rid, seq)
+        if query_at is not None:
+            await self._search(turn, search, query_at)
+        streams = self._start(turn)
         if req.background:
             body["background"] = True
             await asyncio.to_thread(self.store.put, body, items)
             stop = asyncio.Event()
-            task = asyncio.create_task(self._background(rid, req, streams, plan.fmt, body, items, stop))
-            self.running[rid] = (task, stop)
-            task.add_done_callback(lambda _: self.running.pop(rid, None))
+            task = asyncio.create_task(self._background(turn, streams, body, stop))
+            self.running[turn.rid] = (task, stop)
+            task.add_done_callback(lambda _: self.running.pop(turn.rid, None))
             server.metrics.count(200)
             return JSONResponse(body)
-        choices = await server._collect(request, rid, streams, req.user)
+        choices = await server._collect(request, turn.rid, streams, req.user)
         if choices is None:
             return Response(status_code=CLIENT_GONE)
-        body = self._answer(choices, plan.fmt, body)
+        body = self._answer(turn, choices, body)
         await self._keep(req, body, items)
         server.metrics.count(200)
         return JSONResponse(body)
 
-    def _answer(self, choices: list[Choice], fmt, body: dict) -> dict:
+    async def _search(self, turn: Turn, search: file_search.FileSearchTool, query_at: int) -> file_search.Found:
+        """Runs the file search and puts its context in the turn's chat request."""
+        query = turn.chat.messages[query_at].content
+        hits = await file_search.search(self.server.vector_stores, search, query)
+        budget = min(file_search.CONTEXT_TOKENS, self.server.engine.max_model_len // 4)
+        turn.found = file_search.build_context(file_search.Found(query, hits), self.server.engine.tokenizer, budget)
+        if turn.found.context:
+            turn.chat = file_search.with_context(turn.chat, query_at, turn.found)
+            turn.plan = await self.server.chat_plan(turn.chat)
+        return turn.found
+
+    def _start(self, turn: Turn) -> list:
+        """Submits the turn's generation; its streams."""
+        plan = turn.plan
+        prompt = chat_prompt_ids(self.server.engine.tokenizer, plan.messages, **plan.template_vars)
+        return self.server._submit(turn.rid, [prompt], turn.params, turn.priority, turn.request.state.adapter,
+                                   turn.request)
+
+    def _search_item(self, turn: Turn) -> list[dict]:
+        """The output's file_search_call item (results only when included), if it searched."""
+        if turn.found is None:
+            return []
+        include = "file_search_call.results" in (turn.req.include or [])
+        return [file_search.call_item(turn.call_id, turn.found, "completed", include)]
+
+    def _annotations(self, turn: Turn, text: str) -> list[dict]:
+        return file_search.citations(text, turn.found.used) if turn.found is not None else []
+
+    def _answer(self, turn: Turn, choices: list[Choice], body: dict) -> dict:
         last = choices[0].last
-        content, calls, finish = tools.answer(choices[0].text, last.finish_reason, fmt)
+        content, calls, finish = tools.answer(choices[0].text, last.finish_reason, turn.plan.fmt)
         status = "incomplete" if last.finish_reason == "length" else "completed"
         output = [call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls or []] \
-            or [message_item(content or "", status)]
-        return finished(body, output, last.finish_reason, self.server._usage(choices, 1))
+            or [message_item(content or "", status, annotations=self._annotations(turn, content or ""))]
+        return finished(body, self._search_item(turn) + output, last.finish_reason, self.server._usage(choices, 1))
 
-    async def _background(self, rid: str, req: ResponsesRequest, streams: list, fmt, body: dict, items: list[dict],
-                          stop: asyncio.Event) -> None:
+    async def _background(self, turn: Turn, streams: list, body: dict, stop: asyncio.Event) -> None:
         """Generates a background response and stores how it ended; `stop` cancels it."""
+        rid = turn.rid
         try:
-            choices = await self.server._collect(_stoppable(stop), rid, streams, req.user)
+            choices = await self.server._collect(_stoppable(stop), rid, streams, turn.req.user)
             if choices is None and self.closing:
                 body = dict(body, status="failed", error={
                     "code": "server_error", "message": "The server shut down before this response was finished"})
             elif choices is None:
                 body = dict(body, status="cancelled")
             else:
-                body = self._answer(choices, fmt, body)
+                body = self._answer(turn, choices, body)
         except APIError as e:
             body = dict(body, status="failed", error={"code": e.code or e.type, "message": e.message})
         except Exception:
             log.exception("background response %s failed", rid)
             body = dict(body, status="failed", error={"code": "server_error", "message": "Internal error"})
-        await asyncio.to_thread(self.store.put, body, items)
+        await asyncio.to_thread(self.store.put, body, turn.items)
 
     async def stop_background(self) -> None:
         """At shutdown: background responses still running end as failed (stored so)."""
@@ -347,9 +432,10 @@ class ResponsesAPI:
         if req.store:
             await asyncio.to_thread(self.store.put, body, items)
 
-    async def _events(self, rid: str, req: ResponsesRequest, streams: list, fmt, body: dict, items: list[dict],
-                      seq: itertools.count):
-        """OpenAI's streamed events: the answer is either one message or function calls."""
+    async def _events(self, turn: Turn, body: dict, find, seq: itertools.count):
+        """OpenAI's streamed events: a file_search_call first if `find` (the search, awaited
+        between its `searching` and `completed` events), then one message or function calls."""
+        req = turn.req
 
         def event(kind: str, **fields) -> dict:
             return {"type": kind, "sequence_number": next(seq), **fields}
@@ -357,14 +443,30 @@ class ResponsesAPI:
         yield event("response.created", response=body)
         yield event("response.in_progress", response=body)
         output: list[dict] = []
+        if find is not None:
+            item = file_search.call_item(turn.call_id, None, "in_progress", False)
+            output.append(item)
+            yield event("response.output_item.added", output_index=0, item=dict(item))
+            yield event("response.file_search_call.in_progress", output_index=0, item_id=item["id"])
+            yield event("response.file_search_call.searching", output_index=0, item_id=item["id"])
+            await find()
+            output[0] = self._search_item(turn)[0]
+            yield event("response.file_search_call.completed", output_index=0, item_id=item["id"])
+            yield event("response.output_item.done", output_index=0, item=output[0])
+        try:
+            streams = self._start(turn)
+        except InvalidRequest as e:
+            raise APIError(400, e.message, param=e.param) from None
+        first = len(output)  # the first item the model writes
         choice = Choice()
+        fmt = turn.plan.fmt
         parser = tools.ToolStream(fmt) if fmt is not None else None
 
         def open_message():
             output.append(message_item("", "in_progress"))
-            item = output[-1]
-            yield event("response.output_item.added", output_index=0, item=dict(item, content=[]))
-            yield event("response.content_part.added", item_id=item["id"], output_index=0, content_index=0,
+            item, index = output[-1], len(output) - 1
+            yield event("response.output_item.added", output_index=index, item=dict(item, content=[]))
+            yield event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
                         part=_part("output_text", ""))
 
         def close(index: int, status: str):
@@ -372,6 +474,10 @@ class ResponsesAPI:
             item["status"] = status
             if item["type"] == "message":
                 part = item["content"][0]
+                part["annotations"] = self._annotations(turn, part["text"])
+                for n, annotation in enumerate(part["annotations"]):
+                    yield event("response.output_text.annotation.added", item_id=item["id"], output_index=index,
+                                content_index=0, annotation_index=n, annotation=annotation)
                 yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
                             text=part["text"], logprobs=[])
                 yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
@@ -387,15 +493,16 @@ class ResponsesAPI:
                 deltas = parser.feed(out.text, out.finished) if parser else [{"content": out.text}] * bool(out.text)
                 for delta in deltas:
                     if "content" in delta:
-                        if not output:
+                        if len(output) == first:
                             for e in open_message():
                                 yield e
-                        output[0]["content"][0]["text"] += delta["content"]
-                        yield event("response.output_text.delta", item_id=output[0]["id"], output_index=0,
+                        message = output[first]
+                        message["content"][0]["text"] += delta["content"]
+                        yield event("response.output_text.delta", item_id=message["id"], output_index=first,
                                     content_index=0, delta=delta["content"], logprobs=[])
                     for call in delta.get("tool_calls", []):
                         if "id" in call:
-                            if output:
+                            if len(output) > first:
                                 for e in close(len(output) - 1, "completed"):
                                     yield e
                             output.append(call_item(call["id"], call["function"]["name"], "", "in_progress"))
@@ -406,14 +513,14 @@ class ResponsesAPI:
                             yield event("response.function_call_arguments.delta", item_id=output[-1]["id"],
                                         output_index=len(output) - 1, delta=piece)
         finish = choice.last.finish_reason
-        if not output:
+        if len(output) == first:
             for e in open_message():
                 yield e
         for e in close(len(output) - 1, "incomplete" if finish == "length" and output[-1]["type"] == "message"
                        else "completed"):
             yield e
         final = finished(body, output, finish, self.server._usage([choice], 1))
-        await self._keep(req, final, items)
+        await self._keep(req, final, turn.items)
         yield event(f"response.{final['status']}", response=final)
 
     def _sse(self, events, rid: str, seq: itertools.count) -> StreamingResponse:
@@ -423,6 +530,9 @@ class ResponsesAPI:
                     yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
             except APIError as e:  # the request's own fault, found after the stream began
                 yield _error_event(e.code or e.type, e.message, e.param, next(seq))
+            except LeanserveError as e:  # the engine refused it (a search's context made it too long, overload)
+                code = "server_overloaded" if isinstance(e, Overloaded) else "invalid_request_error"
+                yield _error_event(code, e.message, e.param, next(seq))
             except Exception:
                 log.exception("stream %s failed", rid)
                 yield _error_event("server_error", "Internal error while streaming", None, next(seq))

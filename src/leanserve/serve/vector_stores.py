@@ -402,6 +402,7 @@ def server_router(server, files, url: str | None, data_dir: str) -> APIRouter:
 
 def vector_store_router(server, backend: VectorBackend, files, ingestor: Ingestor, embed_query) -> APIRouter:
     api = VectorStoresAPI(server, backend, files, ingestor, embed_query)
+    server.vector_stores = api  # the file_search tool of /v1/responses searches through it
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
