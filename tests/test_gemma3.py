@@ -112,3 +112,89 @@ def test_tiny_gemma3_softcapping_equals_transformers(tiny_gemma3_softcapped, mon
     llm = LLM(str(tiny_gemma3_softcapped), dtype="float32", num_kv_blocks=64, max_num_batched_tokens=16)
     outs = llm.generate(PROMPTS, PARAMS)
     assert_equals_transformers(outs, reference(tiny_gemma3_softcapped), "tiny Gemma 3 with soft-capping")
+
+
+# -- the built-in Gemma 3 270M (Q4_K_M GGUF, dequantized to float32 on both sides) ---------------
+
+TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf():
+    from leanserve.models.loader import builtin_model_path
+
+    return builtin_model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def gemma_llm():
+    return LLM("gemma3-270m", dtype="float32", num_kv_blocks=128, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def gemma_hf(gemma_gguf):
+    import os
+
+    return load_hf(os.path.dirname(gemma_gguf), gguf_file=os.path.basename(gemma_gguf))
+
+
+@pytest.mark.slow
+def test_gemma3_270m_greedy_equals_transformers_batched_and_alone(gemma_llm, gemma_hf):
+    args = gemma_llm.engine.model.args
+    assert args.layer_windows == (512,) * 5 + (0,) + (512,) * 5 + (0,) + (512,) * 5 + (0,)
+    assert (args.rope_theta, args.rope_local_theta, args.query_pre_attn_scalar) == (1e6, 1e4, 256)
+    prompts = [gemma_llm.tokenizer.encode(t) for t in TEXTS]
+    batched = gemma_llm.generate(prompts, PARAMS)
+    for prompt, out in zip(prompts, batched):
+        ref = hf_greedy(gemma_hf, prompt, NUM_NEW)
+        assert_tokens_equal(out.token_ids, ref.tokens, f"Gemma 3 270M on {gemma_llm.tokenizer.decode(prompt)!r}")
+        assert_logprobs_close(out, ref)
+        alone = gemma_llm.generate([prompt], PARAMS)[0]
+        assert alone.token_ids == out.token_ids
+        assert [lp.logprob for lp in alone.logprobs] == pytest.approx([lp.logprob for lp in out.logprobs], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_past_its_sliding_window_equals_transformers(gemma_llm, gemma_hf):
+    """A 600-token prompt: the local layers' 512-token window cuts it, in prefill (chunks of
+    the engine's 512-token step budget) and in decode."""
+    text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 11} stones." for i in range(60))
+    prompt = gemma_llm.tokenizer.encode(text + " Item 3: the")[:600]
+    assert len(prompt) == 600
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    out = gemma_llm.generate([prompt], params)[0]
+    ref = hf_greedy(gemma_hf, prompt, 8)
+    assert_tokens_equal(out.token_ids, ref.tokens, "Gemma 3 270M, 600-token prompt")
+    assert_logprobs_close(out, ref)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_tokenizer_equals_transformers(gemma_llm, gemma_gguf):
+    """The 262k SentencePiece vocabulary rebuilt from the GGUF, against transformers'
+    tokenizer from the same file."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(gemma_gguf), gguf_file=os.path.basename(gemma_gguf))
+    ours = gemma_llm.tokenizer
+    assert ours.vocab_size == len(hf) == 262144
+    for text in ["Hello world", " leading space", "1234567 + 89 = ?", "naïve café 東京 🤖", "\tdef f(x):\n    return x**2\n\n",
+                 "  double  spaces", "<start_of_turn>user\nhi<end_of_turn>\n", "ÅÄÖ Ω ≈ ∑ \u00a0ﬁ"]:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text), text
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+
+
+@pytest.mark.slow
+def test_gemma3_chat_template_and_end_of_turn(gemma_llm):
+    """The GGUF is the base model and has no template: Gemma 3's standard one is the default,
+    and <end_of_turn> ends generation."""
+    tok = gemma_llm.tokenizer
+    text = tok.apply_chat_template([{"role": "system", "content": "Be terse."}, {"role": "user", "content": " Hi "},
+                                    {"role": "assistant", "content": "Hello."},
+                                    {"role": "user", "content": [{"type": "text", "text": "Bye"}]}])
+    assert text == ("<bos><start_of_turn>user\nBe terse.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    assert tok.encode(text, add_special_tokens=False)[:3] == [2, 105, 2364]  # <bos> <start_of_turn> user
+    assert {1, 106} <= gemma_llm.engine.eos_ids  # <eos>, <end_of_turn>

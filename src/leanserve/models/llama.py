@@ -357,8 +357,8 @@ class Attention(nn.Module):
         """qkv with each query and key head normalised (Qwen3, Gemma 3): new [T, width] rows."""
         T, q_width, kv_width = qkv.shape[0], self.nh * self.hd, self.nkv * self.hd
         q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
-        q = self.q_norm(q.reshape(T * self.nh, self.hd)).view(T, q_width)
-        k = self.k_norm(k.reshape(T * self.nkv, self.hd)).view(T, kv_width)
+        q = self.q_norm(q.reshape(T * self.nh, self.hd).contiguous()).view(T, q_width)
+        k = self.k_norm(k.reshape(T * self.nkv, self.hd).contiguous()).view(T, kv_width)
         return torch.cat([q, k, v], dim=-1)
 
     def forward(self, x, rope: "Rope", positions, batch: AttnBatch, cache: LayerCache):
