@@ -48,6 +48,8 @@ TINY_SPECS = {
     )),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    # q/k norms per head; head_dim 32 is not hidden / heads (16), as in the real Qwen3 models
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
     )),
