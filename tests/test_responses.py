@@ -11,6 +11,7 @@ The translation of items into chat messages is checked alone too, without a serv
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -290,3 +291,209 @@ def test_langchain_over_the_responses_api(structured_server):
     assert llm.invoke("Say hi.").text
     call = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Oslo?").tool_calls[0]
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+
+
+# -- file_search ----------------------------------------------------------------------------
+
+KB = {  # each file one fact, phrased so that an answer repeating it names it
+    "kettle.txt": "The Zephyr kettle boils one litre of water in 95 seconds. It has a warranty of seven years.",
+    "bicycle.md": "# Comet bicycle\nThe Comet bicycle weighs 9 kilograms and comes in red or blue.",
+    "lamp.txt": "The Halo desk lamp uses 6 watts and its LED lasts for 25000 hours.",
+}
+KB_KINDS = {"kettle.txt": "kitchen", "bicycle.md": "sport", "lamp.txt": "office"}
+QUESTION = "What is the warranty of the Zephyr kettle?"
+
+
+def test_citations_follow_the_phrases_the_answer_repeats():
+    from leanserve.rag.backend import SearchHit
+    from leanserve.serve import file_search as fs
+
+    kettle = SearchHit("file-k", "kettle.txt", 0.9, text=KB["kettle.txt"])
+    lamp = SearchHit("file-l", "lamp.txt", 0.5, text=KB["lamp.txt"])
+    text = "The Zephyr kettle has a warranty of seven years. The lamp uses 6 watts! Thanks."
+    cited = fs.citations(text, [kettle, lamp])
+    assert [(c["filename"], text[:c["index"]][-6:]) for c in cited] == [("kettle.txt", "years."), ("lamp.txt", "watts!")]
+    assert all(c["type"] == "file_citation" for c in cited) and cited[0]["file_id"] == "file-k"
+    assert fs.citations("I do not know.", [kettle, lamp]) == []  # "do not" etc. are stopwords: no phrase shared
+    two = fs.citations("The Zephyr kettle boils fast. The Zephyr kettle is good.", [kettle])
+    assert len(two) == 1 and two[0]["index"] == len("The Zephyr kettle boils fast. The Zephyr kettle is good.")
+
+
+def test_the_context_keeps_to_its_token_budget(builtin_gguf):
+    from leanserve.models.tokenizer import Tokenizer
+    from leanserve.rag.backend import SearchHit
+    from leanserve.serve import file_search as fs
+
+    tok = Tokenizer.from_gguf(str(builtin_gguf))  # the served model's tokenizer counts the budget
+    hits = [SearchHit(f"file-{i}", f"f{i}.txt", 1 - i / 10, text=("word " * 100) + str(i)) for i in range(5)]
+    found = fs.build_context(fs.Found("q", hits), tok, 250)
+    assert [h.file_id for h in found.used] == ["file-0", "file-1"]  # the ranking's prefix that fits
+    assert len(tok.encode(found.context, add_special_tokens=False)) <= 250
+    assert found.context.startswith(fs.HEADER) and "[f1.txt]" in found.context and "[f2.txt]" not in found.context
+    cut = fs.build_context(fs.Found("q", hits), tok, 60)  # the best hit alone is too long: its start
+    assert [h.file_id for h in cut.used] == ["file-0"] and len(tok.encode(cut.context, add_special_tokens=False)) <= 62
+
+
+@pytest.mark.parametrize("tool, param", [
+    ({"type": "file_search"}, "tools[0].vector_store_ids"),
+    ({"type": "file_search", "vector_store_ids": []}, "tools[0].vector_store_ids"),
+    ({"type": "file_search", "vector_store_ids": ["vs_1"], "max_num_results": 0}, "tools[0].max_num_results"),
+    ({"type": "file_search", "vector_store_ids": ["vs_1"], "filters": {"type": "eq", "key": "k"}},
+     "tools[0].filters"),
+    ({"type": "file_search", "vector_store_ids": ["vs_1"], "ranking_options": {"ranker": "best"}},
+     "tools[0].ranking_options.ranker"),
+    ({"type": "file_search", "vector_store_ids": ["vs_1"], "colour": "red"}, "tools[0].colour"),
+])
+def test_a_bad_file_search_tool_is_a_400(tool, param):
+    from leanserve.serve import file_search as fs
+
+    with pytest.raises(APIError) as e:
+        fs.parse([tool])
+    assert e.value.status == 400 and e.value.param.startswith(param), e.value.param
+
+
+@pytest.fixture(scope="module")
+def kb(client):
+    """A vector store made here: the KB files uploaded through /v1/files, attached, ingested."""
+    ids = {name: client.files.create(file=(name, io.BytesIO(text.encode())), purpose="assistants").id
+           for name, text in KB.items()}
+    store = client.vector_stores.create(name="responses-kb")
+    for name, file_id in ids.items():
+        client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id,
+                                          attributes={"kind": KB_KINDS[name]})
+    deadline = time.monotonic() + 120
+    while client.vector_stores.retrieve(store.id).status == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.vector_stores.retrieve(store.id).file_counts.completed == len(KB)
+    return store.id, ids
+
+
+@pytest.mark.slow
+def test_file_search_answers_citing_the_right_file(client, kb):
+    store, ids = kb
+    r = client.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=30,
+                                tools=[{"type": "file_search", "vector_store_ids": [store], "max_num_results": 2}],
+                                include=["file_search_call.results"])
+    call, message = r.output
+    assert call.type == "file_search_call" and call.status == "completed" and call.queries == [QUESTION]
+    assert [x.filename for x in call.results][0] == "kettle.txt" and len(call.results) == 2
+    assert call.results[0].file_id == ids["kettle.txt"] and call.results[0].attributes == {"kind": "kitchen"}
+    assert call.results[0].text == KB["kettle.txt"] and 0 < call.results[0].score <= 1
+    assert message.type == "message" and "seven" in r.output_text.lower(), r.output_text
+    annotations = message.content[0].annotations  # the sentence that says it cites the kettle's file
+    assert annotations and annotations[0].filename == "kettle.txt", (r.output_text, annotations)
+    assert annotations[0].type == "file_citation" and annotations[0].file_id == ids["kettle.txt"]
+    assert "seven" in r.output_text[:annotations[0].index].lower() and annotations[0].index <= len(r.output_text)
+    assert {a.filename for a in annotations} <= {x.filename for x in call.results}  # only what was in the context
+    assert r.tools[0].type == "file_search" and r.tools[0].vector_store_ids == [store]
+    plain = client.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=30)
+    assert r.usage.input_tokens > plain.usage.input_tokens + 20  # the kettle's text went into the prompt
+    # the stored response continues: the search item is kept, not prompted again
+    follow = client.responses.create(model=MODEL, input="Thanks!", previous_response_id=r.id, max_output_tokens=4)
+    kinds = [i.type for i in client.responses.input_items.list(follow.id, order="asc")]
+    assert kinds == ["message", "file_search_call", "message", "message"]
+
+
+@pytest.mark.slow
+def test_file_search_filters_and_results_left_out(client, kb):
+    store, _ = kb
+    tool = {"type": "file_search", "vector_store_ids": [store], "filters": {"type": "eq", "key": "kind",
+                                                                            "value": "office"}}
+    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=4, tools=[tool],
+                                include=["file_search_call.results"])
+    assert [x.filename for x in r.output[0].results] == ["lamp.txt"]
+    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=4, tools=[tool], store=False)
+    assert r.output[0].type == "file_search_call" and r.output[0].results is None  # not included
+    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=4, tools=[tool], tool_choice="none")
+    assert [i.type for i in r.output] == ["message"]  # no tools: no search
+
+
+@pytest.mark.slow
+def test_a_streamed_file_search(client, kb):
+    store, _ = kb
+    kwargs = dict(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=30, store=False,
+                  tools=[{"type": "file_search", "vector_store_ids": [store], "max_num_results": 2}])
+    plain = client.responses.create(**kwargs)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        if plain.status == "completed":  # the helper's final response is only of a completed one
+            assert stream.get_final_response().output_text == plain.output_text
+    final = events[-1].response
+    kinds = [e.type for e in events]
+    assert kinds[:7] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.file_search_call.in_progress", "response.file_search_call.searching",
+                         "response.file_search_call.completed", "response.output_item.done"]
+    assert events[2].item.type == "file_search_call" and events[2].item.status == "in_progress"
+    assert events[6].item.status == "completed" and events[6].item.queries == [QUESTION]
+    assert {e.output_index for e in events[2:7]} == {0} and {e.item_id for e in events[3:6]} == {events[2].item.id}
+    assert kinds[7:9] == ["response.output_item.added", "response.content_part.added"] and events[7].output_index == 1
+    n = kinds.count("response.output_text.annotation.added")
+    assert kinds[-4 - n:] == ["response.output_text.annotation.added"] * n + [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        f"response.{plain.status}"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == plain.output_text and [i.type for i in final.output] == ["file_search_call", "message"]
+    cited = [a.model_dump() for a in plain.output[1].content[0].annotations]
+    assert [e.annotation.model_dump() for e in events if e.type == "response.output_text.annotation.added"] == cited
+    assert [a.model_dump() for a in final.output[1].content[0].annotations] == cited
+
+
+@pytest.mark.slow
+def test_file_search_on_an_unknown_store_is_a_404(structured_server, kb):
+    r = httpx.post(f"{structured_server.url}/v1/responses", timeout=30, json={
+        "model": MODEL, "input": "Hi", "tools": [{"type": "file_search", "vector_store_ids": [kb[0], "vs_nope"]}]})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["param"] == "tools[0].vector_store_ids[1]" and "vs_nope" in error["message"]
+    assert error["code"] == "not_found" and error["type"] == "invalid_request_error"
+
+
+# -- the OpenAI Agents SDK ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_an_agents_sdk_function_tool_loop(structured_server):
+    """openai-agents' Runner over /v1/responses (its default model, OpenAIResponsesModel): the
+    model calls the tool, the SDK runs it and sends the output back, the model answers."""
+    import agents
+
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        calls.append(city)
+        return f"Sunny and 21 degrees in {city}."
+
+    agents.set_tracing_disabled(True)  # no traces sent anywhere
+    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=f"{structured_server.url}/v1", api_key="none",
+                                                        max_retries=0), use_for_tracing=False)
+    agents.set_default_openai_api("responses")
+    agent = agents.Agent(name="weather", instructions="Answer questions about the weather.", tools=[get_weather],
+                         model=MODEL, model_settings=agents.ModelSettings(temperature=0, max_tokens=100,
+                                                                          tool_choice="required",
+                                                                          parallel_tool_calls=False))
+    result = agents.Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    assert calls and all(isinstance(c, str) and c for c in calls)
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item", kinds
+    assert result.final_output and isinstance(result.final_output, str)
+    [first, *rest] = result.raw_responses
+    assert first.response_id.startswith("resp_") and first.usage.input_tokens > 0 and rest
+
+
+@pytest.mark.slow
+def test_an_agents_sdk_file_search(structured_server, kb):
+    """The SDK's hosted FileSearchTool: it parses the file_search_call and the cited answer."""
+    import agents
+
+    agents.set_tracing_disabled(True)
+    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=f"{structured_server.url}/v1", api_key="none",
+                                                        max_retries=0), use_for_tracing=False)
+    agent = agents.Agent(name="kb", tools=[agents.FileSearchTool(vector_store_ids=[kb[0]], max_num_results=2,
+                                                                 include_search_results=True)],
+                         model=MODEL, model_settings=agents.ModelSettings(temperature=0, max_tokens=100))
+    result = agents.Runner.run_sync(agent, QUESTION, max_turns=2)
+    [response] = result.raw_responses
+    call, message = response.output
+    assert call.type == "file_search_call" and call.results[0].filename == "kettle.txt"
+    assert message.content[0].annotations[0].filename == "kettle.txt" and result.final_output
