@@ -48,7 +48,8 @@ def version() -> str:
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="a Hugging Face folder or a .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+                        help="a Hugging Face folder, a .gguf file, or a built-in model: smollm2-135m (the default, "
+                             "SmolLM2-135M-Instruct) or gemma3-270m (Gemma 3 270M, base)")
     parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"],
                         help="the dtype of the weights and activations (quantized layers aside)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
