@@ -11,14 +11,14 @@ import sys
 import torch
 
 from ..kernels import names, native
-from ..models.loader import builtin_model_path, weights_format
+from ..models.loader import model_path, weights_format
 from ..models.quant import PackedLinear
 
 
 def model_facts(engine) -> dict:
     """Facts about the model an `AsyncEngine` serves, as JSON-able values."""
     core = engine.engine
-    path = core.config.model or builtin_model_path()
+    path = model_path(core.config.model)
     return {
         "architecture": core.args.arch,
         "parameters": parameter_count(core.args),
