@@ -55,7 +55,8 @@ def test_items_become_chat_messages_calls_joined():
 
 
 @pytest.mark.parametrize("value, param", [
-    ([{"type": "item_reference", "id": "msg_1"}], "input[0]"),
+    ([{"type": "computer_call_output", "call_id": "c"}], "input[0]"),
+    ([{"type": "item_reference"}], "input[0].id"),
     ([{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}], "input[0].content[0]"),
     ([{"role": "tool", "content": "x"}], "input[0].role"),
     ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0].call_id"),
@@ -197,6 +198,44 @@ def test_stored_responses_retrieve_list_chain_and_delete(client):
     assert client.responses.retrieve(second.id).id == second.id  # a chain's later response stands alone
     with pytest.raises(openai.NotFoundError):
         client.responses.delete(first.id)
+
+
+@pytest.mark.slow
+def test_item_references_name_stored_items(client):
+    """An item_reference is replaced by the item it names, from any stored response."""
+    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=4, temperature=0)
+    [said] = client.responses.input_items.list(first.id).data
+    refs = [{"type": "item_reference", "id": said.id}, {"type": "item_reference", "id": first.output[0].id},
+            {"role": "user", "content": "What is my name?"}]
+    by_ref = client.responses.create(model=MODEL, input=refs, max_output_tokens=6, temperature=0)
+    chained = client.responses.create(model=MODEL, input="What is my name?", previous_response_id=first.id,
+                                      max_output_tokens=6, temperature=0)
+    assert by_ref.output_text == chained.output_text and by_ref.usage.input_tokens == chained.usage.input_tokens
+    items = list(client.responses.input_items.list(by_ref.id, order="asc"))
+    assert [i.id for i in items[:2]] == [said.id, first.output[0].id] and items[1].role == "assistant"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=MODEL, input=[{"type": "item_reference", "id": "msg_nope"}])
+    assert e.value.body["param"] == "input[0].id"
+
+
+@pytest.mark.slow
+def test_truncation_auto_drops_the_oldest_turns(client):
+    """With room for only the last turn beside max_output_tokens, "auto" drops the older ones
+    and "disabled" (the default) is a 400; a tiny JSON schema keeps the answer short."""
+    context = client.models.list().data[0].model_extra["leanserve"]["max_model_len"]
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Note {i}: " + "lorem ipsum " * 20}
+               for i in range(6)]
+    kwargs = dict(model=MODEL, input=history + [{"role": "user", "content": "Yes or no?"}], temperature=0,
+                  max_output_tokens=context - 60, instructions="Answer in JSON.",
+                  text={"format": {"type": "json_schema", "name": "yes", "strict": True, "schema": {
+                      "type": "object", "properties": {"yes": {"type": "boolean"}}, "required": ["yes"],
+                      "additionalProperties": False}}})
+    with pytest.raises(openai.BadRequestError):  # the whole conversation does not leave the room
+        client.responses.create(**kwargs)
+    r = client.responses.create(**kwargs, truncation="auto")
+    assert r.truncation == "auto" and r.status == "completed" and json.loads(r.output_text)["yes"] in (True, False)
+    assert r.usage.input_tokens <= 60
+    assert len(client.responses.input_items.list(r.id, limit=100).data) == 7  # the stored input stays whole
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ from .app import CLIENT_GONE, Choice, OpenAIServer, chat_prompt_ids, log
 from .protocol import APIError
 
 SERVICE_TIERS = {"default": "realtime", "priority": "realtime", "flex": "batch"}
-ITEM_TYPES = ("message", "function_call", "function_call_output", "file_search_call")
+ITEM_TYPES = ("message", "function_call", "function_call_output", "file_search_call", "item_reference")
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text")
 
@@ -64,7 +64,7 @@ class ResponsesRequest(p._Strict):
     store: bool = True
     stream: bool = False
     background: bool = False
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
     prompt: dict | None = None
     # accepted and ignored: they change nothing for this server's models
     include: list[str] | None = None
@@ -133,6 +133,8 @@ def normalize_input(value: str | list[dict]) -> list[dict]:
             items.append({"id": item.get("id") or new_id("fc"), "type": "function_call", "status": "completed",
                           "call_id": _string(item, "call_id", param), "name": _string(item, "name", param),
                           "arguments": _string(item, "arguments", param)})
+        elif kind == "item_reference":  # resolved by ResponsesAPI._resolve
+            items.append({"type": "item_reference", "id": _string(item, "id", param), "param": param})
         elif kind == "file_search_call":  # an earlier search, replayed by a client: kept, not prompted
             queries = item.get("queries", [])
             if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
@@ -272,7 +274,7 @@ def shell(rid: str, req: ResponsesRequest, tier: str) -> dict:
             "tool_choice": req.tool_choice or ("auto" if req.tools else "none"),
             "tools": [dict(t, strict=t.get("strict", True) is not False) if t.get("type") == "function" else t
                       for t in req.tools or []],
-            "truncation": "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {}}
+            "truncation": req.truncation or "disabled", "usage": None, "user": req.user, "metadata": req.metadata or {}}
 
 
 def finished(body: dict, output: list[dict], finish_reason: str | None, chat_usage: dict) -> dict:
@@ -315,6 +317,7 @@ class ResponsesAPI:
         items = normalize_input(req.input)
         if req.previous_response_id is not None:
             items = await self._conversation(req.previous_response_id) + items
+        items = await self._resolve(items)
         if req.service_tier in SERVICE_TIERS:
             priority = SERVICE_TIERS[req.service_tier]
         else:
@@ -339,7 +342,7 @@ class ResponsesAPI:
             return self._sse(self._events(turn, body, find, seq), turn.rid, seq)
         if query_at is not None:
             await self._search(turn, search, query_at)
-        streams = self._start(turn)
+        streams = self._start(turn, await self._prompt(turn))
         if req.background:
             body["background"] = True
             await asyncio.to_thread(self.store.put, body, items)
@@ -368,10 +371,29 @@ class ResponsesAPI:
             turn.plan = await self.server.chat_plan(turn.chat)
         return turn.found
 
-    def _start(self, turn: Turn) -> list:
+    async def _prompt(self, turn: Turn) -> list[int]:
+        """The prompt's token ids. With `truncation: "auto"`, the oldest messages after the
+        leading system ones go (a call's tool outputs with it) until the prompt leaves room
+        for `max_output_tokens` (or one token) in the model's context; the last one stays."""
+        def ids():
+            return chat_prompt_ids(self.server.engine.tokenizer, turn.plan.messages, **turn.plan.template_vars)
+
+        prompt, room = ids(), self.server.engine.max_model_len - (turn.req.max_output_tokens or 1)
+        while turn.req.truncation == "auto" and len(prompt) > room:
+            messages = list(turn.chat.messages)
+            first = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+            if first >= len(messages) - 1:
+                break  # nothing left to drop: the engine refuses the prompt as too long
+            end = first + 1
+            while end < len(messages) - 1 and messages[end].role == "tool":
+                end += 1
+            turn.chat = turn.chat.model_copy(update={"messages": messages[:first] + messages[end:]})
+            turn.plan = await self.server.chat_plan(turn.chat)
+            prompt = ids()
+        return prompt
+
+    def _start(self, turn: Turn, prompt: list[int]) -> list:
         """Submits the turn's generation; its streams."""
-        plan = turn.plan
-        prompt = chat_prompt_ids(self.server.engine.tokenizer, plan.messages, **plan.template_vars)
         return self.server._submit(turn.rid, [prompt], turn.params, turn.priority, turn.request.state.adapter,
                                    turn.request)
 
@@ -428,6 +450,22 @@ class ResponsesAPI:
         response, items = found
         return items + response["output"]
 
+    async def _resolve(self, items: list[dict]) -> list[dict]:
+        """`item_reference` items replaced by the items they name: one earlier in this
+        conversation, else one of any stored response; 404 for an unknown id."""
+        out: list[dict] = []
+        for item in items:
+            if item["type"] != "item_reference":
+                out.append(item)
+                continue
+            found = next((i for i in out if i.get("id") == item["id"]), None) \
+                or await asyncio.to_thread(self.store.item, item["id"])
+            if found is None:
+                raise APIError(404, f"Item with id '{item['id']}' not found.", param=f"{item['param']}.id",
+                               code="not_found")
+            out.append(found)
+        return out
+
     async def _keep(self, req: ResponsesRequest, body: dict, items: list[dict]) -> None:
         if req.store:
             await asyncio.to_thread(self.store.put, body, items)
@@ -454,7 +492,7 @@ class ResponsesAPI:
             yield event("response.file_search_call.completed", output_index=0, item_id=item["id"])
             yield event("response.output_item.done", output_index=0, item=output[0])
         try:
-            streams = self._start(turn)
+            streams = self._start(turn, await self._prompt(turn))
         except InvalidRequest as e:
             raise APIError(400, e.message, param=e.param) from None
         first = len(output)  # the first item the model writes
