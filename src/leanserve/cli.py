@@ -248,14 +248,16 @@ def _generate(args) -> int:
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=["offline", "serve", "lora", "structured", "embeddings", "vectors",
-                                         "retrieval"],
+                                         "retrieval", "responses"],
                         help="offline: leanserve vs transformers in one process; "
                              "serve: load on any OpenAI-compatible server; "
                              "lora: many LoRA adapters vs none, adapter load times; "
                              "structured: JSON-schema compile and mask times, constrained vs unconstrained tok/s; "
                              "embeddings: our encoder vs sentence-transformers, embeddings/s; "
                              "vectors: vector-store search latency and recall@10, SQLite and Postgres; "
-                             "retrieval: /v1/embeddings latency and chat latency during an ingestion, over HTTP")
+                             "retrieval: /v1/embeddings latency and chat latency during an ingestion, over HTTP; "
+                             "responses: 30 agent calls one by one vs at once, previous_response_id chains' "
+                             "prefix-cache hits, /v1/responses overhead over chat")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
 
 
@@ -287,6 +289,10 @@ def _bench(args) -> int:
         from .bench import retrieval
 
         return retrieval.main(args.rest)
+    if args.kind == "responses":
+        from .bench import responses
+
+        return responses.main(args.rest)
     from .bench import offline
 
     offline.main(args.rest)
