@@ -248,7 +248,7 @@ def _generate(args) -> int:
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=["offline", "serve", "lora", "structured", "embeddings", "vectors",
-                                         "retrieval", "responses"],
+                                         "retrieval", "responses", "kernels"],
                         help="offline: leanserve vs transformers in one process; "
                              "serve: load on any OpenAI-compatible server; "
                              "lora: many LoRA adapters vs none, adapter load times; "
@@ -257,7 +257,8 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
                              "vectors: vector-store search latency and recall@10, SQLite and Postgres; "
                              "retrieval: /v1/embeddings latency and chat latency during an ingestion, over HTTP; "
                              "responses: 30 agent calls one by one vs at once, previous_response_id chains' "
-                             "prefix-cache hits, /v1/responses overhead over chat")
+                             "prefix-cache hits, /v1/responses overhead over chat; "
+                             "kernels: the product kernels measured on this machine and the ones chosen")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
 
 
@@ -293,6 +294,11 @@ def _bench(args) -> int:
         from .bench import responses
 
         return responses.main(args.rest)
+    if args.kind == "kernels":
+        from .kernels import select
+
+        select.main(args.rest)
+        return 0
     from .bench import offline
 
     offline.main(args.rest)

@@ -49,8 +49,10 @@ def int8_dot_products() -> bool:
 
 def _cpu_tag() -> str:
     """The build is tuned for this CPU (-march=native): name it by the CPU's feature flags,
-    so a cache shared with another machine never loads code this CPU cannot run."""
-    return hashlib.blake2b(_flags_line().encode(), digest_size=4).hexdigest()
+    so a cache shared with another machine never loads code this CPU cannot run; and by the
+    shared headers here, which torch's rebuild check (over the .cpp sources) does not read."""
+    headers = b"".join(p.read_bytes() for p in sorted(HERE.glob("*.h")))
+    return hashlib.blake2b(_flags_line().encode() + headers, digest_size=4).hexdigest()
 
 
 def names() -> list[str]:

@@ -33,6 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "products_avx2.h"
+
 bool amx_bf16_available();  // below, with the AMX linears
 bool bf16_packed_available();
 bool amx_int8_available();
@@ -1150,9 +1152,41 @@ constexpr bool kDotProducts =
     false;
 #endif
 
-bool bf16_packed_available() { return kDotProducts || amx_bf16_available(); }
+// The kernels a packed product can run on (the `variant` of bf16_linear_packed and
+// w8a8_linear_packed; kernels/select.py measures them and picks one per row band). kAuto: the
+// first of AMX tiles, AVX-512 dot products (BF16 / VNNI), AVX2 + FMA that this CPU has.
+enum Variant : int64_t { kAuto = -1, kAmx = 0, kDot = 1, kAvx2 = 2 };
 
-bool w8a8_packed_available() { return kDotProducts || amx_int8_available(); }
+bool avx2_available() {
+#if defined(__x86_64__)
+  return avx2::available();
+#else
+  return false;
+#endif
+}
+
+bool bf16_packed_available() { return kDotProducts || amx_bf16_available() || avx2_available(); }
+
+bool w8a8_packed_available() { return kDotProducts || amx_int8_available() || avx2_available(); }
+
+// Which variants can run here: bf16 (int8 = false) or W8A8 (int8 = true), fastest-first by kind.
+std::vector<int64_t> product_variants(bool int8) {
+  std::vector<int64_t> out;
+  if (int8 ? amx_int8_available() : amx_bf16_available()) out.push_back(kAmx);
+  if (kDotProducts) out.push_back(kDot);
+  if (avx2_available()) out.push_back(kAvx2);
+  return out;
+}
+
+// `variant` checked against this CPU, kAuto resolved
+int64_t resolve_variant(int64_t variant, bool int8) {
+  const auto here = product_variants(int8);
+  TORCH_CHECK(!here.empty(), "no packed ", int8 ? "int8" : "bf16", " kernel can run on this CPU");
+  if (variant == kAuto) return here.front();
+  TORCH_CHECK(std::find(here.begin(), here.end(), variant) != here.end(), "kernel variant ", variant,
+              " cannot run on this CPU");
+  return variant;
+}
 
 #if defined(__x86_64__) && defined(__AVX512F__)
 namespace {
@@ -1607,14 +1641,14 @@ void dp_product(const T* x, int64_t M, int64_t K, const T* wp, int64_t N, const 
 }
 #endif
 
-// x times the packed weight: on the tiles where there are some, else on AVX-512 dot products
+// x times the packed weight: on the tiles (`tiles`), else on AVX-512 dot products
 // (int8 rows: x is changed, see dp_unsigned_rows; sums128: w8a8_column_sums of the weight,
 // else the dot-product path makes them at each call)
 template <typename T, typename Epilogue>
 void packed_product(T* x, int64_t M, int64_t K, const T* wp, int64_t N, const Epilogue& epilogue,
-                    const int32_t* sums128 = nullptr) {
+                    const int32_t* sums128 = nullptr, bool tiles = true) {
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  if (!(std::is_same_v<T, int8_t> ? amx_int8_available() : amx_bf16_available())) {
+  if (!tiles) {
     if constexpr (std::is_same_v<T, int8_t>) dp_unsigned_rows(x, M * K);
     return dp_product(static_cast<const T*>(x), M, K, wp, N, epilogue, sums128);
   }
@@ -1646,8 +1680,9 @@ torch::Tensor w8a8_column_sums(const torch::Tensor& packed) {
 // columns, 4 consecutive inputs each), float32 per-column scales, optional bias; out in x's dtype;
 // sums128: w8a8_column_sums(packed), else the AVX512-VNNI path makes them in the call.
 torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
-                              const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& sums128) {
-  TORCH_CHECK(w8a8_packed_available(), "neither AMX-INT8 nor AVX512-VNNI is available here");
+                              const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& sums128,
+                              int64_t variant) {
+  variant = resolve_variant(variant, true);
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 64 &&
                   packed.is_contiguous(), "packed must be int8 [N / 16, K / 64, 16, 64]");
   const int64_t K = packed.size(1) * 64, N = packed.size(0) * 16;
@@ -1656,7 +1691,7 @@ torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
   TORCH_CHECK(!sums128 || (sums128->scalar_type() == at::kInt && sums128->is_contiguous() && sums128->numel() == N),
               "sums128 must be w8a8_column_sums(packed)");
   auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0), Mp = amx_int8_available() ? (M + 15) / 16 * 16 : M;
+  const int64_t M = x2.size(0), Mp = variant == kAmx ? (M + 15) / 16 * 16 : M;
   auto q = torch::empty({Mp, K}, x.options().dtype(at::kChar));
   auto xs = torch::empty({Mp}, x.options().dtype(at::kFloat));
   quantize_rows_into(x2, q.data_ptr<int8_t>(), xs.data_ptr<float>());
@@ -1664,6 +1699,30 @@ torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
   auto out = torch::empty({M, N}, x.options());
   std::optional<torch::Tensor> b;
   if (bias) b = bias->to(at::kFloat).contiguous();
+#if defined(__x86_64__)
+  if (variant == kAvx2) {  // the same epilogue in scalar code: sum * w_scale rounded to float32, then rescale_row
+    const float* ws = w_scales.data_ptr<float>();
+    const float* sp = xs.data_ptr<float>();
+    const float* bp = b ? b->data_ptr<float>() : nullptr;
+    std::vector<int16_t> q16(M * K);
+    const int8_t* qp = q.data_ptr<int8_t>();
+    for (int64_t i = 0; i < M * K; ++i) q16[i] = qp[i];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "w8a8_linear_avx2", [&] {
+      scalar_t* op_ = out.data_ptr<scalar_t>();
+      auto epilogue = [&](const int32_t* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+        float acc[32];
+        for (int64_t i = 0; i < rows; ++i) {
+          avx2::scale_sums(c + i * 32, ws + n0, acc, cols);
+          rescale_row(acc, sp[m0 + i], bp ? bp + n0 : nullptr, op_ + (m0 + i) * N + n0, cols);
+        }
+      };
+      avx2::product(q16.data(), M, K, packed.data_ptr<int8_t>(), N, epilogue);
+    });
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    return out.view(shape);
+  }
+#endif
 #if defined(__x86_64__) && defined(__AVX512F__)
   const float* ws = w_scales.data_ptr<float>();
   const float* sp = xs.data_ptr<float>();
@@ -1682,7 +1741,7 @@ torch::Tensor w8a8_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
         rescale_row(acc, sp[m0 + i], bp ? bp + n0 : nullptr, op_ + (m0 + i) * N + n0, cols);
       }
     };
-    packed_product(qp, M, K, wp, N, epilogue, sums128 ? sums128->data_ptr<int32_t>() : nullptr);
+    packed_product(qp, M, K, wp, N, epilogue, sums128 ? sums128->data_ptr<int32_t>() : nullptr, variant == kAmx);
   });
 #endif
   auto shape = x.sizes().vec();
@@ -1715,15 +1774,14 @@ namespace {
 // contiguous rows, for the tiles padded with zeros to a multiple of 16 (tile rows past M are
 // read, never stored or used). Returns (rows, M, K, N).
 std::tuple<torch::Tensor, int64_t, int64_t, int64_t> packed_bf16_rows(const torch::Tensor& x,
-                                                                   const torch::Tensor& packed) {
-  TORCH_CHECK(bf16_packed_available(), "neither AMX-BF16 nor AVX512-BF16 is available here");
+                                                                   const torch::Tensor& packed, int64_t variant) {
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == 16 &&
                   packed.size(3) == 32 && packed.is_contiguous(), "packed must be bf16 [N / 16, K / 32, 16, 32]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bf16, got ", x.scalar_type());
   const int64_t K = packed.size(1) * 32, N = packed.size(0) * 16;
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " columns; the weight takes ", K);
   auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0), Mp = amx_bf16_available() ? (M + 15) / 16 * 16 : M;
+  const int64_t M = x2.size(0), Mp = variant == kAmx ? (M + 15) / 16 * 16 : M;
   if (Mp != M) {
     auto padded = torch::empty({Mp, K}, x2.options());
     padded.narrow(0, 0, M).copy_(x2);
@@ -1732,14 +1790,60 @@ std::tuple<torch::Tensor, int64_t, int64_t, int64_t> packed_bf16_rows(const torc
   }
   return {x2, M, K, N};
 }
+
+#if defined(__x86_64__)
+// bf16 rows [M, K] as float32 (exact), the AVX2 kernel's input
+std::vector<float> widened_rows(const torch::Tensor& x2, int64_t M, int64_t K) {
+  std::vector<float> xf(M * K);
+  const auto* src = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * K; i < end * K; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(&xf[i], &bits, sizeof(float));
+    }
+  });
+  return xf;
+}
+
+// bf16_linear_packed on AVX2 + FMA (swiglu 0 or 1)
+torch::Tensor bf16_linear_avx2(const torch::Tensor& x2, int64_t M, int64_t K, int64_t N, const torch::Tensor& packed,
+                               const std::optional<torch::Tensor>& bias, int64_t swiglu) {
+  TORCH_CHECK(swiglu < 2, "the fused SwiGLU epilogue runs on AMX / AVX512-BF16 only");
+  auto out = torch::empty({M, N}, x2.options());
+  std::optional<torch::Tensor> b;
+  if (bias) b = bias->to(at::kFloat).contiguous();
+  const float* bp = b ? b->data_ptr<float>() : nullptr;
+  const std::vector<float> xf = widened_rows(x2, M, K);
+  at::BFloat16* op_ = out.data_ptr<at::BFloat16>();
+  auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j0 = 0; j0 < cols; j0 += 16) {  // one block: in a swiglu weight, gate or up by its parity
+        const int64_t blk = (n0 + j0) / 16, col = swiglu ? (blk % 2) * (N / 2) + (blk / 2) * 16 : blk * 16;
+        at::BFloat16* o = op_ + (m0 + i) * N + col;
+        const float* s = c + i * 32 + j0;
+        for (int64_t j = 0; j < 16; ++j) o[j] = at::BFloat16(bp ? s[j] + bp[col + j] : s[j]);
+      }
+  };
+  avx2::product(xf.data(), M, K, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), N, epilogue);
+  return out;
+}
+#endif
 }  // namespace
 
 torch::Tensor bf16_linear_packed(const torch::Tensor& x, const torch::Tensor& packed,
-                              const std::optional<torch::Tensor>& bias, int64_t swiglu) {
+                              const std::optional<torch::Tensor>& bias, int64_t swiglu, int64_t variant) {
+  variant = resolve_variant(variant, false);
   torch::Tensor x2;
   int64_t M, K, N;  // named variables, not a structured binding: the epilogues capture them
-  std::tie(x2, M, K, N) = packed_bf16_rows(x, packed);
+  std::tie(x2, M, K, N) = packed_bf16_rows(x, packed, variant);
   TORCH_CHECK(swiglu == 0 || (swiglu <= 2 && !bias && N % 32 == 0), "bad swiglu call");
+#if defined(__x86_64__)
+  if (variant == kAvx2) {
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    return bf16_linear_avx2(x2, M, K, N, packed, bias, swiglu).view(shape);
+  }
+#endif
 #if !defined(__AVX512BF16__)
   TORCH_CHECK(swiglu == 0, "the SwiGLU epilogue needs AVX512-BF16");
 #endif
@@ -1791,7 +1895,7 @@ torch::Tensor bf16_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
       }
     }
   };
-  packed_product(xp, M, K, wp, N, epilogue);
+  packed_product(xp, M, K, wp, N, epilogue, nullptr, variant == kAmx);
 #endif
   auto shape = x.sizes().vec();
   shape.back() = swiglu == 2 ? N / 2 : N;
@@ -1803,16 +1907,45 @@ torch::Tensor bf16_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
 // thread keeps a running best per row over its columns, which it visits in increasing order
 // (a contiguous run of them, lowest first for thread 0), taking a strictly greater value only:
 // so the first maximum, as first_argmax on the written logits gives.
-torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Tensor& packed) {
+torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Tensor& packed, int64_t variant) {
   TORCH_CHECK(x.dim() == 2, "x must be [rows, K]");
+  variant = resolve_variant(variant, false);
   torch::Tensor x2;
   int64_t M, K, N;  // named variables, not a structured binding: the epilogues capture them
-  std::tie(x2, M, K, N) = packed_bf16_rows(x, packed);
+  std::tie(x2, M, K, N) = packed_bf16_rows(x, packed, variant);
   auto out = torch::zeros({M}, x.options().dtype(at::kLong));
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BF16__)
   const int64_t threads = at::get_num_threads();
   std::vector<float> best(threads * M, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> where(threads * M, 0);
+  auto merge = [&] {  // each row's best over the threads, the lowest column on ties
+    int64_t* op_ = out.data_ptr<int64_t>();
+    for (int64_t r = 0; r < M; ++r) {
+      float b = best[r];
+      op_[r] = where[r];
+      for (int64_t t = 1; t < threads; ++t)
+        if (best[t * M + r] > b || (best[t * M + r] == b && where[t * M + r] < op_[r])) b = best[t * M + r], op_[r] = where[t * M + r];
+    }
+  };
+#if defined(__x86_64__)
+  if (variant == kAvx2) {  // each sum rounded to bf16 and widened back, as the logits would hold it
+    const std::vector<float> xf = widened_rows(x2, M, K);
+    auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+      const int64_t t = at::get_thread_num();
+      for (int64_t i = 0; i < rows; ++i) {
+        float& b = best[t * M + m0 + i];
+        int64_t& w = where[t * M + m0 + i];
+        for (int64_t j = 0; j < cols; ++j) {
+          const float v = static_cast<float>(at::BFloat16(c[i * 32 + j]));
+          if (v > b || (v == b && n0 + j < w)) b = v, w = n0 + j;
+        }
+      }
+    };
+    avx2::product(xf.data(), M, K, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), N, epilogue);
+    merge();
+    return out;
+  }
+#endif
+#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BF16__)
   auto* xp = reinterpret_cast<uint16_t*>(x2.data_ptr<at::BFloat16>());  // only read (the int8 rows are changed)
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
@@ -1830,14 +1963,8 @@ torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Ten
       }
     }
   };
-  packed_product(xp, M, K, wp, N, epilogue);
-  int64_t* op_ = out.data_ptr<int64_t>();
-  for (int64_t r = 0; r < M; ++r) {
-    float b = best[r];
-    op_[r] = where[r];
-    for (int64_t t = 1; t < threads; ++t)
-      if (best[t * M + r] > b || (best[t * M + r] == b && where[t * M + r] < op_[r])) b = best[t * M + r], op_[r] = where[t * M + r];
-  }
+  packed_product(xp, M, K, wp, N, epilogue, nullptr, variant == kAmx);
+  merge();
 #else
   TORCH_CHECK(false, "bf16_linear_packed_argmax needs AVX512-BF16");
 #endif
@@ -2135,21 +2262,30 @@ struct LinearSpec {
   int64_t dense_kind;                 // how `dense` is stored: kDense, kPacked, kBf16Packed(Swiglu)
   std::optional<at::Tensor> zero_points;  // W8A8: the weights' (zero) zero points, int64
   std::optional<at::Tensor> sums128;      // W8A8 packed: w8a8_column_sums(w)
+  std::vector<std::pair<int64_t, int64_t>> bands;  // packed kinds: (up to rows, variant), rising; none: kAuto
+
+  // the packed kernel's variant for a call of `rows` rows (select.py's choice for its band)
+  int64_t variant(int64_t rows) const {
+    for (const auto& [most, v] : bands)
+      if (rows <= most) return v;
+    return bands.empty() ? kAuto : bands.back().second;
+  }
 
   at::Tensor operator()(const at::Tensor& x) const {
-    if (dense && x.size(0) > max_rows) {
+    const int64_t rows = x.size(0);
+    if (dense && rows > max_rows) {
       if (dense_kind == kPacked) return packed_linear(x, *dense, bias);
       if (dense_kind == kBf16Packed || dense_kind == kBf16PackedSwiglu)
-        return bf16_linear_packed(x, *dense, bias, dense_kind == kBf16PackedSwiglu);
+        return bf16_linear_packed(x, *dense, bias, dense_kind == kBf16PackedSwiglu, variant(rows));
       return at::linear(x, *dense, bias);
     }
     at::Tensor y;
     switch (kind) {
       case kPacked: return packed_linear(x, w, bias);
       case kW8A8: return w8a8_linear(x, w, *extra, *zero_points, bias);
-      case kW8A8Packed: return w8a8_linear_packed(x, w, *extra, bias, sums128);
-      case kBf16Packed: return bf16_linear_packed(x, w, bias, 0);
-      case kBf16PackedSwiglu: return bf16_linear_packed(x, w, bias, 1);
+      case kW8A8Packed: return w8a8_linear_packed(x, w, *extra, bias, sums128, variant(rows));
+      case kBf16Packed: return bf16_linear_packed(x, w, bias, 0, variant(rows));
+      case kBf16PackedSwiglu: return bf16_linear_packed(x, w, bias, 1, variant(rows));
       case kInt8: y = at::_weight_int8pack_mm(x, w, *extra); break;
       case kInt4: y = at::_weight_int4pack_mm_for_cpu(x, w, group, *extra); break;
       default: return at::linear(x, w, bias);
@@ -2266,8 +2402,11 @@ class ForwardPlan {
         }
       }
       h = rms_norm(proj(L.o, attn.view({T, q_width}), 4 * i + 1), residual, L.ln2, eps_);
-      const bool swiglu = L.gate_up.kind == kBf16PackedSwiglu && !L.gate_up.dense && !lora;  // fused epilogue
-      x = proj(L.down, swiglu ? bf16_linear_packed(h, L.gate_up.w, std::nullopt, 2) : silu_mul(proj(L.gate_up, h, 4 * i + 2)),
+      const int64_t gate_up_variant = resolve_variant(L.gate_up.variant(T), false);
+      const bool swiglu = L.gate_up.kind == kBf16PackedSwiglu && !L.gate_up.dense && !lora &&
+                          gate_up_variant != kAvx2;  // fused epilogue (AMX / AVX512-BF16 only)
+      x = proj(L.down, swiglu ? bf16_linear_packed(h, L.gate_up.w, std::nullopt, 2, gate_up_variant)
+                              : silu_mul(proj(L.gate_up, h, 4 * i + 2)),
                4 * i + 3);
     }
     return {x, residual};
@@ -2275,12 +2414,14 @@ class ForwardPlan {
 
  private:
   static LinearSpec spec(const py::tuple& t) {
-    TORCH_CHECK(t.size() == 9, "a linear spec is (kind, weight, extra, bias, group, max_rows, dense, dense_kind, sums128)");
+    TORCH_CHECK(t.size() == 10, "a linear spec is (kind, weight, extra, bias, group, max_rows, dense, dense_kind, sums128, "
+                "bands)");
     LinearSpec s{t[0].cast<int64_t>(), t[1].cast<at::Tensor>(), t[2].cast<std::optional<at::Tensor>>(),
                  t[3].cast<std::optional<at::Tensor>>(), t[4].cast<int64_t>(), t[5].cast<int64_t>(),
                  t[6].cast<std::optional<at::Tensor>>(), t[7].cast<int64_t>(), std::nullopt,
                  t[8].cast<std::optional<at::Tensor>>()};
     if (s.kind == kW8A8) s.zero_points = torch::zeros({s.extra->size(0)}, torch::kLong);
+    for (auto band : t[9].cast<py::tuple>()) s.bands.push_back(band.cast<std::pair<int64_t, int64_t>>());
     return s;
   }
 
@@ -2308,7 +2449,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_linear_packed", &w8a8_linear_packed,
         "W8A8: int8 rows x a weight packed for the tiles (AMX-INT8, else AVX512-VNNI)",
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("bias") = py::none(),
-        py::arg("sums128") = py::none());
+        py::arg("sums128") = py::none(), py::arg("variant") = -1);
   m.def("w8a8_column_sums", &w8a8_column_sums, "128 x each column's sum of a packed int8 weight (w8a8_linear_packed's sums128)",
         py::arg("packed"));
   m.def("amx_bf16_available", &amx_bf16_available, "whether bf16_linear_packed runs on AMX tiles here");
@@ -2316,10 +2457,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether bf16_linear_packed can run here (AMX-BF16 tiles or AVX512-BF16)");
   m.def("bf16_linear_packed", &bf16_linear_packed,
         "bf16 rows x a weight packed for the tiles (AMX-BF16, else AVX512-BF16)",
-        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(), py::arg("swiglu") = 0);
+        py::arg("x"), py::arg("packed"), py::arg("bias") = py::none(), py::arg("swiglu") = 0, py::arg("variant") = -1);
   m.def("bf16_linear_packed_argmax", &bf16_linear_packed_argmax,
         "each row's first argmax of bf16_linear_packed(x, packed), without writing the products", py::arg("x"),
-        py::arg("packed"));
+        py::arg("packed"), py::arg("variant") = -1);
+  m.def("product_variants", &product_variants,
+        "the packed kernels' variants this CPU runs (0 AMX, 1 AVX-512 dot products, 2 AVX2 + FMA)", py::arg("int8"));
   m.def("w8a8_linear", &w8a8_linear, "int8 activations x int8 weights (oneDNN), rescaled to x's dtype",
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_zero_points"), py::arg("bias") = py::none());
   py::class_<ForwardPlan>(m, "ForwardPlan")

@@ -21,24 +21,25 @@ DENSE, PACKED, INT8, INT4, W8A8, W8A8_PACKED, BF16_PACKED, BF16_PACKED_SWIGLU = 
 
 
 def linear_spec(m: nn.Module) -> tuple | None:
-    """(kind, weight, extra, bias, group, max_rows, dense, dense_kind, sums128) for the native
-    plan, None if it cannot run `m` (LinearSpec in paged_attention.cpp)."""
+    """(kind, weight, extra, bias, group, max_rows, dense, dense_kind, sums128, bands) for the
+    native plan, None if it cannot run `m` (LinearSpec in paged_attention.cpp). bands: our
+    packed kernels' variant per row band (kernels/select.py)."""
     if type(m) is nn.Linear:
-        return DENSE, m.weight, None, m.bias, 0, 0, None, DENSE, None
+        return DENSE, m.weight, None, m.bias, 0, 0, None, DENSE, None, ()
     if type(m) is PackedLinear:
         kind = (BF16_PACKED_SWIGLU if m.swiglu else BF16_PACKED) if m.own else PACKED
-        return kind, m.packed, None, m.bias, 0, 0, None, DENSE, None
+        return kind, m.packed, None, m.bias, 0, 0, None, DENSE, None, m.bands
     if type(m) is Int8Linear:
-        return INT8, m.weight, m.scales, m.bias, 0, 0, None, DENSE, None
+        return INT8, m.weight, m.scales, m.bias, 0, 0, None, DENSE, None, ()
     if type(m) is Int4Linear:
-        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, DENSE, None
+        return INT4, m.weight, m.scales_and_zeros, m.bias, m.GROUP_SIZE, 0, None, DENSE, None, ()
     if type(m) is W8A8Linear:
         if m.emulated:
             return None
-        return W8A8_PACKED if m.own else W8A8, m.packed, m.scales, m.bias, 0, 0, None, DENSE, m.sums128
+        return W8A8_PACKED if m.own else W8A8, m.packed, m.scales, m.bias, 0, 0, None, DENSE, m.sums128, m.bands
     if type(m) is AutoLinear:
         small, dense = linear_spec(m.small), linear_spec(m.dense)
-        return *small[:5], m.max_rows, dense[1], dense[0], small[8]
+        return *small[:5], m.max_rows, dense[1], dense[0], small[8], dense[9]
     return None
 
 

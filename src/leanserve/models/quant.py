@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import int8_dot_products, native
+from ..kernels import int8_dot_products, native, select
 from .llama import MLP, AttnBatch, CausalLM, KVPool, SparseMoE, quantize_kv
 
 METHODS = ("int8", "int4", "auto", "w8a8")
@@ -147,8 +147,9 @@ class W8A8Linear(nn.Module):
         q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
         kernels = native()
         n, k = q.shape
-        self.own = own and kernels is not None and kernels.w8a8_packed_available() and n % 16 == 0 and k % 64 == 0
-        self.amx = self.own and kernels.amx_int8_available()  # on the tiles (else AVX512-VNNI)
+        self.own = own and bool(select.variants(True)) and n % 16 == 0 and k % 64 == 0
+        self.amx = self.own and kernels.amx_int8_available()  # on the tiles (else AVX512-VNNI or AVX2)
+        self.bands = ()  # (up to rows, variant): kernels/select.py's choice; none: the first variant here
         self.emulated = not self.own and not int8_dot_products()
         if self.emulated:
             packed = q.float()
@@ -168,7 +169,8 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x):
         if self.own:
-            return native().w8a8_linear_packed(x, self.packed, self.scales, self.bias, self.sums128)
+            return native().w8a8_linear_packed(x, self.packed, self.scales, self.bias, self.sums128,
+                                               select.variant_for(self.bands, x.numel() // x.shape[-1]))
         if not self.emulated and (kernels := native()) is not None:
             return kernels.w8a8_linear(x, self.packed, self.scales, self.zero_points, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
@@ -184,11 +186,18 @@ class W8A8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kernel = ("amx" if self.amx else "avx512-vnni") if self.own else "float32" if self.emulated else "onednn"
+        kernel = _kernels_text(self.bands, True) if self.own else "float32" if self.emulated else "onednn"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
 _ONE, _ZERO = torch.ones(1), torch.zeros(1, dtype=torch.int64)
+
+
+def _kernels_text(bands: tuple, int8: bool) -> str:
+    """Our packed kernel's variants by row band, for extra_repr."""
+    if not bands:
+        return select.VARIANT_NAMES[select.variants(int8)[0]]
+    return "/".join(dict.fromkeys(select.VARIANT_NAMES[v] for _, v in bands))
 
 MAX_ROWS = {Int8Linear: AUTO_MAX_ROWS, Int4Linear: INT4_MAX_ROWS}
 MAX_ROWS_AMX = {Int8Linear: AMX_AUTO_MAX_ROWS, Int4Linear: AMX_INT4_MAX_ROWS}
@@ -209,7 +218,7 @@ class AutoLinear(nn.Module):
         super().__init__()
         self.small = small(linear)
         # shares the embedding's tensor when the lm_head is tied (unless packed: a copy)
-        self.dense = PackedLinear(linear) if PackedLinear.available(linear.weight.dtype) else linear
+        self.dense = PackedLinear(linear) if PackedLinear.packable(linear) else linear
         if not getattr(self.dense, "own", False):
             table = MAX_ROWS  # oneDNN's packed bf16
         else:
@@ -228,10 +237,11 @@ class AutoLinear(nn.Module):
 class PackedLinear(nn.Module):
     """bf16 weights reordered once, at load, for the CPU's matrix units.
 
-    Where the CPU has AMX-BF16 or AVX512-BF16, the weight is packed for the AMX tiles
-    (`pack_for_tiles`) and the product runs in our own kernel (`bf16_linear_packed`: on the
-    tiles, else on AVX512-BF16 dot products, which read the same layout); elsewhere it is
-    reordered into oneDNN's blocked layout. A plain `F.linear` in bf16 hands oneDNN a
+    Where the CPU has AMX-BF16, AVX512-BF16 or AVX2 + FMA, the weight is packed for the AMX
+    tiles (`pack_for_tiles`) and the product runs in our own kernel (`bf16_linear_packed`: on
+    the tiles, on AVX512-BF16 dot products, or widened to float32 for AVX2 FMA, which all read
+    the same layout; `bands`, set by kernels/select.py, says which per row count); elsewhere
+    it is reordered into oneDNN's blocked layout. A plain `F.linear` in bf16 hands oneDNN a
     row-major weight, which it reorders on every call: on SmolLM2-135M's shapes that reorder
     was ~35% of a step's projection time at any batch size (1 thread: 13.1 ms packed vs 21.5
     ms plain per step at 32 rows). Our kernel then takes one layer's four projections (2
@@ -252,9 +262,9 @@ class PackedLinear(nn.Module):
         w = linear.weight.detach()
         n, k = w.shape
         kernels = native()
-        self.own = own and w.dtype == torch.bfloat16 and kernels is not None and kernels.bf16_packed_available() \
-            and n % 16 == 0 and k % 32 == 0
-        self.amx = self.own and kernels.amx_bf16_available()  # on the tiles (else AVX512-BF16)
+        self.own = own and w.dtype == torch.bfloat16 and bool(select.variants(False)) and n % 16 == 0 and k % 32 == 0
+        self.amx = self.own and kernels.amx_bf16_available()  # on the tiles (else AVX512-BF16 or AVX2)
+        self.bands = ()  # (up to rows, variant): kernels/select.py's choice; none: the first variant here
         self.swiglu = self.own and swiglu and linear.bias is None and n % 32 == 0
         if self.swiglu:
             w = w.view(2, n // 32, 16, k).transpose(0, 1).reshape(n, k)
@@ -265,12 +275,22 @@ class PackedLinear(nn.Module):
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
-        return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return dtype == torch.bfloat16 and (bool(select.variants(False)) or _onednn_bf16())
+
+    @staticmethod
+    def packable(linear: nn.Linear) -> bool:
+        """Whether PackedLinear can take `linear`: in our kernels, or in oneDNN's bf16 layout."""
+        n, k = linear.weight.shape
+        ours = bool(select.variants(False)) and n % 16 == 0 and k % 32 == 0
+        return linear.weight.dtype == torch.bfloat16 and (ours or _onednn_bf16())
+
+    def variant(self, rows: int) -> int:
+        return select.variant_for(self.bands, rows)
 
     def forward(self, x):
         if self.own:
-            return native().bf16_linear_packed(x, self.packed, self.bias, int(self.swiglu))
+            return native().bf16_linear_packed(x, self.packed, self.bias, int(self.swiglu),
+                                               self.variant(x.numel() // x.shape[-1]))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -278,12 +298,16 @@ class PackedLinear(nn.Module):
         the products out (the lm_head of greedy decoding); None where only `forward` runs."""
         if not self.own or self.swiglu or self.bias is not None or x.dim() != 2:
             return None
-        return native().bf16_linear_packed_argmax(x, self.packed)
+        return native().bf16_linear_packed_argmax(x, self.packed, self.variant(len(x)))
 
     def extra_repr(self) -> str:
-        kernel = ("amx" if self.amx else "avx512-bf16") if self.own else "onednn"
+        kernel = _kernels_text(self.bands, False) if self.own else "onednn"
         return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
                 + (", swiglu=True" if self.swiglu else ""))
+
+
+def _onednn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _quantized(linear: nn.Linear, method: str) -> nn.Module:
@@ -421,12 +445,61 @@ def quantize_model(model: CausalLM, method: str) -> None:
         raise ValueError("quantization 'w8a8' needs torch's oneDNN int8 kernels, which this torch build lacks")
     _replace_linears(model, lambda lin, gate_up: _quantized(lin, method),
                      lambda lin: _quantized(lin, "auto" if method == "int4" else method))
+    _choose_bands(model)
+
+
+def _budget() -> int:
+    from ..config import EngineConfig
+
+    return EngineConfig().max_num_batched_tokens
+
+
+def _linear_shapes(model: CausalLM) -> dict[tuple, list[str]]:
+    """("bf16", out, in) -> the names of the model's projections of that shape (as _replace_linears walks them)."""
+    shapes: dict[tuple, list[str]] = {}
+    for parent in list(model.layers.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and not (isinstance(parent, SparseMoE) and name == "gate"):
+                shapes.setdefault(("bf16", child.out_features, child.in_features), []).append(name)
+    shapes.setdefault(("bf16", model.lm_head.out_features, model.lm_head.in_features), []).append("lm_head")
+    return shapes
+
+
+def _choose_bands(model: CausalLM) -> None:
+    """Our packed kernels' variant per row band for each quantized model's PackedLinear (the
+    dense weights of `auto`) and W8A8Linear, chosen by kernels/select.py."""
+    named: dict[tuple, list] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (PackedLinear, W8A8Linear)) and m.own:
+            kind = "w8a8" if isinstance(m, W8A8Linear) else "bf16"
+            named.setdefault((kind, m.out_features, m.in_features), []).append((name.rpartition(".")[2], m))
+    if not named:
+        return
+    choices = select.choose({key: [n for n, _ in mods] for key, mods in named.items()}, _budget())
+    for key, mods in named.items():
+        if choices[key].family == "own":
+            for _, m in mods:
+                m.bands = tuple(map(tuple, choices[key].bands))
 
 
 @torch.no_grad()
 def pack_model(model: CausalLM) -> bool:
-    """Packs the bf16 linear layers for oneDNN (see PackedLinear); False if this CPU cannot."""
+    """Packs the bf16 linear layers for the product kernel kernels/select.py chose for each
+    shape (see PackedLinear), or leaves a layer as it is where a plain torch linear won; False
+    if this CPU has no packed bf16 kernel at all."""
     if not PackedLinear.available(model.embed_tokens.weight.dtype):
         return False
-    _replace_linears(model, lambda lin, gate_up: PackedLinear(lin, swiglu=gate_up), PackedLinear)
+    choices = select.choose(_linear_shapes(model), _budget())
+
+    def make(lin: nn.Linear, gate_up: bool) -> nn.Module:
+        choice = choices[("bf16", lin.out_features, lin.in_features)]
+        ours = choice.family == "own" and lin.out_features % 16 == 0 and lin.in_features % 32 == 0
+        if choice.family == "torch" or not (ours or _onednn_bf16()):
+            return lin  # measured fastest, or a shape our kernels cannot take and no oneDNN bf16 here
+        packed = PackedLinear(lin, own=ours, swiglu=gate_up)
+        if packed.own:
+            packed.bands = tuple(map(tuple, choice.bands))
+        return packed
+
+    _replace_linears(model, make, lambda lin: make(lin, False))
     return True
