@@ -46,6 +46,7 @@ class ServerMetrics:
         r.register(_EngineCounters(engine_stats))
         r.register(_ModelResidency(engine_stats))
         r.register(_StructuredOutputs(engine_stats))
+        r.register(_Kernels())
         self.energy = EnergyMetrics(ledger, Utilisation())
         r.register(self.energy)
 
@@ -88,6 +89,23 @@ class _EngineCounters:
         stats = self.engine_stats()
         for name, (doc, key) in self.COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=stats[key])
+
+
+class _Kernels:
+    """leanserve_kernel_info: the product kernel chosen for each projection shape and row
+    band at the model's setup (kernels/select.py: measured on this machine, or forced)."""
+
+    def collect(self):
+        from prometheus_client.core import InfoMetricFamily
+
+        from ..kernels import select
+
+        family = InfoMetricFamily("leanserve_kernel", "Product kernel chosen per projection shape and row band",
+                                  labels=["weights", "shape", "rows"])
+        for labels in select.info_labels():
+            family.add_metric([labels["weights"], labels["shape"], labels["rows"]],
+                              {"kernel": labels["kernel"], "modules": labels["modules"]})
+        yield family
 
 
 class _FromStats:
