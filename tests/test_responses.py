@@ -307,11 +307,44 @@ def test_a_background_response_is_cancelled(client):
 
 
 @pytest.mark.slow
-def test_background_needs_store_and_no_stream(structured_server):
-    for extra in ({"store": False}, {"stream": True}):
-        r = httpx.post(f"{structured_server.url}/v1/responses", timeout=30,
-                       json={"model": MODEL, "input": "Hi", "background": True, **extra})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "background"
+def test_background_needs_store(structured_server):
+    r = httpx.post(f"{structured_server.url}/v1/responses", timeout=30,
+                   json={"model": MODEL, "input": "Hi", "background": True, "store": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "background"
+
+
+@pytest.mark.slow
+def test_a_streamed_background_response(client):
+    """Streamed as any response, stored from the start; the client may leave, it runs on."""
+    kwargs = dict(model=MODEL, input="Say hi.", max_output_tokens=6, temperature=0)
+    with client.responses.stream(**kwargs, background=True) as stream:
+        events = list(stream)
+    assert events[0].type == "response.created" and events[0].response.background is True
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    stored = client.responses.retrieve(final.id)
+    assert stored.status == final.status and stored.output_text == final.output_text == \
+        client.responses.create(**kwargs, store=False).output_text
+    # a client that reads one delta and goes away: the response is still generated
+    long = dict(model=MODEL, input="Count from 1 to 50, one number per line.", max_output_tokens=40,
+                background=True, stream=True)
+    with client.responses.create(**long) as events:
+        rid = next(e for e in events if e.type == "response.created").response.id
+    deadline = time.monotonic() + 120
+    while client.responses.retrieve(rid).status == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert client.responses.retrieve(rid).status in ("completed", "incomplete")
+    # cancelled while streaming: the stream ends, the response is stored cancelled
+    with client.responses.create(**dict(long, max_output_tokens=400)) as events:
+        kinds = []
+        for e in events:
+            kinds.append(e.type)
+            if e.type == "response.created":
+                rid = e.response.id
+            if e.type == "response.output_text.delta" and kinds.count(e.type) == 1:
+                assert client.responses.cancel(rid).status == "cancelled"
+    assert "response.completed" not in kinds and client.responses.retrieve(rid).status == "cancelled"
 
 
 @pytest.mark.slow

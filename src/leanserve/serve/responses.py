@@ -311,9 +311,8 @@ class ResponsesAPI:
     async def create(self, request: Request) -> Response:
         server = self.server
         req = await server._parse(request, ResponsesRequest)
-        if req.background and (req.stream or not req.store):
-            raise APIError(400, "A background response must be stored (store true); streaming one is not supported "
-                           "by this server yet: poll it with GET /v1/responses/{id}", param="background")
+        if req.background and not req.store:
+            raise APIError(400, "A background response must be stored (store true)", param="background")
         items = normalize_input(req.input)
         if req.previous_response_id is not None:
             items = await self._conversation(req.previous_response_id) + items
@@ -339,7 +338,11 @@ class ResponsesAPI:
         if req.stream:
             seq = itertools.count()  # the events' sequence numbers, an error event's too
             find = None if query_at is None else lambda: self._search(turn, search, query_at)
-            return self._sse(self._events(turn, body, find, seq), turn.rid, seq)
+            if not req.background:
+                return self._sse(self._events(turn, body, find, seq), turn.rid, seq)
+            body["background"] = True
+            await asyncio.to_thread(self.store.put, body, items)
+            return self._background_stream(turn, self._events(turn, body, find, seq), body, seq)
         if query_at is not None:
             await self._search(turn, search, query_at)
         streams = self._start(turn, await self._prompt(turn))
@@ -433,6 +436,57 @@ class ResponsesAPI:
             log.exception("background response %s failed", rid)
             body = dict(body, status="failed", error={"code": "server_error", "message": "Internal error"})
         await asyncio.to_thread(self.store.put, body, turn.items)
+
+    def _background_stream(self, turn: Turn, events, body: dict, seq: itertools.count) -> StreamingResponse:
+        """A streamed background response: a task of its own generates it whatever the client
+        does, the client reads its events as they come and may go away (and poll); cancel or
+        shutdown stops the task (stored cancelled, or failed)."""
+        queue: asyncio.Queue = asyncio.Queue()  # SSE texts, None last
+        stop = asyncio.Event()
+
+        async def pump() -> None:
+            try:
+                async for event in events:
+                    queue.put_nowait(_sse_text(event))
+            except (APIError, LeanserveError) as e:
+                code = getattr(e, "code", None) or getattr(e, "type", None) or "invalid_request_error"
+                queue.put_nowait(_error_event(code, e.message, e.param, next(seq)))
+                await asyncio.to_thread(self.store.put, dict(body, status="failed", error={
+                    "code": code, "message": e.message}), turn.items)
+            except Exception:
+                log.exception("background stream %s failed", turn.rid)
+                queue.put_nowait(_error_event("server_error", "Internal error while streaming", None, next(seq)))
+                await asyncio.to_thread(self.store.put, dict(body, status="failed", error={
+                    "code": "server_error", "message": "Internal error"}), turn.items)
+            finally:
+                await events.aclose()
+
+        async def run() -> None:
+            work, halt = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({work, halt}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():  # cancelled, or the server is shutting down
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await work
+                    self.server._abort(turn.rid, 1)
+                    ended = dict(body, status="cancelled") if not self.closing else dict(body, status="failed", error={
+                        "code": "server_error", "message": "The server shut down before this response was finished"})
+                    await asyncio.to_thread(self.store.put, ended, turn.items)
+            finally:
+                halt.cancel()
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        self.running[turn.rid] = (task, stop)
+        task.add_done_callback(lambda _: self.running.pop(turn.rid, None))
+
+        async def relay():
+            while (text := await queue.get()) is not None:
+                yield text
+
+        self.server.metrics.count(200)
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def stop_background(self) -> None:
         """At shutdown: background responses still running end as failed (stored so)."""
@@ -565,7 +619,7 @@ class ResponsesAPI:
         async def body():
             try:
                 async for event in events:
-                    yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+                    yield _sse_text(event)
             except APIError as e:  # the request's own fault, found after the stream began
                 yield _error_event(e.code or e.type, e.message, e.param, next(seq))
             except LeanserveError as e:  # the engine refused it (a search's context made it too long, overload)
@@ -643,6 +697,10 @@ def _stoppable(stop: asyncio.Event) -> Request:
         return {"type": "http.disconnect"}
 
     return Request({"type": "http", "method": "POST", "path": "/v1/responses", "headers": []}, receive)
+
+
+def _sse_text(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 def _error_event(code: str, message: str, param: str | None, sequence_number: int) -> str:
