@@ -193,7 +193,7 @@ def test_an_unknown_model_lists_the_served_ids(server, model):
     assert error["code"] == "model_not_found" and f"`{model}`" in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v1/moderations", "/v1/audio/speech", "/v1/fine_tuning/jobs"])
+@pytest.mark.parametrize("path", ["/v1/moderations", "/v1/audio/speech", "/v1/images/generations"])
 def test_an_unserved_openai_route_says_it_is_not_supported(server, path):
     error = error_of(httpx.post(f"{server.url}{path}", json={}, timeout=30), 404)
     assert error["code"] == "unsupported_endpoint" and "not supported by this server" in error["message"]

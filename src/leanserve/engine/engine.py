@@ -443,6 +443,9 @@ class AsyncEngine:
         self.embeddings = self._embedding_batcher()
         self._embed_ids = itertools.count()
         self._embed_share = EmbedShare()
+        # Background work on this thread between steps (tune/jobs.py: training slices): each a
+        # callable(LLMEngine) -> bool, True when it ran; it decides itself whether it may run now.
+        self.background: list = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -619,6 +622,7 @@ class AsyncEngine:
             if self.embeddings is not None and self.embeddings.has_work():
                 self._run_embeddings()
             outs = self._drain_inbox()
+            ran = any([task(self.engine) for task in list(self.background)])
             if self.engine.has_unfinished():
                 self._last_busy = time.monotonic()
                 if not self.engine.loaded:
@@ -635,7 +639,8 @@ class AsyncEngine:
                         outs.append(out)
             if outs:
                 self._loop.call_soon_threadsafe(self._deliver_all, outs)
-            elif not self.engine.has_unfinished() and not (self.embeddings is not None and self.embeddings.has_work()):
+            elif not ran and not self.engine.has_unfinished() and not (self.embeddings is not None and
+                                                                        self.embeddings.has_work()):
                 self.engine.ledger.poll()  # idle energy, and RAPL read at least once per wrap
                 self._unload_if_idle()
                 self._wake.wait(0.5)

@@ -446,7 +446,8 @@ class LoRAManager:
     def register(self, name: str, path: str, keep: bool = True, check_path: bool = True) -> Adapter:
         """Reads and checks the adapter now (InvalidRequest / ModelLoadError / PermissionError);
         keeps its weights for the first use when `keep` (and fewer than max_loras are kept)."""
-        if not name or ":" in name or "/" in name or name in self.base_names:
+        # ":" separates base and adapter in a request's model, except in fine-tuned names (ft:<base>:...)
+        if not name or (":" in name and not name.startswith("ft:")) or "/" in name or name in self.base_names:
             raise InvalidRequest(f"invalid adapter name {name!r}", "name")
         if name in self.adapters:
             raise InvalidRequest(f"adapter {name!r} is already registered; delete it first", "name")

@@ -49,9 +49,9 @@ log = logging.getLogger("leanserve.serve")
 SHUTDOWN_GRACE_SECONDS = 5.0  # for requests in flight at a shutdown signal; then they are aborted
 CLIENT_GONE = 499  # nginx's status for "client closed the request"; only ever seen in metrics
 SERVED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/models",
-                 "/v1/files", "/v1/batches", "/v1/async", "/v1/vector_stores", "/v1/adapters")
+                 "/v1/files", "/v1/batches", "/v1/async", "/v1/vector_stores", "/v1/adapters", "/v1/fine_tuning")
 # Routes of the OpenAI API not served here (yet): their 404 says so, instead of "Invalid URL".
-UNSERVED_OPENAI_ROUTES = ("/v1/fine_tuning", "/v1/audio",
+UNSERVED_OPENAI_ROUTES = ("/v1/audio",
                           "/v1/images", "/v1/moderations", "/v1/assistants", "/v1/threads", "/v1/uploads",
                           "/v1/realtime", "/v1/evals", "/v1/containers", "/v1/conversations")
 
@@ -534,6 +534,9 @@ def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | No
 
         app.include_router(batch_router(server, jobs))
         app.include_router(responses_router(server))
+        from .fine_tuning import fine_tuning_router  # it needs the job store's files
+
+        app.include_router(fine_tuning_router(server, jobs))
         if embedder is not None:  # vector stores need files to ingest and a model to embed them
             from .vector_stores import server_router
 

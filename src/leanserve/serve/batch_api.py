@@ -47,7 +47,7 @@ HANDLERS = {"/v1/chat/completions": OpenAIServer.chat_completions, "/v1/completi
             "/v1/embeddings": _embeddings}
 TRY_LATER = {429, 503, CLIENT_GONE}  # overloaded, shutting down, stopped: not an answer to store
 FORM_OVERHEAD = 64 * 1024  # multipart headers and the purpose field, on top of the file
-FILE_PURPOSES = ("batch", "assistants", "user_data")  # batch input; vector store files
+FILE_PURPOSES = ("batch", "assistants", "user_data", "fine-tune")  # batch input; vector store files; training
 MIN_MEASURED_TOKENS = 512  # the engine's own rates are trusted after it has run this many
 
 
