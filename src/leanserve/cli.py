@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import sys
 
-from .config import DEFAULT_MAX_MODEL_LEN, EngineConfig, LoRAConfig, ServerConfig
+from .config import DEFAULT_MAX_MODEL_LEN, EngineConfig, LoRAConfig, RouterConfig, ServerConfig
 from .energy.config import add_energy_args, energy_config
 from .errors import LeanserveError
 from .jobs import JobsConfig
@@ -158,6 +158,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="append one JSON line per finished request (read it with `leanserve report`)")
     parser.add_argument("--prompts", default=None, metavar="DIR",
                         help="serve the versioned prompt templates of DIR (*.prompty; docs/prompts.md)")
+    _add_router_args(parser)
     jobs = JobsConfig()
     parser.add_argument("--data-dir", default=jobs.data_dir, metavar="DIR",
                         help="where files, batches and async requests are kept (one server per directory)")
@@ -176,6 +177,50 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                              "that still meet their completion window")
 
 
+def _add_router_args(parser: argparse.ArgumentParser) -> None:
+    r = RouterConfig()
+    parser.add_argument("--response-cache", choices=("off", "exact", "semantic"), default=r.response_cache,
+                        help="answer repeated deterministic chat requests from a cache (semantic: also paraphrased "
+                             "last turns, by embedding similarity); requests may narrow it with `cache`")
+    parser.add_argument("--cache-ttl-seconds", type=float, default=r.cache_ttl_seconds, metavar="N")
+    parser.add_argument("--cache-max-entries", type=int, default=r.cache_max_entries, metavar="N")
+    parser.add_argument("--cache-threshold", type=float, default=None, metavar="SIM",
+                        help="cosine similarity of a semantic hit (default 0.9, chosen by `leanserve bench cache`)")
+    parser.add_argument("--cascade", action="append", default=[], metavar="NAME=TIER,TIER",
+                        help="serve `model: NAME` smallest tier first: a tier is the model, an adapter or an "
+                             "--upstream; escalate when the answer's confidence is below --cascade-rule (repeatable)")
+    parser.add_argument("--cascade-rule", action="append", default=[], metavar="[NAME=]STAT:THRESHOLD",
+                        help="accept a tier's answer when STAT (mean, min or p10 of its token logprobs) >= "
+                             "THRESHOLD; default mean:-0.5")
+    parser.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
+                        help="an OpenAI-compatible server a cascade can escalate to, e.g. "
+                             "big=http://host:8001/v1#model=M (key: $LEANSERVE_UPSTREAM_KEY_<NAME>)")
+    parser.add_argument("--upstream-timeout-seconds", type=float, default=r.upstream_timeout_seconds, metavar="N")
+
+
+def _router_config(args) -> RouterConfig:
+    from .router.cascade import Route, Upstream, parse_rule
+
+    _positive(args, "cache_ttl_seconds", "cache_max_entries", "upstream_timeout_seconds")
+    if args.cache_threshold is not None and not 0 <= args.cache_threshold <= 1:
+        raise ValueError(f"--cache-threshold must be within [0, 1], got {args.cache_threshold}")
+    routes = [Route.parse(spec) for spec in args.cascade]
+    by_name = {r.name: r for r in routes}
+    if len(by_name) != len(routes):
+        raise ValueError("--cascade: two routes have the same name")
+    for spec in args.cascade_rule:
+        name, sep, rule = spec.rpartition("=")
+        targets = [by_name[name]] if sep and name in by_name else routes if not sep else None
+        if targets is None:
+            raise ValueError(f"--cascade-rule {spec!r}: no --cascade named {name!r}")
+        for route in targets:
+            route.rule = parse_rule(rule)
+    upstreams = [Upstream.parse(spec, args.upstream_timeout_seconds) for spec in args.upstream]
+    return RouterConfig(response_cache=args.response_cache, cache_max_entries=args.cache_max_entries,
+                        cache_ttl_seconds=args.cache_ttl_seconds, cache_threshold=args.cache_threshold,
+                        cascades=routes, upstreams=upstreams, upstream_timeout_seconds=args.upstream_timeout_seconds)
+
+
 def _server_config(args) -> ServerConfig:
     from .serve.auth import api_key_classes, api_keys
 
@@ -188,7 +233,7 @@ def _server_config(args) -> ServerConfig:
                         default_max_tokens=args.default_max_tokens or None,
                         max_sequences_per_request=args.max_sequences_per_request,
                         header_timeout_seconds=args.header_timeout_seconds,
-                        body_timeout_seconds=args.body_timeout_seconds)
+                        body_timeout_seconds=args.body_timeout_seconds, router=_router_config(args))
 
 
 def _serve_engine_config(args) -> EngineConfig:

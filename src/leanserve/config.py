@@ -63,6 +63,19 @@ class EngineConfig:
 
 
 @dataclass
+class RouterConfig:
+    """Which model answers (router/): the response cache and cascade routes."""
+
+    response_cache: str = "off"  # "off" | "exact" | "semantic" (semantic hits need the embedding model)
+    cache_max_entries: int = 10_000
+    cache_ttl_seconds: float = 3600.0
+    cache_threshold: float | None = None  # None: router.cache.DEFAULT_SEMANTIC_THRESHOLD
+    cascades: list = field(default_factory=list)  # router.cascade.Route
+    upstreams: list = field(default_factory=list)  # router.cascade.Upstream
+    upstream_timeout_seconds: float = 60.0
+
+
+@dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -81,6 +94,7 @@ class ServerConfig:
     max_sequences_per_request: int = 256  # prompts x n of one request; more gets 400
     header_timeout_seconds: float = 10.0  # a connection whose request headers take longer is closed
     body_timeout_seconds: float = 30.0  # a request body that stalls this long between chunks gets 408
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 DEFAULT_MAX_MODEL_LEN = 8192

@@ -31,7 +31,7 @@ from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, Sampling
 from ..jobs import JobsConfig
 from ..router.templates import PromptLibrary
 from ..errors import InvalidRequest, LeanserveError, Overloaded
-from . import adapters, banner, connections, openapi, prompts, protocol as p, tools
+from . import adapters, banner, connections, openapi, prompts, protocol as p, routing, tools
 from .auth import APIKeyAuth
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -90,6 +90,7 @@ class OpenAIServer:
         self.created = int(time.time())
         self.tool_format = tools.tool_format(engine.tokenizer.chat_template)
         self.prompts = PromptLibrary(config.prompts_dir) if config.prompts_dir else None
+        self.router = routing.Router(self, config.router)
 
     # -- probes and listings ----------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class OpenAIServer:
     async def models(self) -> JSONResponse:
         self.metrics.count(200)
         body = p.model_list([self.model_name], self.created, banner.model_facts(self.engine))
-        body["data"] += adapters.model_entries(self)
+        body["data"] += adapters.model_entries(self) + self.router.model_entries()
         embedder = getattr(self.engine, "embedding_model", None)
         if embedder is not None:
             body["data"].append({"id": embedder.name, "object": "model", "created": self.created,
@@ -131,24 +132,44 @@ class OpenAIServer:
     # -- generation -------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
+        """Through the router (serve/routing.py): the response cache, cascade routes."""
         req = prompts.apply(self.prompts, await self._parse(request, p.ChatCompletionRequest))
+        return await self.router.chat(request, req)
+
+    async def run_chat(self, request: Request, req: p.ChatCompletionRequest, adapter: str | None,
+                       on_body=None) -> Response:
+        """The engine's answer as JSON or an SSE stream; `on_body(body)` gets the whole answer
+        once it is complete (the cache stores it)."""
+        if not req.stream:
+            body = await self.chat_body(request, req, adapter)
+            if body is None:
+                return Response(status_code=CLIENT_GONE)
+            if on_body is not None:
+                on_body(body)
+            self.metrics.count(200)
+            return JSONResponse(body)
+        rid, streams, plan = await self._start_chat(request, req, adapter)
+        return self._sse(self._chat_events(rid, req, streams, plan.fmt, on_body), rid, len(streams))
+
+    async def chat_body(self, request: Request, req: p.ChatCompletionRequest, adapter: str | None) -> dict | None:
+        """A non-streamed chat completion's body, None when the client went away."""
+        rid, streams, plan = await self._start_chat(request, req, adapter)
+        choices = await self._collect(request, rid, streams, req.user)
+        return None if choices is None else self._chat_completion(rid, req, choices, plan.fmt)
+
+    async def _start_chat(self, request: Request, req: p.ChatCompletionRequest, adapter: str | None):
         plan = await self.chat_plan(req)
         prompt = chat_prompt_ids(self.engine.tokenizer, plan.messages, **plan.template_vars)
         params = self._sampling(req, max_tokens=req.max_new_tokens, logprobs=req.num_logprobs(),
                                 constraint=plan.constraint)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self._submit(rid, [prompt], params, self._priority(request, req), request.state.adapter, request)
-        if req.stream:
-            return self._sse(self._chat_events(rid, req, streams, plan.fmt), rid, len(streams))
-        choices = await self._collect(request, rid, streams, req.user)
-        if choices is None:
-            return Response(status_code=CLIENT_GONE)
+        return rid, self._submit(rid, [prompt], params, self._priority(request, req), adapter, request), plan
+
+    def _chat_completion(self, rid: str, req: p.ChatCompletionRequest, choices: list[Choice], fmt) -> dict:
         token_text = self.engine.tokenizer.token_text
-        body = prompts.annotate(p.chat_completion(rid, req.model, [
-            self._chat_choice(i, c, plan.fmt, p.chat_logprobs(c.logprobs, token_text) if req.logprobs else None)
+        return prompts.annotate(p.chat_completion(rid, req.model, [
+            self._chat_choice(i, c, fmt, p.chat_logprobs(c.logprobs, token_text) if req.logprobs else None)
             for i, c in enumerate(choices)], self._usage(choices, req.n)))
-        self.metrics.count(200)
-        return JSONResponse(body)
 
     async def chat_plan(self, req: p.ChatCompletionRequest) -> tools.ChatPlan:
         """The request's prompt messages and constraint, compiled (a bad one is a 400 now)."""
@@ -192,6 +213,9 @@ class OpenAIServer:
         if not self.ready:
             raise self._unavailable("The server is starting or shutting down")
         req = p.parse_body(model, await self._body(request))
+        if model is p.ChatCompletionRequest and req.model in self.router.routes:  # a cascade picks per tier
+            request.state.adapter = None
+            return req
         request.state.adapter = adapters.resolve(self, req.model)  # 404 for an unknown model or adapter
         # responses then name the model as the request did (an adapter's name, as vLLM does)
         return req
@@ -337,11 +361,13 @@ class OpenAIServer:
     def _usage(self, choices: list[Choice], n: int) -> dict:
         """Prompts are counted once per prompt, not once per choice."""
         outs = [c.last for c in choices]
-        return p.usage(sum(o.num_prompt_tokens for o in outs[::n]), sum(o.num_output_tokens for o in outs),
-                       [o.metrics for o in outs], sum((o.bill for o in outs if o.bill), Bill()))
+        return routing.annotate_usage(p.usage(sum(o.num_prompt_tokens for o in outs[::n]),
+                                              sum(o.num_output_tokens for o in outs), [o.metrics for o in outs],
+                                              sum((o.bill for o in outs if o.bill), Bill())))
 
-    async def _chat_events(self, rid: str, req: p.ChatCompletionRequest, streams: list, fmt=None):
-        """`fmt`: the tool-call format to parse the answer in (content and tool-call deltas)."""
+    async def _chat_events(self, rid: str, req: p.ChatCompletionRequest, streams: list, fmt=None, on_body=None):
+        """`fmt`: the tool-call format to parse the answer in (content and tool-call deltas);
+        `on_body(body)`: gets the whole answer when the stream ends complete."""
         created = int(time.time())
 
         def chunk(choices, usage=None):
@@ -369,6 +395,8 @@ class OpenAIServer:
                     yield chunk([p.chat_chunk_choice(i, {}, finish_reason=finish)])
         if req.include_usage:
             yield chunk([], self._usage(choices, req.n))
+        if on_body is not None and all(c.last is not None and c.last.finish_reason != "abort" for c in choices):
+            on_body(self._chat_completion(rid, req, choices, fmt))
 
     async def _completion_events(self, rid: str, req: p.CompletionRequest, streams: list):
         created = int(time.time())
@@ -496,6 +524,7 @@ async def _disconnected(request: Request) -> None:
 def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | None = None) -> FastAPI:
     """An app over a loaded engine; its lifespan starts the engine and shuts it down."""
     server = OpenAIServer(engine, config or ServerConfig())
+    server.router.check()  # a cascade naming a tier that does not exist: ValueError, before serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -504,6 +533,7 @@ def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | No
         yield
         server.ready = False
         await engine.shutdown(SHUTDOWN_GRACE_SECONDS)
+        await server.router.close()
 
     app = FastAPI(title="leanserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server

@@ -292,8 +292,17 @@ class PromptRef(_Strict):
     variables: dict = Field(default_factory=dict)
 
 
+class CacheOptions(_Strict):
+    """leanserve's per-request response cache setting (router/cache.py): a mode no wider than
+    the server's `--response-cache`, and for semantic hits a similarity threshold."""
+
+    mode: Literal["off", "exact", "semantic"] = "semantic"
+    threshold: float | None = Field(None, ge=0, le=1)
+
+
 class ChatCompletionRequest(GenerateRequest):
     prompt: PromptRef | None = None  # before messages: with a prompt they may be empty
+    cache: Literal["off", "exact", "semantic"] | CacheOptions | None = None  # extension
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
