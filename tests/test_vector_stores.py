@@ -250,7 +250,7 @@ def test_kill_9_during_ingestion_loses_and_duplicates_nothing(backend, tmp_path,
         client = openai_client(server)
         small = client.files.create(file=("refunds.md", io.BytesIO(CORPUS["refunds.md"].encode())),
                                     purpose="assistants").id
-        text = long_text(100)
+        text = long_text(30)  # ~30 chunks: seconds of embedding even on a fast CPU
         big = client.files.create(file=("big.txt", io.BytesIO(text.encode())), purpose="assistants").id
         vs = client.vector_stores.create(name="durable", file_ids=[small])
         wait_files(client, vs.id)

@@ -70,16 +70,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class StartedServer:
     """`leanserve serve` in a subprocess on a free port, ready once /ready answers 200."""
 
-    def __init__(self, extra: list[str], timeout: float = 300):
+    def __init__(self, extra: list[str], timeout: float = 300, label: str = "bench"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.data_dir = tempfile.mkdtemp(prefix="leanserve-bench-retrieval-")
+        self.data_dir = tempfile.mkdtemp(prefix="leanserve-bench-")
         self.log = open(os.path.join(self.data_dir, "server.log"), "w+")
         args = [*extra] if "--data-dir" in extra else [*extra, "--data-dir", self.data_dir]
         self.command = [sys.executable, "-m", "leanserve", "serve", "--port", str(port), *args]
-        print(f"bench retrieval: starting {shlex.join(self.command[1:])}", file=sys.stderr, flush=True)
+        print(f"{label}: starting {shlex.join(self.command[1:])}", file=sys.stderr, flush=True)
         self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         import httpx
