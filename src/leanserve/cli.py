@@ -291,63 +291,35 @@ def _generate(args) -> int:
 
 # -- bench ------------------------------------------------------------------------------------
 
+# kind -> (its module, what it measures)
+BENCHES = {
+    "offline": ("bench.offline", "leanserve vs transformers in one process"),
+    "serve": ("bench.loadgen", "load on any OpenAI-compatible server"),
+    "lora": ("bench.lora", "many LoRA adapters vs none, adapter load times"),
+    "structured": ("bench.structured", "JSON-schema compile and mask times, constrained vs unconstrained tok/s"),
+    "embeddings": ("bench.embeddings", "our encoder vs sentence-transformers, embeddings/s"),
+    "vectors": ("bench.vectors", "vector-store search latency and recall@10, SQLite and Postgres"),
+    "retrieval": ("bench.retrieval", "/v1/embeddings latency and chat latency during an ingestion, over HTTP"),
+    "responses": ("bench.responses", "30 agent calls one by one vs at once, previous_response_id chains' "
+                                     "prefix-cache hits, /v1/responses overhead over chat"),
+    "kernels": ("kernels.select", "the product kernels measured on this machine and the ones chosen"),
+    "cache": ("bench.cache", "semantic cache hit rate and precision per threshold on a paraphrase set"),
+    "cascade": ("bench.cascade", "a small-first cascade's accuracy, joules and latency per threshold vs its last tier"),
+}
+
+
 def _add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["offline", "serve", "lora", "structured", "embeddings", "vectors",
-                                         "retrieval", "responses", "kernels"],
-                        help="offline: leanserve vs transformers in one process; "
-                             "serve: load on any OpenAI-compatible server; "
-                             "lora: many LoRA adapters vs none, adapter load times; "
-                             "structured: JSON-schema compile and mask times, constrained vs unconstrained tok/s; "
-                             "embeddings: our encoder vs sentence-transformers, embeddings/s; "
-                             "vectors: vector-store search latency and recall@10, SQLite and Postgres; "
-                             "retrieval: /v1/embeddings latency and chat latency during an ingestion, over HTTP; "
-                             "responses: 30 agent calls one by one vs at once, previous_response_id chains' "
-                             "prefix-cache hits, /v1/responses overhead over chat; "
-                             "kernels: the product kernels measured on this machine and the ones chosen")
+    parser.add_argument("kind", choices=list(BENCHES),
+                        help="; ".join(f"{kind}: {about}" for kind, (_, about) in BENCHES.items()))
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help of it)")
 
 
 def _bench(args) -> int:
-    if args.kind == "serve":
-        from .bench import loadgen
+    import importlib
 
-        return loadgen.main(args.rest)
-    if args.kind == "lora":
-        from .bench import lora
-
-        lora.main(args.rest)
-        return 0
-    if args.kind == "structured":
-        from .bench import structured
-
-        structured.main(args.rest)
-        return 0
-    if args.kind == "embeddings":
-        from .bench import embeddings
-
-        embeddings.main(args.rest)
-        return 0
-    if args.kind == "vectors":
-        from .bench import vectors
-
-        return vectors.main(args.rest)
-    if args.kind == "retrieval":
-        from .bench import retrieval
-
-        return retrieval.main(args.rest)
-    if args.kind == "responses":
-        from .bench import responses
-
-        return responses.main(args.rest)
-    if args.kind == "kernels":
-        from .kernels import select
-
-        select.main(args.rest)
-        return 0
-    from .bench import offline
-
-    offline.main(args.rest)
-    return 0
+    module = importlib.import_module(f".{BENCHES[args.kind][0]}", __package__)
+    result = module.main(args.rest)
+    return result if isinstance(result, int) else 0
 
 
 # -- batch ------------------------------------------------------------------------------------
