@@ -131,10 +131,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_tokenizer(path: str | None):
     """Only the tokenizer: no weights are loaded."""
-    from ..models.loader import builtin_model_path
+    from ..models.loader import model_path
     from ..models.tokenizer import Tokenizer
 
-    path = path or builtin_model_path()
+    path = model_path(path)
     if os.path.isdir(path):
         return Tokenizer.from_hf_folder(path)
     if not (os.path.isfile(path) and path.endswith(".gguf")):

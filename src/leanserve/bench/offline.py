@@ -75,9 +75,9 @@ def load_transformers(model: str | None, dtype: torch.dtype):
 
     from transformers import AutoModelForCausalLM
 
-    from ..models.loader import builtin_model_path
+    from ..models.loader import model_path
 
-    path = model or builtin_model_path()
+    path = model_path(model)
     if path.endswith(".gguf"):
         return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
