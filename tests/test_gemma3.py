@@ -77,6 +77,9 @@ def test_tiny_gemma3_equals_transformers(tiny_gemma3, variant):
     assert_equals_transformers(llm.generate(PROMPTS, PARAMS), reference(tiny_gemma3), f"tiny Gemma 3/{variant}")
     if variant == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
+    if variant == "default":  # again, the prompts' full blocks now from the prefix cache
+        assert_equals_transformers(llm.generate(PROMPTS, PARAMS), reference(tiny_gemma3), "tiny Gemma 3, cached prefixes")
+        assert llm.engine.kv.hit_tokens > 0
 
 
 def test_tiny_gemma3_window_matters(tiny_gemma3):
