@@ -305,6 +305,7 @@ BENCHES = {
     "kernels": ("kernels.select", "the product kernels measured on this machine and the ones chosen"),
     "cache": ("bench.cache", "semantic cache hit rate and precision per threshold on a paraphrase set"),
     "cascade": ("bench.cascade", "a small-first cascade's accuracy, joules and latency per threshold vs its last tier"),
+    "tune": ("bench.tune", "LoRA training tokens/s, leanserve's trainer vs transformers + peft, same batch"),
 }
 
 
