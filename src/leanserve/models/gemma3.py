@@ -93,7 +93,7 @@ class Gemma3Args(ModelArgs):
         if full is None:
             full = {"rope_theta": cfg.get("rope_theta") or rope.get("rope_theta", 1_000_000.0),
                     **(cfg.get("rope_scaling") or {})}
-            local = {"rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
+        local = local or {"rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
         if _rope_scaling({"rope_parameters": local}):
             raise ModelLoadError("Gemma 3 with scaled RoPE on its local layers is not supported")
         return cls(
