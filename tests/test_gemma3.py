@@ -117,6 +117,20 @@ def test_tiny_gemma3_softcapping_equals_transformers(tiny_gemma3_softcapped, mon
     assert_equals_transformers(outs, reference(tiny_gemma3_softcapped), "tiny Gemma 3 with soft-capping")
 
 
+def test_gemma3_config_in_transformers_4_spelling():
+    """Hub configs written before transformers 5: rope_theta, rope_local_base_freq,
+    rope_scaling (the global layers'), and a sliding_window_pattern instead of layer_types."""
+    args = gemma3.Gemma3Args.from_hf_config(dict(
+        architectures=["Gemma3ForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=100, sliding_window=32,
+        sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=1e4,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    assert args.layer_windows == (32, 32, 0, 32, 32, 0, 32)
+    assert (args.rope_theta, args.rope_local_theta) == (1e6, 1e4)
+    assert args.rope_scaling == {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0}
+    assert args.query_pre_attn_scalar == 256 and args.tie_word_embeddings
+
+
 # -- the built-in Gemma 3 270M (Q4_K_M GGUF, dequantized to float32 on both sides) ---------------
 
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
