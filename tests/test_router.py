@@ -184,6 +184,26 @@ def test_streams_are_stored_and_replayed(client):
     assert (replayed, finish2, usage2["cache"]["type"]) == (text, finish, "exact")
 
 
+def test_batch_lines_bypass_the_cache(client):
+    import io
+    import json
+
+    line = {"method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}}
+    data = "".join(json.dumps(dict(line, custom_id=f"l{i}")) + "\n" for i in range(2)).encode()
+    file_id = client.files.create(file=("lines.jsonl", io.BytesIO(data)), purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    rows = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert len(rows) == 2
+    for row in rows:  # replayed without the caller's key: never cached, never answered from the cache
+        assert "cache" not in row["response"]["body"]["usage"]["leanserve"]
+
+
 def test_a_replaced_adapter_invalidates_its_entries(server, client, adapter_dir):
     import httpx
 

@@ -147,6 +147,8 @@ class Router:
 
     async def _look_up(self, request: Request, req: p.ChatCompletionRequest) -> tuple[CachePlan | None, Hit | None]:
         mode, threshold, note = self._mode(req)
+        if request.client is None:  # a Batch API line or async request the server replays: no key to keep
+            mode, note = "off", None  # tenants apart by, so no cache
         if mode == "off":
             if note:
                 NOTE.set({"type": "none", "note": note})
