@@ -18,7 +18,12 @@ Against a running server (`--url`) or one started here (`--start-server`), each 
     alternating on one kept-alive connection, `store: false` (nothing to store, as chat);
     the p50 of the per-pair differences and of each endpoint, and the same with `store:
     true` (a durable SQLite write per response). Target: <= 2 ms p50.
-Medians over `--repeats` are reported.
+(d) The same difference in process, without HTTP and the engine (no server needed, so a
+    loaded machine blurs it less): the Responses layer's own work for that request (parse,
+    items to chat messages, the chat request validated, the response object built and
+    serialised) minus chat's (parse, response built and serialised), p50 of
+    `--layer-iterations` alternating runs. Everything else is the same code on both paths.
+`--parts` picks which run. Medians over `--repeats` are reported.
 """
 from __future__ import annotations
 
@@ -55,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-output-tokens", type=int, default=16, help="(a, b) output tokens of a call at most")
     ap.add_argument("--chains", type=int, default=6, help="(b) conversations the calls are chained into")
     ap.add_argument("--overhead-pairs", type=int, default=100, help="(c) chat/responses request pairs")
+    ap.add_argument("--layer-iterations", type=int, default=2000, help="(d) in-process runs of each layer")
+    ap.add_argument("--parts", default="agent,overhead,layer", help="comma-separated: agent (a, b), overhead (c), "
+                                                                      "layer (d, in process: no server used)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each part; medians reported")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated texts")
@@ -65,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.calls % args.chains:
         ap.error("--calls must be a multiple of --chains")
+    args.parts = set(args.parts.split(","))
+    if not args.parts or args.parts - {"agent", "overhead", "layer"}:
+        ap.error("--parts takes agent, overhead, layer")
     return args
 
 
@@ -171,6 +182,45 @@ async def overhead(base: str, model: str, args, store: bool, headers: dict) -> d
             "overhead_p50_ms": round(statistics.median(diffs), 3), "pairs": len(diffs)}
 
 
+def layer_cost(iterations: int) -> dict:
+    """(d): p50 of the Responses layer's own work minus chat completions', in process."""
+    from ..serve import file_search, protocol as p, responses as R
+
+    model, prompt, rid = "SmolLM2-135M-Instruct", "Reply with one word.", "resp_0123456789abcdef"
+    chat_body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
+                            "temperature": 0}).encode()
+    resp_body = json.dumps({"model": model, "input": prompt, "max_output_tokens": 1, "temperature": 0,
+                            "store": False}).encode()
+    usage = {"prompt_tokens": 30, "completion_tokens": 1, "total_tokens": 31, "leanserve": {
+        "queue_ms": 0.1, "prefill_ms": 5.0, "decode_ms": 0.0, "energy_joules": 0.5, "carbon_grams": 1e-5,
+        "cost_usd": 1e-7, "energy_source": "estimate"}}
+
+    def chat() -> None:
+        req = p.parse_body(p.ChatCompletionRequest, chat_body)
+        json.dumps(p.chat_completion("chatcmpl-0", req.model, [p.chat_choice(0, "Hi", None, "stop")], usage))
+
+    def responses() -> None:
+        req = p.parse_body(R.ResponsesRequest, resp_body)
+        items = R.normalize_input(req.input)
+        file_search.parse(req.tools)
+        R.chat_request(req, items, "realtime")
+        body = R.finished(R.shell(rid, req, "default"), [R.message_item("Hi")], "stop", usage)
+        json.dumps(body)
+
+    times = {"chat": [], "responses": []}
+    for i in range(iterations + 100):  # a hundred warm up
+        for name, fn in (("chat", chat), ("responses", responses)) if i % 2 else (("responses", responses),
+                                                                                   ("chat", chat)):
+            start = time.perf_counter()
+            fn()
+            if i >= 100:
+                times[name].append(time.perf_counter() - start)
+    diffs = [(r - c) * 1000 for r, c in zip(times["responses"], times["chat"])]
+    return {"chat_p50_ms": round(statistics.median(times["chat"]) * 1000, 4),
+            "responses_p50_ms": round(statistics.median(times["responses"]) * 1000, 4),
+            "overhead_p50_ms": round(statistics.median(diffs), 4), "iterations": iterations}
+
+
 async def _run(args, base: str) -> dict:
     key = os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -181,15 +231,19 @@ async def _run(args, base: str) -> dict:
         runs = []
         for rep in range(args.repeats):
             print(f"bench responses: run {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
-            run = await agent_phases(client, base, model, args, rep)
-            for store in (False, True):
-                run[f"overhead_store_{str(store).lower()}"] = await overhead(base, model, args, store, headers)
-            s, c, k = run["sequential"], run["concurrent"], run["chains"]
-            print(f"  {args.calls} calls one by one {s['seconds']} s {s['requests_j']} J; all at once "
-                  f"{c['seconds']} s {c['requests_j']} J; chains: prefix cache hit rate "
-                  f"{k.get('prefix_cache_hit_rate')} (one by one: {s.get('prefix_cache_hit_rate')}); overhead p50 "
-                  f"{run['overhead_store_false']['overhead_p50_ms']} ms (store true: "
-                  f"{run['overhead_store_true']['overhead_p50_ms']} ms)", file=sys.stderr, flush=True)
+            run = {}
+            if "agent" in args.parts:
+                run = await agent_phases(client, base, model, args, rep)
+                s, c, k = run["sequential"], run["concurrent"], run["chains"]
+                print(f"  {args.calls} calls one by one {s['seconds']} s {s['requests_j']} J; all at once "
+                      f"{c['seconds']} s {c['requests_j']} J; chains: prefix cache hit rate "
+                      f"{k.get('prefix_cache_hit_rate')} (one by one: {s.get('prefix_cache_hit_rate')})",
+                      file=sys.stderr, flush=True)
+            if "overhead" in args.parts:
+                for store in (False, True):
+                    run[f"overhead_store_{str(store).lower()}"] = await overhead(base, model, args, store, headers)
+                print(f"  overhead p50 {run['overhead_store_false']['overhead_p50_ms']} ms (store true: "
+                      f"{run['overhead_store_true']['overhead_p50_ms']} ms)", file=sys.stderr, flush=True)
             runs.append(run)
     return {"model": model, "runs": runs}
 
@@ -217,6 +271,8 @@ def summarize(runs: list[dict]) -> dict:
     for store in ("false", "true"):
         for key in ("chat_p50_ms", "responses_p50_ms", "overhead_p50_ms"):
             out[f"store_{store}_{key}"] = _median(runs, f"overhead_store_{store}", key)
+    for key in ("chat_p50_ms", "responses_p50_ms", "overhead_p50_ms"):
+        out[f"layer_{key}"] = _median(runs, "layer", key)
     return out
 
 
@@ -224,29 +280,40 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    server = StartedServer(shlex.split(args.server_args)) if args.start_server else None
+    http = bool(args.parts & {"agent", "overhead"})
+    server = StartedServer(shlex.split(args.server_args)) if args.start_server and http else None
     try:
         base = _api_base(server.url if server else args.url)
-        measured = _event_loop_run(_run(args, base))
+        measured = _event_loop_run(_run(args, base)) if http else {"model": None,
+                                                                    "runs": [{} for _ in range(args.repeats)]}
     finally:
         if server:
             server.stop()
+    if "layer" in args.parts:
+        for run in measured["runs"]:
+            run["layer"] = layer_cost(args.layer_iterations)
     m = summarize(measured["runs"])
     result = {"bench": "responses", "command": "leanserve bench responses " + shlex.join(argv), "started": started,
-              "machine": machine_info(), "config": vars(args), "url": base,
+              "machine": machine_info(), "config": dict(vars(args), parts=sorted(args.parts)), "url": base,
               "server_command": server and shlex.join(server.command[1:]), **measured, "medians": m}
-    print(f"{measured['model']} at {base}, median of {args.repeats}:")
-    for phase, label in (("sequential", "one after another"), ("concurrent", "all at once"),
-                         ("chains", f"{args.chains} previous_response_id chains")):
-        print(f"  {args.calls} calls {label:<30} {m[f'{phase}_seconds']} s   requests' bills "
-              f"{m[f'{phase}_requests_j']} J   server {m[f'{phase}_server_total_j']} J   "
-              f"{m[f'{phase}_output_tokens']} output tokens   prefix cache hit rate {m[f'{phase}_prefix_cache_hit_rate']}")
-    print(f"  all at once / one after another        time x{m['concurrent_over_sequential_seconds']}   "
-          f"joules x{m['concurrent_over_sequential_requests_j']}")
-    for store in ("false", "true"):
-        print(f"  /v1/responses over chat (store {store}) p50 {m[f'store_{store}_overhead_p50_ms']} ms   (chat p50 "
-              f"{m[f'store_{store}_chat_p50_ms']} ms, responses p50 {m[f'store_{store}_responses_p50_ms']} ms; "
-              "target <= 2 ms)")
+    print(f"{measured['model']} at {base}, median of {args.repeats}:" if http else f"median of {args.repeats}:")
+    if "agent" in args.parts:
+        for phase, label in (("sequential", "one after another"), ("concurrent", "all at once"),
+                             ("chains", f"{args.chains} previous_response_id chains")):
+            print(f"  {args.calls} calls {label:<30} {m[f'{phase}_seconds']} s   requests' bills "
+                  f"{m[f'{phase}_requests_j']} J   server {m[f'{phase}_server_total_j']} J   "
+                  f"{m[f'{phase}_output_tokens']} output tokens   prefix cache hit rate "
+                  f"{m[f'{phase}_prefix_cache_hit_rate']}")
+        print(f"  all at once / one after another        time x{m['concurrent_over_sequential_seconds']}   "
+              f"joules x{m['concurrent_over_sequential_requests_j']}")
+    if "overhead" in args.parts:
+        for store in ("false", "true"):
+            print(f"  /v1/responses over chat (store {store}) p50 {m[f'store_{store}_overhead_p50_ms']} ms   (chat p50 "
+                  f"{m[f'store_{store}_chat_p50_ms']} ms, responses p50 {m[f'store_{store}_responses_p50_ms']} ms; "
+                  "target <= 2 ms)")
+    if "layer" in args.parts:
+        print(f"  the Responses layer over chat's, in process p50 {m['layer_overhead_p50_ms']} ms   (chat "
+              f"{m['layer_chat_p50_ms']} ms, responses {m['layer_responses_p50_ms']} ms)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
