@@ -78,6 +78,22 @@ def test_avx2_matches_the_other_variants_here():
         torch.testing.assert_close(other.float(), mine.float(), atol=1e-2, rtol=8e-3)
 
 
+@pytest.mark.skipif(native() is None or select.AVX512F not in native().product_variants(False),
+                    reason="needs AVX-512F")
+@pytest.mark.parametrize("rows", ROWS)
+def test_avx512f_widening_gives_the_avx2_bits(rows):
+    """The 512-bit widening kernel runs each output's FMA chain in the same order as the AVX2
+    one: the same bits (so a shape's bands may mix the two), the argmax too."""
+    for n_in, n_out in SHAPES:
+        linear = bf16_linear(n_in, n_out, True, rows)
+        packed = pack_for_tiles(linear.weight.detach()).contiguous()
+        x = torch.randn(rows, n_in, dtype=torch.bfloat16)
+        wide = native().bf16_linear_packed(x, packed, linear.bias, 0, select.AVX512F)
+        assert torch.equal(wide, native().bf16_linear_packed(x, packed, linear.bias, 0, AVX2))
+        assert torch.equal(native().bf16_linear_packed_argmax(x, packed, select.AVX512F),
+                           native().bf16_linear_packed_argmax(x, packed, AVX2))
+
+
 @needs_avx2
 def test_avx2_swiglu_packing_gives_the_plain_output_and_refuses_the_fused_epilogue():
     linear = bf16_linear(576, 3072, False, 1)
@@ -130,6 +146,9 @@ def test_a_bf16_shape_takes_one_bit_class_in_every_band():
     c = choice(times=times)
     select.decide(c)
     assert c.family == "own" and c.bands == [[1, AVX2], [4, AVX2], [64, AVX2]]
+    c = choice(times={**times, "avx512f": [0.6, 0.5, 8.0]})  # the same FMA chains as avx2: the bands may mix them
+    select.decide(c)
+    assert c.bands == [[1, AVX2], [4, select.AVX512F], [64, select.AVX512F]]
     c = choice(times=times)
     select.decide(c, fastest=True)  # LEANSERVE_KERNEL_BANDS=fastest: each band its fastest
     assert c.bands == [[1, AVX2], [4, AVX2], [64, select.AMX]]

@@ -1154,8 +1154,9 @@ constexpr bool kDotProducts =
 
 // The kernels a packed product can run on (the `variant` of bf16_linear_packed and
 // w8a8_linear_packed; kernels/select.py measures them and picks one per row band). kAuto: the
-// first of AMX tiles, AVX-512 dot products (BF16 / VNNI), AVX2 + FMA that this CPU has.
-enum Variant : int64_t { kAuto = -1, kAmx = 0, kDot = 1, kAvx2 = 2 };
+// first of AMX tiles, AVX-512 dot products (BF16 / VNNI), AVX-512F FMA (bf16 only), AVX2 + FMA
+// that this CPU has. The two FMA variants widen bf16 weights to float32 (products_avx2.h).
+enum Variant : int64_t { kAuto = -1, kAmx = 0, kDot = 1, kAvx2 = 2, kAvx512f = 3 };
 
 bool avx2_available() {
 #if defined(__x86_64__)
@@ -1174,6 +1175,9 @@ std::vector<int64_t> product_variants(bool int8) {
   std::vector<int64_t> out;
   if (int8 ? amx_int8_available() : amx_bf16_available()) out.push_back(kAmx);
   if (kDotProducts) out.push_back(kDot);
+#if defined(__x86_64__)
+  if (!int8 && avx2_available() && avx2::avx512f_available()) out.push_back(kAvx512f);
+#endif
   if (avx2_available()) out.push_back(kAvx2);
   return out;
 }
@@ -1805,9 +1809,9 @@ std::vector<float> widened_rows(const torch::Tensor& x2, int64_t M, int64_t K) {
   return xf;
 }
 
-// bf16_linear_packed on AVX2 + FMA (swiglu 0 or 1)
-torch::Tensor bf16_linear_avx2(const torch::Tensor& x2, int64_t M, int64_t K, int64_t N, const torch::Tensor& packed,
-                               const std::optional<torch::Tensor>& bias, int64_t swiglu) {
+// bf16_linear_packed on FMA, AVX2 or AVX-512F (wide) (swiglu 0 or 1)
+torch::Tensor bf16_linear_widened(const torch::Tensor& x2, int64_t M, int64_t K, int64_t N, const torch::Tensor& packed,
+                                  const std::optional<torch::Tensor>& bias, int64_t swiglu, bool wide) {
   TORCH_CHECK(swiglu < 2, "the fused SwiGLU epilogue runs on AMX / AVX512-BF16 only");
   auto out = torch::empty({M, N}, x2.options());
   std::optional<torch::Tensor> b;
@@ -1824,7 +1828,7 @@ torch::Tensor bf16_linear_avx2(const torch::Tensor& x2, int64_t M, int64_t K, in
         for (int64_t j = 0; j < 16; ++j) o[j] = at::BFloat16(bp ? s[j] + bp[col + j] : s[j]);
       }
   };
-  avx2::product(xf.data(), M, K, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), N, epilogue);
+  avx2::product(xf.data(), M, K, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), N, epilogue, wide);
   return out;
 }
 #endif
@@ -1838,10 +1842,10 @@ torch::Tensor bf16_linear_packed(const torch::Tensor& x, const torch::Tensor& pa
   std::tie(x2, M, K, N) = packed_bf16_rows(x, packed, variant);
   TORCH_CHECK(swiglu == 0 || (swiglu <= 2 && !bias && N % 32 == 0), "bad swiglu call");
 #if defined(__x86_64__)
-  if (variant == kAvx2) {
+  if (variant == kAvx2 || variant == kAvx512f) {
     auto shape = x.sizes().vec();
     shape.back() = N;
-    return bf16_linear_avx2(x2, M, K, N, packed, bias, swiglu).view(shape);
+    return bf16_linear_widened(x2, M, K, N, packed, bias, swiglu, variant == kAvx512f).view(shape);
   }
 #endif
 #if !defined(__AVX512BF16__)
@@ -1927,7 +1931,7 @@ torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Ten
     }
   };
 #if defined(__x86_64__)
-  if (variant == kAvx2) {  // each sum rounded to bf16 and widened back, as the logits would hold it
+  if (variant == kAvx2 || variant == kAvx512f) {  // each sum rounded to bf16 and widened back, as the logits hold it
     const std::vector<float> xf = widened_rows(x2, M, K);
     auto epilogue = [&](const float* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
       const int64_t t = at::get_thread_num();
@@ -1940,7 +1944,8 @@ torch::Tensor bf16_linear_packed_argmax(const torch::Tensor& x, const torch::Ten
         }
       }
     };
-    avx2::product(xf.data(), M, K, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), N, epilogue);
+    avx2::product(xf.data(), M, K, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), N, epilogue,
+                  variant == kAvx512f);
     merge();
     return out;
   }
@@ -2404,7 +2409,7 @@ class ForwardPlan {
       h = rms_norm(proj(L.o, attn.view({T, q_width}), 4 * i + 1), residual, L.ln2, eps_);
       const int64_t gate_up_variant = resolve_variant(L.gate_up.variant(T), false);
       const bool swiglu = L.gate_up.kind == kBf16PackedSwiglu && !L.gate_up.dense && !lora &&
-                          gate_up_variant != kAvx2;  // fused epilogue (AMX / AVX512-BF16 only)
+                          (gate_up_variant == kAmx || gate_up_variant == kDot);  // fused epilogue (those only)
       x = proj(L.down, swiglu ? bf16_linear_packed(h, L.gate_up.w, std::nullopt, 2, gate_up_variant)
                               : silu_mul(proj(L.gate_up, h, 4 * i + 2)),
                4 * i + 3);
@@ -2462,7 +2467,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each row's first argmax of bf16_linear_packed(x, packed), without writing the products", py::arg("x"),
         py::arg("packed"), py::arg("variant") = -1);
   m.def("product_variants", &product_variants,
-        "the packed kernels' variants this CPU runs (0 AMX, 1 AVX-512 dot products, 2 AVX2 + FMA)", py::arg("int8"));
+        "the packed kernels' variants this CPU runs (0 AMX, 1 AVX-512 dot products, 2 AVX2 + FMA, 3 AVX-512F FMA)",
+        py::arg("int8"));
   m.def("w8a8_linear", &w8a8_linear, "int8 activations x int8 weights (oneDNN), rescaled to x's dtype",
         py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_zero_points"), py::arg("bias") = py::none());
   py::class_<ForwardPlan>(m, "ForwardPlan")

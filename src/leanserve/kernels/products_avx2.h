@@ -1,4 +1,5 @@
-// Products on AVX2 + FMA, for CPUs without AVX-512 (AMD Zen 2/3, many desktops and VMs).
+// Products on AVX2 + FMA, for CPUs without AVX-512 (AMD Zen 2/3, many desktops and VMs), and
+// the bf16 one in 512-bit vectors for CPUs with AVX-512F but no fast bf16 dot products.
 //
 // They read the weights as the AMX / AVX-512 kernels do (pack_for_tiles in models/quant.py:
 // [N / 16, K / g, 16, g], a column block's 64-byte rows its K pairs (bf16) or quads (int8)
@@ -64,6 +65,37 @@ LEANSERVE_AVX2 void bf16_tile(const float* x, int64_t K, const uint16_t* b, floa
       for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (c / 2) * R * 32 + r * 32 + (c % 2) * 16 + h * 8, acc[r][c][h]);
 }
 
+// bf16_tile in 512-bit vectors, for CPUs with AVX-512F but no AVX512-BF16 (Intel Skylake-SP to
+// Ice Lake, or with AVX512-BF16 dot products slower than its FMA units): a block's 16 columns
+// are one register, and each output the same FMA chain in K order as bf16_tile's, so the two
+// give the same bits and may share a shape's row bands.
+template <int R, int C>
+__attribute__((target("avx512f"))) void bf16_tile512(const float* x, int64_t K, const uint16_t* b, float* out) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const int64_t bs = K * 16;
+  for (int64_t p = 0; p < K / 2; ++p) {
+    for (int c = 0; c < C; ++c) {
+      const __m512i v = _mm512_loadu_si512(b + c * bs + p * 32);
+      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      for (int r = 0; r < R; ++r) {
+        acc[r][c] = _mm512_fmadd_ps(even, _mm512_set1_ps(x[r * K + 2 * p]), acc[r][c]);
+        acc[r][c] = _mm512_fmadd_ps(odd, _mm512_set1_ps(x[r * K + 2 * p + 1]), acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (c / 2) * R * 32 + r * 32 + (c % 2) * 16, acc[r][c]);
+}
+
+inline bool avx512f_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
 // The same for int16 rows (int8 values) and a packed int8 weight (b, K * 16 apart): exact int32 sums.
 template <int R, int C>
 LEANSERVE_AVX2 void int8_tile(const int16_t* x, int64_t K, const int8_t* b, int32_t* out) {
@@ -110,17 +142,18 @@ inline void run_tile(const Tile& tile, const Row* x, int64_t m, int64_t K, const
 
 // x [M, K] (float32 rows for bf16 weights, int16 for int8) times the packed weight [N / 16, ...]:
 // the threads take groups of 4 column blocks; each passes its groups over chunks of kChunk rows
-// (a chunk's rows and a group's weights stay in L2), 4 rows by 1 block, 2 by 2, or 1 by 4
-// (8 accumulators each: FMA's latency covered). epilogue(sums, m0, rows, n0, cols) as the tiles'.
+// (a chunk's rows and a group's weights stay in L2), 4 rows by 1 block (wide: 2), 2 by 2, or
+// 1 by 4 (8 accumulators each in AVX2: FMA's latency covered). epilogue(sums, m0, rows, n0, cols) as the tiles'.
 constexpr int64_t kChunk = 32;
 
+// wide: bf16 in 512-bit vectors (bf16_tile512)
 template <typename Row, typename W, typename Epilogue>
-void product(const Row* x, int64_t M, int64_t K, const W* wp, int64_t N, const Epilogue& epilogue) {
+void product(const Row* x, int64_t M, int64_t K, const W* wp, int64_t N, const Epilogue& epilogue, bool wide = false) {
   using Acc = std::conditional_t<std::is_same_v<W, int8_t>, int32_t, float>;
-  auto tile = [](auto r, auto c) {
+  auto tile = [wide](auto r, auto c) {
     constexpr int kR = decltype(r)::value, kC = decltype(c)::value;
     if constexpr (std::is_same_v<W, int8_t>) return &int8_tile<kR, kC>;
-    else return &bf16_tile<kR, kC>;
+    else return wide ? &bf16_tile512<kR, kC> : &bf16_tile<kR, kC>;
   };
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
@@ -143,8 +176,12 @@ void product(const Row* x, int64_t M, int64_t K, const W* wp, int64_t N, const E
             if (nb < nb1) run_tile<Acc, 1, 1>(tile(I1{}, I1{}), x, m, K, wp, nb, epilogue);
           }
         } else {
-          for (; m + 4 <= m1; m += 4)
-            for (int64_t nb = nb0; nb < nb1; ++nb) run_tile<Acc, 4, 1>(tile(I4{}, I1{}), x, m, K, wp, nb, epilogue);
+          for (; m + 4 <= m1; m += 4) {
+            int64_t nb = nb0;
+            if (wide)  // one register a block: two blocks for 8 accumulators
+              for (; nb + 2 <= nb1; nb += 2) run_tile<Acc, 4, 2>(tile(I4{}, I2{}), x, m, K, wp, nb, epilogue);
+            for (; nb < nb1; ++nb) run_tile<Acc, 4, 1>(tile(I4{}, I1{}), x, m, K, wp, nb, epilogue);
+          }
           for (; m + 2 <= m1; m += 2) {
             int64_t nb = nb0;
             for (; nb + 2 <= nb1; nb += 2) run_tile<Acc, 2, 2>(tile(I2{}, I2{}), x, m, K, wp, nb, epilogue);

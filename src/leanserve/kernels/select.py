@@ -8,8 +8,9 @@ at the model's projection shapes and at each row band of a step (1 row up to the
 budget), every kernel this CPU can run:
 
 - our packed kernels (kernels/paged_attention.cpp, one packed weight for all): `amx` (AMX
-  tiles), `avx512` (AVX512-BF16 / AVX512-VNNI dot products), `avx2` (AVX2 + FMA: bf16
-  weights widened to float32 in registers, or int8 pairs summed exactly by VPMADDWD);
+  tiles), `avx512` (AVX512-BF16 / AVX512-VNNI dot products), `avx512f` (bf16 weights widened
+  to float32 in 512-bit registers, FMA), `avx2` (AVX2 + FMA: the same in 256-bit registers,
+  and int8 pairs summed exactly by VPMADDWD);
 - `onednn` (torch's packed bf16 linear, where oneDNN has bf16) and `torch` (a plain linear
   in the model dtype);
 - for information only, not chosen: `torch-fp32` (float32 weights: twice the memory) and,
@@ -20,7 +21,7 @@ per band, the fastest kernel of that family whose results are the same bits as t
 chosen for that shape. That keeps batch invariance: a row's result does not depend on how
 many rows share its step. Our bf16 kernels are each batch-invariant, but differ from each
 other in rounding (tiles, dot products and FMA chains sum differently), so a bf16 shape runs
-one of them in every band; our W8A8 kernels all give the exact int32 sums and the same
+one of them in every band (`avx512f` and `avx2` are the same FMA chains: they may mix); our W8A8 kernels all give the exact int32 sums and the same
 epilogue, so W8A8 bands may mix them. `LEANSERVE_KERNEL_BANDS=fastest` lifts that rule (each
 band its fastest kernel of the family; a row's bits may then depend on its batch's size).
 
@@ -29,7 +30,7 @@ the shapes and bands) in the user cache dir (`LEANSERVE_KERNEL_CACHE` overrides 
 `LEANSERVE_KERNELS` forces a choice: `remeasure` (measure again, rewrite the cache),
 `flags` (no measurement: the choice by CPU flags from before this module: AMX, else AVX-512
 dot products, else oneDNN or torch; the AVX2 kernels unused), or a kernel name (`amx`,
-`avx512`, `avx2`, `onednn`, `torch`) for every shape and band. `leanserve bench kernels`
+`avx512`, `avx512f`, `avx2`, `onednn`, `torch`) for every shape and band. `leanserve bench kernels`
 prints the table.
 """
 from __future__ import annotations
@@ -49,10 +50,10 @@ from . import HERE, cpu_flags, native
 log = logging.getLogger(__name__)
 
 SCHEMA = 1  # bump when the measurement or the table changes meaning
-AMX, AVX512, AVX2 = 0, 1, 2  # Variant in paged_attention.cpp
-VARIANT_NAMES = {AMX: "amx", AVX512: "avx512", AVX2: "avx2"}
+AMX, AVX512, AVX2, AVX512F = 0, 1, 2, 3  # Variant in paged_attention.cpp
+VARIANT_NAMES = {AMX: "amx", AVX512: "avx512", AVX2: "avx2", AVX512F: "avx512f"}
 # which of our kernels give the same bits as each other (see the module docstring)
-BF16_BITS = {AMX: "tiles", AVX512: "dot products", AVX2: "fma chains"}
+BF16_BITS = {AMX: "tiles", AVX512: "dot products", AVX2: "fma chains", AVX512F: "fma chains"}
 FAMILIES = ("own", "onednn", "torch")
 FORCED = tuple(VARIANT_NAMES.values()) + ("onednn", "torch")
 ROUNDS, BAND_SECONDS, CUT, HOPELESS = 7, 0.3, 8.0, 30.0  # see measure
@@ -358,7 +359,19 @@ def _bands_text(c: Choice) -> str:
     return ", ".join(f"{VARIANT_NAMES[v]} {a}-{b} rows" for (a, b), v in parts)
 
 
+def _startup_log() -> None:
+    """The choice belongs in the startup log, at INFO; where the application set up no logging
+    (`leanserve serve` leaves the root logger alone) this module's lines go to stderr."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def _report(choices: list[Choice], source: str) -> None:
+    _startup_log()
     log.info("product kernels (%s):", source)
     for c in choices:
         log.info("  %s %s %dx%d: %s", c.kind, "/".join(c.names), c.k, c.n, _bands_text(c))
