@@ -246,12 +246,15 @@ def forced(choice: Choice, m: str) -> None:
         choice.family = "own" if here else ("onednn" if onednn else "torch")
         choice.bands = []  # the first variant here, as before
         return
+    v = {name: v for v, name in VARIANT_NAMES.items()}.get(m)
+    if int8 and v not in here:  # a bf16-only kernel forced: W8A8 keeps its own first kernel here
+        choice.family, choice.bands = "own", []
+        return
     if m in ("onednn", "torch"):
-        if int8 or (m == "onednn" and not onednn):
+        if m == "onednn" and not onednn:
             raise ValueError(f"LEANSERVE_KERNELS={m} cannot run {choice.kind} products here")
         choice.family, choice.bands = m, []
         return
-    v = {name: v for v, name in VARIANT_NAMES.items()}[m]
     if v not in here:
         raise ValueError(f"LEANSERVE_KERNELS={m}: this CPU cannot run that kernel (here: "
                          f"{', '.join(VARIANT_NAMES[x] for x in here) or 'none of ours'})")
