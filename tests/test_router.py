@@ -294,3 +294,15 @@ def test_bad_route_requests_are_400(client):
     assert e.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         ask(client, "Hello?", model="slow-route")
+
+
+# -- gateway metric names (issue 34: Kubernetes inference gateways read vLLM's) ---------------------
+
+def test_the_gateway_protocol_metric_names_alias_ours(server):
+    m = server.metrics()  # an idle server: the pairs read the same state
+    assert m["vllm:num_requests_waiting"] == m["leanserve_waiting_sequences"]
+    assert m["vllm:num_requests_running"] == m["leanserve_running_sequences"]
+    assert m["vllm:kv_cache_usage_perc"] == pytest.approx(m["leanserve_kv_cache_usage_ratio"])
+    info = [k for k in m if k.startswith("vllm:lora_requests_info{")]
+    assert len(info) == 1 and 'max_lora="8"' in info[0] and 'running_lora_adapters=""' in info[0]
+    assert abs(m[info[0]] - time.time()) < 60

@@ -561,7 +561,10 @@ class AsyncEngine:
                 "tokens_run": e.tokens_run, "model_loaded": e.loaded, "model_unloads": e.num_unloads,
                 "model_load_seconds": list(e.load_seconds),
                 "structured_tokens": e.constrained_tokens, "structured_forced_tokens": e.forced_tokens,
-                "structured_mask_seconds": e.masks.mask_seconds, "structured_compile_seconds": e.grammars.compile_seconds}
+                "structured_mask_seconds": e.masks.mask_seconds, "structured_compile_seconds": e.grammars.compile_seconds,
+                "max_loras": e.lora.config.max_loras,
+                "running_adapters": sorted({s.adapter.name for s in list(e.scheduler.running) if s.adapter}),
+                "waiting_adapters": sorted({s.adapter.name for s in list(e.scheduler.waiting) if s.adapter})}
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stops admitting, lets running requests finish for `timeout` s, aborts the rest and

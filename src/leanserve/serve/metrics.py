@@ -1,6 +1,8 @@
 """Prometheus metrics of one server, in a registry of its own (several apps may share a process)."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -47,6 +49,7 @@ class ServerMetrics:
         r.register(_ModelResidency(engine_stats))
         r.register(_StructuredOutputs(engine_stats))
         r.register(_Kernels())
+        r.register(_GatewayAliases(engine_stats))
         self.energy = EnergyMetrics(ledger, Utilisation())
         r.register(self.energy)
 
@@ -153,6 +156,31 @@ class _StructuredOutputs(_FromStats):
             t = stats[key]
             buckets = [(str(float(le)), n) for le, n in zip(t.buckets, t.counts)]
             yield HistogramMetricFamily(name, doc, buckets=[*buckets, ("+Inf", t.count)], sum_value=t.sum)
+
+
+class _GatewayAliases:
+    """The names the Kubernetes Gateway API Inference Extension's model-server protocol reads
+    (vLLM's), as aliases of leanserve's own: an endpoint picker then routes by queue depth, KV
+    usage and resident adapters without knowing leanserve. `vllm:lora_requests_info` is a gauge
+    whose value is the scrape time and whose labels carry the adapters, as vLLM exports it."""
+
+    def __init__(self, engine_stats):
+        self.stats = engine_stats
+
+    def collect(self):
+        stats = self.stats()
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Alias of leanserve_waiting_sequences",
+                                value=stats["num_waiting"])
+        yield GaugeMetricFamily("vllm:num_requests_running", "Alias of leanserve_running_sequences",
+                                value=stats["num_running"])
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Alias of leanserve_kv_cache_usage_ratio (1 = full)",
+                                value=1 - stats["kv_blocks_free"] / stats["kv_blocks_total"])
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Adapters of running and waiting sequences (value: "
+                                 "the scrape's unix time)",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        info.add_metric([str(stats["max_loras"]), ",".join(stats["running_adapters"]),
+                         ",".join(stats["waiting_adapters"])], time.time())
+        yield info
 
 
 class LoRAMetrics:
