@@ -56,7 +56,7 @@ VARIANT_NAMES = {AMX: "amx", AVX512: "avx512", AVX2: "avx2", AVX512F: "avx512f"}
 BF16_BITS = {AMX: "tiles", AVX512: "dot products", AVX2: "fma chains", AVX512F: "fma chains"}
 FAMILIES = ("own", "onednn", "torch")
 FORCED = tuple(VARIANT_NAMES.values()) + ("onednn", "torch")
-ROUNDS, BAND_SECONDS, CUT, HOPELESS = 7, 0.3, 8.0, 30.0  # see measure
+ROUNDS, MIN_CALLS, BAND_SECONDS, CUT, HOPELESS = 7, 4, 0.3, 8.0, 30.0  # see measure
 HEAD_MAX_ROWS = 64  # the lm_head takes one row per sequence sampled in a step, not the token budget (more: the last band)
 
 
@@ -170,14 +170,16 @@ def measure(choice: Choice) -> None:
     """Fills choice.times: each candidate's fastest call per band. The candidates take turns
     (rounds of one call each, the order rotated) so that a burst of load from elsewhere hits
     them alike, over a few weight copies so that large shapes are read from memory as in a
-    real step. A kernel CUT times slower than the best at a band is not run at larger bands;
-    one HOPELESS times slower is not repeated."""
+    real step. Every candidate gets MIN_CALLS calls at least: on a loaded machine a call now
+    and then waits a scheduler tick (~15 ms here) for a descheduled thread, whatever its
+    kernel. One slower than CUT times the best at two bands running is not run at larger
+    bands; one HOPELESS times slower after MIN_CALLS calls is not repeated at that band."""
     import torch
 
     copies = max(1, min(4, (16 << 20) // max(1, 2 * choice.n * choice.k)))
     cands = _candidates(choice.kind, choice.n, choice.k, copies)
     choice.times = {name: [] for name in cands}
-    dropped: set[str] = set()
+    behind: dict[str, int] = {}  # bands in a row a candidate was CUT times slower than the best
     gen = torch.Generator().manual_seed(choice.k)
 
     def timed(fn, x, i):
@@ -188,21 +190,21 @@ def measure(choice: Choice) -> None:
     with torch.inference_mode():
         for rows in choice.rows:
             x = torch.randn(rows, choice.k, generator=gen).bfloat16()
-            live = [n for n in cands if n not in dropped]
+            live = [n for n in cands if behind.get(n, 0) < 2]
             best_of = {n: timed(cands[n][0], x, 0) for n in live}  # the first call: warm-up, and a first sample
             started = time.perf_counter()
             for r in range(ROUNDS):
                 best = min(t for n, t in best_of.items() if not cands[n][1])
                 for n in live[r % len(live):] + live[:r % len(live)]:
-                    if best_of[n] < HOPELESS * best:
+                    if r + 2 <= MIN_CALLS or best_of[n] < HOPELESS * best:
                         best_of[n] = min(best_of[n], timed(cands[n][0], x, (r + 1) % copies))
-                if r >= 1 and time.perf_counter() - started > BAND_SECONDS:
+                if r + 2 >= MIN_CALLS and time.perf_counter() - started > BAND_SECONDS:
                     break
             best = min(t for n, t in best_of.items() if not cands[n][1])
             for n in cands:
                 choice.times[n].append(best_of.get(n))
-                if n in best_of and best_of[n] > CUT * best:
-                    dropped.add(n)
+                if n in best_of:
+                    behind[n] = behind.get(n, 0) + 1 if best_of[n] > CUT * best else 0
 
 
 def _t(seconds: float | None) -> float:
