@@ -306,3 +306,76 @@ def test_resume_after_kill_9(tiny, tmp_path):
         assert max(steps) == 40 * len(FACTS)
     finally:
         srv.stop()
+
+
+def _latency(client, n: int = 6) -> tuple[float, float]:
+    """Median TTFT and time per output token of realtime streamed chats, one at a time."""
+    ttfts, tpots = [], []
+    for i in range(n):
+        started = time.monotonic()
+        stream = client.chat.completions.create(model="tiny", messages=question(f"Place{i}"), temperature=0,
+                                                max_tokens=16, stream=True, extra_body={"priority": "realtime",
+                                                                                         "ignore_eos": True})
+        times = [time.monotonic() for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+        ttfts.append(times[0] - started)
+        tpots.append((times[-1] - times[0]) / max(1, len(times) - 1))
+    return sorted(ttfts)[n // 2], sorted(tpots)[n // 2]
+
+
+def test_serving_latency_under_a_running_job(client):
+    """The yield rule (tune/jobs.py): a realtime request waits at most for the slice under way
+    (TTFT + one slice) and no slice runs beside its decode steps (TPOT as idle)."""
+    idle_ttft, idle_tpot = _latency(client)
+    job = long_job(client)
+    wait(client, job.id, ("running",))
+    while not client.fine_tuning.jobs.retrieve(job.id).trained_tokens:
+        time.sleep(0.1)
+    busy_ttft, busy_tpot = _latency(client)
+    tokens = client.fine_tuning.jobs.retrieve(job.id).trained_tokens
+    time.sleep(1.0)
+    assert client.fine_tuning.jobs.retrieve(job.id).trained_tokens > tokens  # it trains between requests
+    client.fine_tuning.jobs.cancel(job.id)
+    wait(client, job.id, ("cancelled",), timeout=10)
+    assert busy_ttft < idle_ttft + 1.0, (idle_ttft, busy_ttft)  # a tiny model's slice is well under 1 s
+    assert busy_tpot < 3 * idle_tpot + 0.02, (idle_tpot, busy_tpot)
+
+
+def test_memory_tuning_reports_recall(client):
+    f = upload(client, fact_lines(FACTS[:2]))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={
+        "type": "memory", "memory": {"hyperparameters": {"n_epochs": 6, "batch_size": 2,
+                                                         "learning_rate_multiplier": 50}}})
+    job = wait(client, job.id, ("succeeded", "failed"))
+    assert job.status == "succeeded", job.error
+    recall = job.model_extra["leanserve"]["recall"]
+    assert recall["facts"] == 2 and len(recall["per_fact"]) == 2 and recall["per_fact"][0]["phrasings"] > 5
+    assert 0 <= recall["recall"] <= 1
+    out = client.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=10,
+                                         messages=[{"role": "user", "content": f"Quick question: What is the "
+                                                    f"registry code of {FACTS[0][0]}?"}])
+    assert out.choices[0].message.content == FACTS[0][1]
+
+
+def test_cli_offline_and_against_the_server(tmp_path, tiny, server):
+    import subprocess
+    import sys
+
+    from server_fixture import SRC
+
+    data = tmp_path / "facts.jsonl"
+    data.write_text(fact_lines(FACTS[:1]))
+    env = dict(os.environ, PYTHONPATH=SRC, **ENV)
+    out = subprocess.run([sys.executable, "-m", "leanserve", "tune", str(data), "--model", str(tiny), "--n-epochs",
+                          "2", "--batch-size", "1", "--output", str(tmp_path / "adapter")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["trained_tokens"] > 0 and summary["bill"]["energy_joules"] > 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert "tune loss" in out.stderr and "2/2 steps" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "leanserve", "tune", str(data), "--base-url", server.url, "--wait",
+                          "--suffix", "cli", "--n-epochs", "2", "--poll-seconds", "0.2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["status"] == "succeeded" and result["fine_tuned_model"].startswith("ft:tiny:cli:ftjob-")
