@@ -372,11 +372,8 @@ class Attention(nn.Module):
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         if kernels is None:
             q, k = rotate(q, rope.cos, rope.sin), rotate(k, rope.cos, rope.sin)
-        out = self.attend(q, k, v, cache, positions, batch)
+        out = paged_attention(q, k, v, cache, positions, batch, self.window, self.scale)
         return self.o_proj(out.view(T, self.nh * self.hd))
-
-    def attend(self, q, k, v, cache: LayerCache, positions, batch: AttnBatch) -> torch.Tensor:
-        return paged_attention(q, k, v, cache, positions, batch, self.window, self.scale)
 
 
 class MLP(nn.Module):
