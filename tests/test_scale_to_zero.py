@@ -88,3 +88,23 @@ def test_idle_unload_frees_memory_and_the_next_requests_wait_for_the_reload(serv
     assert metrics["leanserve_model_load_seconds_count"] == metrics["leanserve_model_unloads_total"] + 1
     assert metrics["leanserve_model_load_seconds_sum"] > 0
     assert metrics['leanserve_requests_total{status="200"}'] >= 5
+
+
+def test_keep_alive_holds_the_model_past_the_idle_timer_until_a_later_request_lets_go(server):
+    """Ollama's per-request keep_alive: "1h" keeps the model past --idle-unload-seconds 2; a
+    later request's 0 (never shorter than the server's timer) lets it unload again."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+
+    def ask(keep_alive):
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2, temperature=0, extra_body={"keep_alive": keep_alive})
+
+    ask("1h")
+    time.sleep(5)  # more than twice the server's idle timer
+    assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
+    ask(0)
+    wait_ready_status(server, "unloaded", timeout=30)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask("soon")
+    assert e.value.body["param"] == "keep_alive"

@@ -458,6 +458,7 @@ class AsyncEngine:
         self._received = 0
         self.loading = False  # the step thread is reading the weights back in
         self._last_busy = time.monotonic()  # when the engine last had work (for idle unload)
+        self._keep_alive: float | None = None  # the latest request's keep_alive, None: the config's
 
     @property
     def loaded(self) -> bool:
@@ -664,9 +665,19 @@ class AsyncEngine:
         if busy:
             self._embed_share.embedded(time.perf_counter() - started)
 
+    def set_keep_alive(self, seconds: float | None) -> None:
+        """Ollama's keep_alive, for a server that scales to zero: the latest request's value
+        (negative: never unload) holds the model longer than idle_unload_seconds, never
+        shorter: on a shared server one client must not unload the model under the others
+        (Ollama's 0, unload at once, is a single user's choice). None: the server's setting."""
+        self._keep_alive = seconds
+
     def _unload_if_idle(self) -> None:
-        """Scale to zero: no request in the engine or on its way for idle_unload_seconds."""
-        limit = self.config.idle_unload_seconds
+        """Scale to zero: no request in the engine or on its way for idle_unload_seconds (or the
+        latest request's longer keep_alive)."""
+        limit, keep = self.config.idle_unload_seconds, self._keep_alive
+        if limit is not None and keep is not None:
+            limit = None if keep < 0 else max(limit, keep)
         if (limit is not None and self.engine.loaded and self._sent == self._received
                 and time.monotonic() - self._last_busy >= limit):
             self.engine.unload()

@@ -213,6 +213,8 @@ class OpenAIServer:
         if not self.ready:
             raise self._unavailable("The server is starting or shutting down")
         req = p.parse_body(model, await self._body(request))
+        if isinstance(req, p.GenerateRequest):  # the latest request's keep_alive rules (None: the server's)
+            self.engine.set_keep_alive(req.keep_alive)
         if model is p.ChatCompletionRequest and req.model in self.router.routes:  # a cascade picks per tier
             request.state.adapter = None
             return req

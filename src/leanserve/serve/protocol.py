@@ -8,6 +8,8 @@ one file.
 """
 from __future__ import annotations
 
+import math
+import re
 import time
 from typing import Annotated, Literal
 
@@ -209,6 +211,27 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(h|m|s|ms)?")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
+
+
+def _keep_alive(value) -> float:
+    """Ollama's `keep_alive`: seconds as a number, or a duration like "5m", "1h30m", "10s";
+    negative keeps the model loaded, 0 unloads it once idle."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("keep_alive must be a number of seconds or a duration such as \"5m\"")
+    if not isinstance(value, str):
+        seconds = float(value)
+    else:
+        parts = _DURATION.findall(value.strip())
+        if not parts or "".join(n + (u or "") for n, u in parts) != value.strip():
+            raise ValueError(f"keep_alive {value!r} is not a duration (e.g. \"5m\", \"1h30m\", \"10s\", \"-1\", 0)")
+        seconds = sum(float(n) * _UNIT_SECONDS[u or None] for n, u in parts)
+    if not math.isfinite(seconds):
+        raise ValueError("keep_alive must be finite")
+    return seconds
+
+
 class GenerateRequest(_Strict):
     """Fields shared by chat and text completions."""
 
@@ -230,6 +253,8 @@ class GenerateRequest(_Strict):
     repetition_penalty: float | None = None
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # Ollama's: how long the model stays loaded after this request (scale to zero)
+    keep_alive: Annotated[float | None, PlainValidator(lambda v: None if v is None else _keep_alive(v))] = None
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field([], max_length=64)
     priority: Literal["realtime", "standard", "batch"] = "realtime"  # service class
     response_format: ResponseFormat | None = None
