@@ -1,6 +1,7 @@
 """The training loop in slices: one micro-batch forward and backward per `run_slice()`.
 
-A slice is small (at most `micro_tokens` padded tokens) so that a caller sharing the CPU
+A slice is small (at most `micro_tokens` padded tokens, fewer when the machine is slow:
+about SLICE_SECONDS of work) so that a caller sharing the CPU
 with serving can stop between any two of them (tune/jobs.py runs them on the engine's step
 thread, only when no realtime or standard request is in the engine). Optimizer steps
 accumulate a batch's micro-batches; the loss is the mean over the batch's trained tokens.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,13 @@ from .lora import LoRA, LoRAConfig, batch_tensors
 BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier multiplies this
 AUTO_MULTIPLIER = 5.0  # 1e-3: AdamW on LoRA factors, measured to memorize small fact sets
 MAX_EPOCHS, MAX_BATCH, MAX_MULTIPLIER = 100, 256, 100.0
-MICRO_TOKENS = 384  # padded tokens per slice: ~1 s of one core's forward + backward on SmolLM2-135M
+# Padded tokens per slice: at most MICRO_TOKENS, and fewer when the machine is slower, so
+# that a slice lasts about SLICE_SECONDS (a realtime request may wait for one). Measured on the
+# shared 2-core machine, SmolLM2-135M forward + backward ran at 10-110 tokens/s depending on
+# the other processes' load: a fixed size gave slices of 1 to 27 s.
+MICRO_TOKENS = 384
+MIN_MICRO_TOKENS = 32
+SLICE_SECONDS = 0.5
 FINAL_LR_FRACTION = 0.1  # linear decay from the learning rate to this share of it
 
 
@@ -58,7 +66,8 @@ class Trainer:
     def __init__(self, lora: LoRA, train: Dataset, hyper: Hyperparameters, seed: int = 0,
                  valid: Dataset | None = None, micro_tokens: int = MICRO_TOKENS, pad_id: int = 0):
         self.lora, self.train, self.valid, self.hyper, self.seed = lora, train, valid, hyper, seed
-        self.micro_tokens, self.pad_id = micro_tokens, pad_id
+        self.micro_tokens = self.max_micro_tokens = micro_tokens
+        self.pad_id = pad_id
         self.lr = BASE_LEARNING_RATE * hyper.learning_rate_multiplier
         self.opt = torch.optim.AdamW(lora.parameters(), lr=self.lr, weight_decay=0.0)
         self.steps_per_epoch = math.ceil(len(train.rows) / hyper.batch_size)
@@ -107,8 +116,11 @@ class Trainer:
             self._acc = [0.0, 0, 0]
         rows = self._queue.pop(0)
         ids, mask = batch_tensors(rows, self.pad_id)
+        started = time.perf_counter()
         loss, n, correct = self.lora.loss(ids, mask)
         (loss / self._step_trained).backward()
+        rate = ids.numel() / max(time.perf_counter() - started, 1e-6)
+        self.micro_tokens = int(min(self.max_micro_tokens, max(MIN_MICRO_TOKENS, rate * SLICE_SECONDS)))
         self._acc[0] += float(loss.detach())
         self._acc[1] += n
         self._acc[2] += correct
