@@ -206,7 +206,7 @@ class JobRun:
         m, job_id = self.manager, self.job["id"]
         requested = (m.db.job(job_id) or {}).get("requested")
         if requested in ("cancel", "pause"):
-            if requested == "pause" and self.trainer is not None and self.trainer._queue is None:
+            if self.trainer is not None:  # mid-step too: factors and optimizer are at the last full step
                 self.trainer.save_state(str(m.job_dir(job_id) / "state.pt"))
             m.stop(job_id, requested, self.trainer, self.bill)
             self.finished = True
@@ -276,6 +276,7 @@ class FineTuning:
             row = self.db.one("SELECT * FROM jobs WHERE status IN ('validating_files', 'queued', 'running') "
                               "ORDER BY CASE status WHEN 'running' THEN 0 ELSE 1 END, seq LIMIT 1")
             if row is None:
+                self._base = None  # no job waits: the float32 base goes (it is read again for the next)
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
@@ -496,8 +497,3 @@ def _bill_json(bill: Bill) -> dict:
     return {"energy_joules": round(bill.energy_joules, 6), "carbon_grams": round(bill.carbon_grams, 9),
             "cost_usd": round(bill.cost_usd, 9), "energy_source": bill.energy_source}
 
-
-def _read_factors(path: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(path, "adapter_model.safetensors"))

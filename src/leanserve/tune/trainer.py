@@ -149,7 +149,8 @@ class Trainer:
     # -- resuming -----------------------------------------------------------------------------
 
     def save_state(self, path: str) -> None:
-        """Factors, optimizer and position at an optimizer-step boundary, atomically."""
+        """Factors, optimizer and completed steps, atomically. Between the micro-batches of a
+        step it saves the last full step (gradients are not saved; that step runs again)."""
         buf = io.BytesIO()
         torch.save({"lora": self.lora.state(), "opt": self.opt.state_dict(), "step": self.step,
                     "trained_tokens": self.trained_tokens}, buf)
