@@ -257,6 +257,8 @@ def test_cancel_stops_within_seconds(client):
 def test_pause_and_resume(client):
     job = long_job(client)
     wait(client, job.id, ("running",))
+    while not client.fine_tuning.jobs.retrieve(job.id).trained_tokens:  # some steps done: a state to resume
+        time.sleep(0.1)
     client.fine_tuning.jobs.pause(job.id)
     paused = wait(client, job.id, ("paused",), timeout=10)
     time.sleep(0.5)
