@@ -285,7 +285,7 @@ def test_resume_after_kill_9(tiny, tmp_path):
     client = openai_client(srv)
     f = upload(client, fact_lines())
     job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="k9",
-                                         hyperparameters={"n_epochs": 40, "batch_size": 1})
+                                         hyperparameters={"n_epochs": 15, "batch_size": 1})
     state = tmp_path / "fine_tuning" / job.id / "state.pt"
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline:
@@ -305,7 +305,7 @@ def test_resume_after_kill_9(tiny, tmp_path):
         assert [m.id for m in client.models.list().data].count(done.fine_tuned_model) == 1
         steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data
                  if e.type == "metrics"]
-        assert max(steps) == 40 * len(FACTS)
+        assert max(steps) == 15 * len(FACTS)
     finally:
         srv.stop()
 
