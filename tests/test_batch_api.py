@@ -216,7 +216,7 @@ def test_files_api(client):
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(created.id)
     with pytest.raises(openai.BadRequestError, match="purpose"):
-        client.files.create(file=("x.jsonl", data), purpose="fine-tune")
+        client.files.create(file=("x.jsonl", data), purpose="vision")  # an OpenAI purpose not served here
     with pytest.raises(openai.NotFoundError):
         client.batches.create(input_file_id="file-missing", endpoint=CHAT, completion_window="24h")
 

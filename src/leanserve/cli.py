@@ -182,8 +182,10 @@ def _add_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--response-cache", choices=("off", "exact", "semantic"), default=r.response_cache,
                         help="answer repeated deterministic chat requests from a cache (semantic: also paraphrased "
                              "last turns, by embedding similarity); requests may narrow it with `cache`")
-    parser.add_argument("--cache-ttl-seconds", type=float, default=r.cache_ttl_seconds, metavar="N")
-    parser.add_argument("--cache-max-entries", type=int, default=r.cache_max_entries, metavar="N")
+    parser.add_argument("--cache-ttl-seconds", type=float, default=r.cache_ttl_seconds, metavar="N",
+                        help="a cached response is served for N seconds after it was computed")
+    parser.add_argument("--cache-max-entries", type=int, default=r.cache_max_entries, metavar="N",
+                        help="responses kept in the cache; past it the least recently used goes")
     parser.add_argument("--cache-threshold", type=float, default=None, metavar="SIM",
                         help="cosine similarity of a semantic hit (default 0.9, chosen by `leanserve bench cache`)")
     parser.add_argument("--cascade", action="append", default=[], metavar="NAME=TIER,TIER",
@@ -195,7 +197,8 @@ def _add_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                         help="an OpenAI-compatible server a cascade can escalate to, e.g. "
                              "big=http://host:8001/v1#model=M (key: $LEANSERVE_UPSTREAM_KEY_<NAME>)")
-    parser.add_argument("--upstream-timeout-seconds", type=float, default=r.upstream_timeout_seconds, metavar="N")
+    parser.add_argument("--upstream-timeout-seconds", type=float, default=r.upstream_timeout_seconds, metavar="N",
+                        help="an upstream tier that takes longer has failed (the cascade goes on without it)")
 
 
 def _router_config(args) -> RouterConfig:
