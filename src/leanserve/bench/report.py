@@ -11,6 +11,7 @@ its joules and joules per output token of the level's completed requests.
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 
@@ -46,6 +47,18 @@ class RequestRecord:
     def failure(self) -> str:
         """How a failed request failed, as counted in the summary: a status code or an error."""
         return str(self.status) if self.status not in (None, 200) else (self.error or "unknown")
+
+
+def median_at(runs: list[dict], *path: str, digits: int = 3) -> float | None:
+    """The median over repeated runs of the value at `path` (nested keys), None if no run has it."""
+    values = []
+    for run in runs:
+        v = run
+        for p in path:
+            v = v.get(p) if isinstance(v, dict) else None
+        if v is not None:
+            values.append(v)
+    return round(statistics.median(values), digits) if values else None
 
 
 def percentiles(values: list[float], scale: float = 1.0) -> dict | None:

@@ -45,16 +45,13 @@ from . import report
 from .embeddings import sentence
 from .loadgen import _api_base, _event_loop_run, _served_model, client_session, machine_info, server_counters
 from .loadgen import prefix_hit_rate
-from .retrieval import StartedServer
+from .retrieval import StartedServer, add_server_options
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="leanserve bench responses", description=__doc__.split("\n")[0],
                                  formatter_class=HelpFormatter)
-    ap.add_argument("--url", default="http://127.0.0.1:8000", help="a running leanserve server (with or without /v1)")
-    ap.add_argument("--start-server", action="store_true",
-                    help="start `leanserve serve` on a free port here (temporary --data-dir) instead of using --url")
-    ap.add_argument("--server-args", default="", help="with --start-server: more `leanserve serve` flags, one string")
+    add_server_options(ap)
     ap.add_argument("--calls", type=int, default=30, help="(a, b) model calls of the agent workload")
     ap.add_argument("--instructions-words", type=int, default=300, help="(a, b) words of the shared instructions")
     ap.add_argument("--max-output-tokens", type=int, default=16, help="(a, b) output tokens of a call at most")
@@ -248,31 +245,20 @@ async def _run(args, base: str) -> dict:
     return {"model": model, "runs": runs}
 
 
-def _median(runs: list[dict], *path: str):
-    values = []
-    for run in runs:
-        v = run
-        for p in path:
-            v = v.get(p) if isinstance(v, dict) else None
-        if v is not None:
-            values.append(v)
-    return round(statistics.median(values), 4) if values else None
-
-
 def summarize(runs: list[dict]) -> dict:
     out = {}
     for phase in ("sequential", "concurrent", "chains"):
         for key in ("seconds", "requests_j", "output_tokens", "input_tokens", "prefix_cache_hit_rate"):
-            out[f"{phase}_{key}"] = _median(runs, phase, key)
-        out[f"{phase}_server_total_j"] = _median(runs, phase, "server", "total_j")
-        out[f"{phase}_server_active_j"] = _median(runs, phase, "server", "active_j")
-    out["concurrent_over_sequential_seconds"] = _median(runs, "concurrent_over_sequential", "seconds")
-    out["concurrent_over_sequential_requests_j"] = _median(runs, "concurrent_over_sequential", "requests_j")
+            out[f"{phase}_{key}"] = report.median_at(runs, phase, key, digits=4)
+        out[f"{phase}_server_total_j"] = report.median_at(runs, phase, "server", "total_j", digits=4)
+        out[f"{phase}_server_active_j"] = report.median_at(runs, phase, "server", "active_j", digits=4)
+    for key in ("seconds", "requests_j"):
+        out[f"concurrent_over_sequential_{key}"] = report.median_at(runs, "concurrent_over_sequential", key, digits=4)
     for store in ("false", "true"):
         for key in ("chat_p50_ms", "responses_p50_ms", "overhead_p50_ms"):
-            out[f"store_{store}_{key}"] = _median(runs, f"overhead_store_{store}", key)
+            out[f"store_{store}_{key}"] = report.median_at(runs, f"overhead_store_{store}", key, digits=4)
     for key in ("chat_p50_ms", "responses_p50_ms", "overhead_p50_ms"):
-        out[f"layer_{key}"] = _median(runs, "layer", key)
+        out[f"layer_{key}"] = report.median_at(runs, "layer", key, digits=4)
     return out
 
 

@@ -24,7 +24,6 @@ import random
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,13 +41,18 @@ from .embeddings import make_texts, sentence
 from .loadgen import _api_base, _event_loop_run, _served_model, _tick, client_session, machine_info, request_body, send
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="leanserve bench retrieval", description=__doc__.split("\n")[0],
-                                 formatter_class=HelpFormatter)
+def add_server_options(ap: argparse.ArgumentParser) -> None:
+    """--url, --start-server and --server-args, as the HTTP benches take them."""
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="a running leanserve server (with or without /v1)")
     ap.add_argument("--start-server", action="store_true",
                     help="start `leanserve serve` on a free port here (temporary --data-dir) instead of using --url")
     ap.add_argument("--server-args", default="", help="with --start-server: more `leanserve serve` flags, one string")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="leanserve bench retrieval", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
+    add_server_options(ap)
     ap.add_argument("--embed-requests", type=int, default=200, help="(a) sequential one-sentence embedding requests")
     ap.add_argument("--chat-clients", type=int, default=4, help="(b) concurrent streamed chat clients")
     ap.add_argument("--chat-requests", type=int, default=16, help="(b) chat requests of the phase without ingestion")
@@ -302,29 +306,18 @@ async def _run(args, base: str) -> dict:
     return {"model": model, "embedding_model": embedder, "runs": runs}
 
 
-def _median(runs: list[dict], *path: str):
-    values = []
-    for run in runs:
-        v = run
-        for p in path:
-            v = v.get(p) if isinstance(v, dict) else None
-        if v is not None:
-            values.append(v)
-    return round(statistics.median(values), 3) if values else None
-
-
 def summarize(runs: list[dict]) -> dict:
-    out = {"embeddings_p50_ms": _median(runs, "embeddings", "p50_ms"),
-           "embeddings_p99_ms": _median(runs, "embeddings", "p99_ms")}
+    out = {"embeddings_p50_ms": report.median_at(runs, "embeddings", "p50_ms"),
+           "embeddings_p99_ms": report.median_at(runs, "embeddings", "p99_ms")}
     for phase in ("chat_alone", "chat_under_ingestion"):
         for m in ("ttft", "tpot"):
             for q in ("p50", "p99"):
-                out[f"{phase}_{m}_{q}_ms"] = _median(runs, phase, f"{m}_ms", q)
+                out[f"{phase}_{m}_{q}_ms"] = report.median_at(runs, phase, f"{m}_ms", q)
     for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
-        out[f"ratio_{k}"] = _median(runs, "ratio_under_over_alone", k)
-    out["ingestion_alone_chunks_per_s"] = _median(runs, "ingestion_alone", "chunks_per_s")
-    out["ingestion_under_chat_chunks_per_s"] = _median(runs, "ingestion_under_chat", "chunks_per_s")
-    out["ingestion_chunks"] = _median(runs, "ingestion_alone", "chunks")
+        out[f"ratio_{k}"] = report.median_at(runs, "ratio_under_over_alone", k)
+    out["ingestion_alone_chunks_per_s"] = report.median_at(runs, "ingestion_alone", "chunks_per_s")
+    out["ingestion_under_chat_chunks_per_s"] = report.median_at(runs, "ingestion_under_chat", "chunks_per_s")
+    out["ingestion_chunks"] = report.median_at(runs, "ingestion_alone", "chunks")
     return out
 
 
