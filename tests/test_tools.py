@@ -16,9 +16,6 @@ validate (jsonschema, a reference nobody here wrote) against that tool's `parame
 from __future__ import annotations
 
 import json
-import shutil
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import httpx
 import jsonschema
@@ -26,7 +23,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from leanserve.serve import protocol, tools as T
-from server_fixture import ServerProcess, openai_client, small_engine
+from server_fixture import openai_client
 
 MODEL = "SmolLM2-135M-Instruct"
 
