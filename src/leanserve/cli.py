@@ -381,6 +381,19 @@ def _tune(args) -> int:
     return tune_main(args.rest)
 
 
+# -- ray-serve --------------------------------------------------------------------------------
+
+def _add_ray_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER,
+                        help="[--replicas N | --min-replicas 0 --max-replicas N] [serve options]")
+
+
+def _ray_serve(args) -> int:
+    from .ray_cli import main as ray_main
+
+    return ray_main(args.rest)
+
+
 COMMANDS = {
     "serve": (_add_serve, _serve, "serve a model over an OpenAI-compatible HTTP API"),
     "generate": (_add_generate, _generate, "print one answer to a prompt"),
@@ -390,6 +403,7 @@ COMMANDS = {
                "of a usage log"),
     "tune": (_add_tune, _tune, "train a LoRA adapter on a chat JSONL file, here or through a server's fine-tuning API"),
     "prompts": (_add_prompts, _prompts, "list, show and render the versioned prompt templates of a directory"),
+    "ray-serve": (_add_ray_serve, _ray_serve, "serve on a Ray Serve cluster: replicas with prefix and adapter affinity"),
 }
 
 
