@@ -218,7 +218,7 @@ def _serve_args(options: dict) -> list[str]:
 
 def build_app(*, num_replicas: int | None = None, min_replicas: int | None = None, max_replicas: int | None = None,
               replica_cpus: float = 1, imbalanced_threshold: int = 4, downscale_delay_s: float = 60.0,
-              **serve_options):
+              serve_argv: tuple[str, ...] = (), **serve_options):
     """A Ray Serve application of leanserve replicas: `serve.run(build_app(num_replicas=2))`.
     `serve_options` are `leanserve serve`'s flags as keywords (model=..., max_num_seqs=...).
     Fixed `num_replicas`, or autoscaling between `min_replicas` (0: scale to zero; the first
@@ -227,7 +227,7 @@ def build_app(*, num_replicas: int | None = None, min_replicas: int | None = Non
 
     parser = argparse.ArgumentParser(prog="leanserve ray-serve")
     cli._add_serve(parser)
-    args = parser.parse_args(_serve_args(serve_options))
+    args = parser.parse_args([*serve_argv, *_serve_args(serve_options)])
     engine_config = dataclasses.replace(cli._serve_engine_config(args), num_threads=max(1, int(replica_cpus)))
     server_config = cli._server_config(args)
     if max_replicas is not None or min_replicas is not None:
