@@ -45,11 +45,16 @@ def version() -> str:
         return __version__
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+def _add_engine_args(parser: argparse.ArgumentParser, many_models: bool = False) -> None:
     d = EngineConfig()
-    parser.add_argument("--model", default=None, metavar="PATH",
-                        help="a Hugging Face folder, a .gguf file, or a built-in model: smollm2-135m (the default, "
-                             "SmolLM2-135M-Instruct) or gemma3-270m (Gemma 3 270M, base)")
+    what = ("a Hugging Face folder, a .gguf file, or a built-in model: smollm2-135m (the default, "
+            "SmolLM2-135M-Instruct) or gemma3-270m (Gemma 3 270M, base)")
+    if many_models:  # serve: several models in one server
+        parser.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                            help=what + "; repeat as NAME=PATH to serve several models, each chosen by `model: "
+                                        "NAME` (the first one also serves the other APIs)")
+    else:
+        parser.add_argument("--model", default=None, metavar="PATH", help=what)
     parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"],
                         help="the dtype of the weights and activations (quantized layers aside)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
@@ -126,7 +131,7 @@ def _load_engine(config: EngineConfig):
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
     d, e = ServerConfig(), EngineConfig()
-    _add_engine_args(parser)
+    _add_engine_args(parser, many_models=True)
     parser.add_argument("--host", default=d.host, help="the address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=d.port, help="the TCP port to listen on")
     parser.add_argument("--max-waiting", type=int, default=e.max_waiting,
@@ -240,6 +245,8 @@ def _server_config(args) -> ServerConfig:
 
 
 def _serve_engine_config(args) -> EngineConfig:
+    if isinstance(args.model, list):  # serve's repeatable --model: the first model's config
+        args.model = model_specs(args.model)[0][1]
     _positive(args, "idle_unload_seconds", "max_seqs_per_client")
     return _engine_config(args, max_waiting=args.max_waiting, max_seqs_per_client=args.max_seqs_per_client,
                           idle_unload_seconds=args.idle_unload_seconds,
@@ -252,11 +259,52 @@ def _jobs_config(args) -> JobsConfig:
                       vector_store=args.vector_store)
 
 
+def model_specs(items: list[str]) -> list[tuple[str | None, str]]:
+    """`--model` values as (name, path): `NAME=PATH`, or a bare PATH (name: the model's own)."""
+    specs = []
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq:
+            specs.append((None, item))
+        elif not name or not path:
+            raise ValueError(f"--model takes PATH or NAME=PATH, got {item!r}")
+        else:
+            specs.append((name, path))
+    if len(specs) > 1 and any(name is None for name, _ in specs):
+        raise ValueError("with several --model flags, name each one: --model NAME=PATH")
+    return specs or [(None, None)]
+
+
+def load_engines(config: EngineConfig, specs: list[tuple[str | None, str | None]]):
+    """The first model's AsyncEngine and {name: engine} of the others. Several models share
+    one step thread (engine.SharedStepLoop); the others get no embedding model and no
+    --lora adapters (those belong to the first)."""
+    from dataclasses import replace
+
+    from .config import LoRAConfig
+    from .engine.engine import AsyncEngine, SharedStepLoop
+
+    if len(specs) == 1:
+        return AsyncEngine(replace(config, model=specs[0][1])), {}
+    loop = SharedStepLoop()
+    first = AsyncEngine(replace(config, model=specs[0][1]), shared=loop)
+    lora = replace(config.lora, adapters={}, dirs=())
+    more = {name: AsyncEngine(replace(config, model=path, embedding_model=None, lora=lora), shared=loop)
+            for name, path in specs[1:]}
+    return first, more
+
+
 def _serve(args) -> int:
+    from dataclasses import replace
+
     from .serve.app import run_server
 
+    specs = model_specs(args.model)
     config, jobs = _server_config(args), _jobs_config(args)  # bad flags fail before the model loads
-    run_server(_load_engine(_serve_engine_config(args)), config, jobs)
+    if specs[0][0] is not None and config.served_model_name is None:
+        config = replace(config, served_model_name=specs[0][0])
+    first, more = load_engines(_serve_engine_config(args), specs)
+    run_server(first, config, jobs, more)
     return 0
 
 
@@ -309,6 +357,7 @@ BENCHES = {
     "cache": ("bench.cache", "semantic cache hit rate and precision per threshold on a paraphrase set"),
     "cascade": ("bench.cascade", "a small-first cascade's accuracy, joules and latency per threshold vs its last tier"),
     "tune": ("bench.tune", "LoRA training tokens/s, leanserve's trainer vs transformers + peft, same batch"),
+    "facts": ("bench.facts", "invented-fact recall: base, retrieval, supervised LoRA, memory experts"),
 }
 
 

@@ -407,9 +407,10 @@ class AsyncEngine:
     on 2 cores: one int4 decode step took 15 ms that way instead of 7.5.
     """
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, shared: "SharedStepLoop | None" = None):
         built = threading.Event()
         self._begin = threading.Event()  # start() was called: the loop may run
+        self._shared = shared  # several models: one step thread ticks all their engines
         result: dict = {}
 
         def boot() -> None:
@@ -425,9 +426,20 @@ class AsyncEngine:
             if not self._thread_stop:
                 self._run()
 
+        def boot_shared() -> None:
+            try:
+                result["engine"] = LLMEngine(config)
+                result["embedding_model"] = load_embedding_model(config.embedding_model)
+            except BaseException as e:
+                result["error"] = e
+
         self._thread_stop = False  # the step thread exits
-        self._thread = threading.Thread(target=boot, name="leanserve-engine", daemon=True)
-        self._thread.start()
+        if shared is None:
+            self._thread = threading.Thread(target=boot, name="leanserve-engine", daemon=True)
+            self._thread.start()
+        else:  # built on the shared step thread, which then ticks it (see SharedStepLoop)
+            self._thread = shared.thread
+            shared.call(lambda: (boot_shared(), built.set()))
         built.wait()
         if "error" in result:
             raise result["error"]
@@ -447,7 +459,7 @@ class AsyncEngine:
         # callable(LLMEngine) -> bool, True when it ran; it decides itself whether it may run now.
         self.background: list = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", seq) | ("abort", id)
-        self._wake = threading.Event()
+        self._wake = shared.wake if shared is not None else threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
         self._client_of: dict[str, str] = {}  # request id -> client, until its last output
         self._client_seqs: dict[str, int] = {}  # client -> its sequences in the engine
@@ -467,6 +479,8 @@ class AsyncEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._last_busy = time.monotonic()  # idle time counts from serving, not from loading
+        if self._shared is not None:
+            self._shared.add(self)
         self._begin.set()
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -584,7 +598,10 @@ class AsyncEngine:
         self._thread_stop = True
         self._wake.set()
         self._begin.set()
-        await asyncio.to_thread(self._thread.join, 10)
+        if self._shared is not None:  # the shared thread drops this engine at its next turn
+            await asyncio.to_thread(self._shared.forget, self, 10)
+        else:
+            await asyncio.to_thread(self._thread.join, 10)
         if self.embeddings is not None:
             self.embeddings.cancel_all(Overloaded("the server is shutting down"))
 
@@ -623,32 +640,51 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._thread_stop:
-            if self.embeddings is not None and self.embeddings.has_work():
-                self._run_embeddings()
-            outs = self._drain_inbox()
-            ran = any([task(self.engine) for task in list(self.background)])
-            if self.engine.has_unfinished():
-                self._last_busy = time.monotonic()
-                if not self.engine.loaded:
-                    self._reload()
-                try:
-                    started = time.perf_counter()
-                    outs += self.engine.step()
-                    self._embed_share.generated(time.perf_counter() - started)
-                except Exception as e:  # a bug that the step's own recovery could not contain
-                    log.exception("engine step failed; aborting the running requests")
-                    for rid in list(self.engine.seqs):
-                        out = self.engine.abort(rid)
-                        out.error = RequestError(500, f"The engine step failed: {e!r}", "engine_error")
-                        outs.append(out)
-            if outs:
-                self._loop.call_soon_threadsafe(self._deliver_all, outs)
-            elif not ran and not self.engine.has_unfinished() and not (self.embeddings is not None and
-                                                                        self.embeddings.has_work()):
-                self.engine.ledger.poll()  # idle energy, and RAPL read at least once per wrap
-                self._unload_if_idle()
+            if not self._tick():
+                self._idle()
                 self._wake.wait(0.5)
                 self._wake.clear()
+
+    def _tick(self) -> bool:
+        """One turn of the step loop: inbox, background work, one engine step. False when
+        there was nothing to do (then the loop may sleep)."""
+        if self.embeddings is not None and self.embeddings.has_work():
+            self._run_embeddings()
+        outs = self._drain_inbox()
+        ran = any([task(self.engine) for task in list(self.background)])
+        if self.engine.has_unfinished():
+            self._last_busy = time.monotonic()
+            if not self.engine.loaded:
+                self._reload()
+            try:
+                started = time.perf_counter()
+                outs += self.engine.step()
+                self._embed_share.generated(time.perf_counter() - started)
+            except Exception as e:  # a bug that the step's own recovery could not contain
+                log.exception("engine step failed; aborting the running requests")
+                for rid in list(self.engine.seqs):
+                    out = self.engine.abort(rid)
+                    out.error = RequestError(500, f"The engine step failed: {e!r}", "engine_error")
+                    outs.append(out)
+        if outs:
+            self._loop.call_soon_threadsafe(self._deliver_all, outs)
+            return True
+        return ran or self.engine.has_unfinished() or (self.embeddings is not None and self.embeddings.has_work())
+
+    def _idle(self) -> None:
+        self.engine.ledger.poll()  # idle energy, and RAPL read at least once per wrap
+        self._unload_if_idle()
+
+    def urgency(self) -> int | None:
+        """The most urgent service class with work in this engine or on its way (lower is more
+        urgent, PRIORITY_CLASSES), None when it has none: the shared step loop's order."""
+        if self._sent != self._received:
+            return 0  # not taken in yet: unknown class, look at once
+        sched = self.engine.scheduler
+        pending = list(sched.waiting) + list(sched.running)
+        if pending:
+            return min(s.priority for s in pending)
+        return 0 if self.engine.has_unfinished() else None
 
     def _run_embeddings(self) -> None:
         """One token-bounded embedding batch, if EmbedShare lets it run now."""
@@ -698,3 +734,74 @@ class AsyncEngine:
     def _deliver_all(self, outs: list[RequestOutput]) -> None:
         for out in outs:
             self._deliver(out)
+
+
+class SharedStepLoop:
+    """One step thread for several engines (several models in one server).
+
+    One thread, not one per model: GNU OpenMP keeps a worker pool per thread that opens a
+    parallel region, and two compute threads on a small machine thrash (see AsyncEngine). So
+    this thread builds every engine and then ticks them one step at a time, choosing fairly
+    by service class: the engine whose most urgent work is the most urgent class goes next
+    (a model with waiting realtime requests steps before another's batch work), round-robin
+    among equals, so a busy model cannot starve another's realtime requests."""
+
+    def __init__(self):
+        self.wake = threading.Event()
+        self.engines: list[AsyncEngine] = []
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._turn = 0
+        self.thread = threading.Thread(target=self._run, name="leanserve-engines", daemon=True)
+        self.thread.start()
+
+    def call(self, fn) -> None:
+        """Runs `fn` on the step thread (building an engine there)."""
+        self._calls.put(fn)
+        self.wake.set()
+
+    def add(self, engine: "AsyncEngine") -> None:
+        self.call(lambda: self.engines.append(engine))
+
+    def forget(self, engine: "AsyncEngine", timeout: float) -> None:
+        done = threading.Event()
+
+        def drop():
+            if engine in self.engines:
+                self.engines.remove(engine)
+            done.set()
+
+        self.call(drop)
+        done.wait(timeout)
+
+    def next_engine(self) -> "AsyncEngine | None":
+        ready = [(e.urgency(), i) for i, e in enumerate(self.engines) if e._begin.is_set()]
+        ready = [(u, i) for u, i in ready if u is not None]
+        if not ready:
+            return None
+        best = min(u for u, _ in ready)
+        n = len(self.engines)
+        i = min((i for u, i in ready if u == best), key=lambda i: (i - self._turn) % n)
+        self._turn = (i + 1) % n
+        return self.engines[i]
+
+    def _run(self) -> None:
+        while True:
+            while True:
+                try:
+                    self._calls.get_nowait()()
+                except queue.Empty:
+                    break
+            engine = self.next_engine()
+            if engine is not None and engine._tick():
+                continue
+            ran = False
+            for e in list(self.engines):  # inboxes, aborts, background work of the others
+                if e._begin.is_set() and e._loop is not None and e._tick():
+                    ran = True
+            if ran:
+                continue
+            for e in self.engines:
+                if e._begin.is_set():
+                    e._idle()
+            self.wake.wait(0.5)
+            self.wake.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..config import ServerConfig
+from ..config import RouterConfig, ServerConfig
 from ..energy.ledger import Bill
 from ..energy.report import UsageLog, usage_record
 from ..engine.sequence import PRIORITY_CLASSES, Logprob, RequestOutput, SamplingParams
@@ -33,7 +34,7 @@ from ..router.templates import PromptLibrary
 from ..errors import InvalidRequest, LeanserveError, Overloaded
 from . import adapters, banner, connections, openapi, prompts, protocol as p, routing, tools
 from .auth import APIKeyAuth
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, render_models
 from .protocol import APIError
 
 # anyio (4.16 here) loads its asyncio backend lazily, at the first task group, which is the
@@ -91,6 +92,16 @@ class OpenAIServer:
         self.tool_format = tools.tool_format(engine.tokenizer.chat_template)
         self.prompts = PromptLibrary(config.prompts_dir) if config.prompts_dir else None
         self.router = routing.Router(self, config.router)
+        # several models in one server: name -> its OpenAIServer (this one included); the
+        # first model's server takes every request and hands it to the one `model` names
+        self.served: dict[str, OpenAIServer] = {self.model_name: self}
+
+    def target(self, model: str) -> "OpenAIServer":
+        """The model's server a request's `model` names (`MODEL` or `MODEL:ADAPTER`); this one
+        for anything else (a cascade, an adapter of this model, or unknown: its 404)."""
+        if model in self.served:
+            return self.served[model]
+        return self.served.get(model.split(":", 1)[0], self)
 
     # -- probes and listings ----------------------------------------------------------------
 
@@ -112,6 +123,9 @@ class OpenAIServer:
         return JSONResponse({"status": "ready"})
 
     async def prometheus(self) -> Response:
+        if len(self.served) > 1:  # one exposition, each model's metrics with its `model` label
+            body = render_models({name: s.metrics.registry for name, s in self.served.items()})
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def authorize(self, request: Request) -> None:
@@ -122,6 +136,10 @@ class OpenAIServer:
         self.metrics.count(200)
         body = p.model_list([self.model_name], self.created, banner.model_facts(self.engine))
         body["data"] += adapters.model_entries(self) + self.router.model_entries()
+        for name, other in self.served.items():
+            if other is not self:
+                body["data"] += p.model_list([name], self.created, banner.model_facts(other.engine))["data"]
+                body["data"] += adapters.model_entries(other)
         embedder = getattr(self.engine, "embedding_model", None)
         if embedder is not None:
             body["data"].append({"id": embedder.name, "object": "model", "created": self.created,
@@ -134,7 +152,7 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         """Through the router (serve/routing.py): the response cache, cascade routes."""
         req = prompts.apply(self.prompts, await self._parse(request, p.ChatCompletionRequest))
-        return await self.router.chat(request, req)
+        return await request.state.server.router.chat(request, req)
 
     async def run_chat(self, request: Request, req: p.ChatCompletionRequest, adapter: str | None,
                        on_body=None) -> Response:
@@ -191,6 +209,9 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         req = await self._parse(request, p.CompletionRequest)
+        return await request.state.server.run_completion(request, req)
+
+    async def run_completion(self, request: Request, req: p.CompletionRequest) -> Response:
         constraint = req.constraint()
         await self._compile(constraint)
         params = self._sampling(req, max_tokens=req.max_tokens, logprobs=req.logprobs, constraint=constraint)
@@ -213,12 +234,13 @@ class OpenAIServer:
         if not self.ready:
             raise self._unavailable("The server is starting or shutting down")
         req = p.parse_body(model, await self._body(request))
+        request.state.server = target = self.target(getattr(req, "model", None) or "")
         if isinstance(req, p.GenerateRequest):  # the latest request's keep_alive rules (None: the server's)
-            self.engine.set_keep_alive(req.keep_alive)
+            target.engine.set_keep_alive(req.keep_alive)  # for the model it names
         if model is p.ChatCompletionRequest and req.model in self.router.routes:  # a cascade picks per tier
             request.state.adapter = None
             return req
-        request.state.adapter = adapters.resolve(self, req.model)  # 404 for an unknown model or adapter
+        request.state.adapter = adapters.resolve(target, req.model)  # 404 for an unknown model or adapter
         # responses then name the model as the request did (an adapter's name, as vLLM does)
         return req
 
@@ -523,18 +545,31 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | None = None) -> FastAPI:
-    """An app over a loaded engine; its lifespan starts the engine and shuts it down."""
-    server = OpenAIServer(engine, config or ServerConfig())
+def create_app(engine, config: ServerConfig | None = None, jobs: JobsConfig | None = None,
+               more_models: dict | None = None) -> FastAPI:
+    """An app over a loaded engine; its lifespan starts the engine and shuts it down.
+    `more_models`: name -> engine, more models served beside the first (built on the same
+    SharedStepLoop), each chosen by `model`; the first model's server keeps every other API."""
+    config = config or ServerConfig()
+    server = OpenAIServer(engine, config)
+    for name, other in (more_models or {}).items():
+        if name in server.served:
+            raise ValueError(f"--model {name}: the name is used twice")
+        server.served[name] = OpenAIServer(other, dataclasses.replace(
+            config, served_model_name=name, router=RouterConfig(), prompts_dir=None))
+    servers = list(server.served.values())
     server.router.check()  # a cascade naming a tier that does not exist: ValueError, before serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await engine.start()
-        server.ready = True
+        for s in servers:
+            await s.engine.start()
+        for s in servers:
+            s.ready = True
         yield
-        server.ready = False
-        await engine.shutdown(SHUTDOWN_GRACE_SECONDS)
+        for s in servers:
+            s.ready = False
+        await shutdown_all(server, SHUTDOWN_GRACE_SECONDS)
         await server.router.close()
 
     app = FastAPI(title="leanserve", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -594,20 +629,26 @@ class _DrainingServer(uvicorn.Server):
         self.openai_server = openai_server
 
     def handle_exit(self, sig, frame) -> None:
-        self.openai_server.ready = False
+        for s in self.openai_server.served.values():
+            s.ready = False
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
-        drain = asyncio.create_task(self.openai_server.engine.shutdown(SHUTDOWN_GRACE_SECONDS))
+        drain = asyncio.create_task(shutdown_all(self.openai_server, SHUTDOWN_GRACE_SECONDS))
         await super().shutdown(sockets)  # its lifespan shutdown finds the engine drained
         await drain
 
 
-def run_server(engine, config: ServerConfig, jobs: JobsConfig | None = None) -> None:
+async def shutdown_all(server: OpenAIServer, timeout: float) -> None:
+    """Drains every model's engine at once (each waits up to `timeout` for its requests)."""
+    await asyncio.gather(*(s.engine.shutdown(timeout) for s in server.served.values()))
+
+
+def run_server(engine, config: ServerConfig, jobs: JobsConfig | None = None, more_models: dict | None = None) -> None:
     """Serves until SIGTERM or SIGINT, then: /ready and new requests get 503, requests in
     flight get SHUTDOWN_GRACE_SECONDS to finish before they are aborted (and answer 503), the
     engine stops. Connections that are slow to send a request are cut (connections.py)."""
-    app = create_app(engine, config, jobs)
+    app = create_app(engine, config, jobs, more_models)
     protocol = connections.header_timeout_protocol(config.header_timeout_seconds,
                                                    app.state.server.metrics.registry)
     server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, http=protocol,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from ..energy.metrics import BoundedLabels, EnergyMetrics, Utilisation
@@ -72,6 +73,26 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def render_models(registries: dict[str, CollectorRegistry]) -> bytes:
+    """Several models' registries as one exposition: every sample gets its model's `model`
+    label, and a metric's samples stay together under one HELP/TYPE (as the format asks)."""
+    merged: dict[str, Metric] = {}
+    for model, registry in registries.items():
+        for family in registry.collect():
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            into.samples += [s._replace(labels={**s.labels, "model": model}) for s in family.samples]
+
+    class _Merged:
+        def collect(self):
+            return list(merged.values())
+
+    out = CollectorRegistry(auto_describe=False)
+    out.register(_Merged())
+    return generate_latest(out)
 
 
 class _EngineCounters:

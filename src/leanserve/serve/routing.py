@@ -80,8 +80,10 @@ class Router:
     def check(self) -> None:
         """Every route's tiers exist (a local model or adapter, or an upstream); names do not clash."""
         s = self.server
-        lora = getattr(s.engine, "lora", None)
-        local = {s.model_name, *(lora.adapters if lora is not None else ())}
+        local = set()
+        for model in getattr(s, "served", {s.model_name: s}).values():  # every local model and its adapters
+            lora = getattr(model.engine, "lora", None)
+            local |= {model.model_name, *(lora.adapters if lora is not None else ())}
         for route in self.routes.values():
             if route.name in local or route.name in self.upstreams:
                 raise ValueError(f"--cascade {route.name}: the name is taken by a model, adapter or upstream")
@@ -252,9 +254,10 @@ class Router:
             body.update(stream=False, logprobs=logprobs)
             body.pop("stream_options", None)
             return await self.upstreams[tier].chat(body)
-        adapter = adapters.resolve(self.server, tier)
+        target = self.server.target(tier) if hasattr(self.server, "target") else self.server  # a local model
+        adapter = adapters.resolve(target, tier)
         tier_req = req.model_copy(update={"model": tier, "stream": False, "stream_options": None, "logprobs": logprobs})
-        return await self.server.chat_body(request, tier_req, adapter)
+        return await target.chat_body(request, tier_req, adapter)
 
     @staticmethod
     def _cascade_body(req: p.ChatCompletionRequest, route: cc.Route, chosen: cc.TierResult,
