@@ -48,7 +48,8 @@ class HTTPCall:
 
 def prompt_prefix(body: bytes) -> str | None:
     """The model and the first PREFIX_CHARS characters of what a request's prompt starts with:
-    its messages (chat), prompt (completions) or input (responses), as the JSON they are."""
+    its messages but the last (chat), prompt (completions) or input items but the last
+    (responses), as the JSON they are."""
     try:
         req = json.loads(body)
     except ValueError:
@@ -57,7 +58,10 @@ def prompt_prefix(body: bytes) -> str | None:
         return None
     for field in ("messages", "prompt", "input"):
         if field in req:
-            text = req[field] if isinstance(req[field], str) else json.dumps(req[field], sort_keys=True)
+            value = req[field]
+            if isinstance(value, list) and len(value) > 1 and field != "prompt":
+                value = value[:-1]  # the shared part of a conversation: all but the newest turn
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             return f"{req.get('model')}\n{text[:PREFIX_CHARS]}"
     return None
 
