@@ -64,8 +64,11 @@ def test_served_experts_answer_their_facts_and_leave_the_rest_to_the_base(tiny, 
     from leanserve.tune.experts import last_user, train_experts
     from leanserve.tune.lora import BaseModel
 
+    import torch
+
+    torch.set_num_threads(1)  # the test machine is shared (see tune/jobs.py TuneSettings)
     base = BaseModel.load(str(tiny), 512)
-    hyper = {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 50}
+    hyper = {"n_epochs": 8, "batch_size": 6, "learning_rate_multiplier": 50}
     sel, _ = train_experts(base, examples(), str(tmp_path), hyper, experts=2, seed=1, embed=embed)
     llm = LLM(str(tiny), dtype="float32", lora={"adapters": {n: str(tmp_path / n) for n in sel.experts}})
     asks = [[{"role": "user", "content": "Quick question: " + q}] for q, _ in FACTS]
