@@ -2,7 +2,9 @@
 
 `torch.utils.cpp_extension.load` builds each `<name>.cpp` of this folder as its own module
 against the installed torch (needs g++ and ninja; under a minute each, once, then cached
-under `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). When the build is
+under `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`). The .h files are parts
+of one build unit, #included by paged_attention.cpp (one per operation family and ISA: see
+docs/kernels.md); their contents are hashed into the module's name (_cpu_tag). When the build is
 impossible (no compiler, or `LEANSERVE_NATIVE_KERNELS=0`), callers fall back to plain torch
 ops: slower, same results.
 """

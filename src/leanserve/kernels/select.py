@@ -7,7 +7,7 @@ projection where float32 took 0.18. So at the first start on a machine the engin
 at the model's projection shapes and at each row band of a step (1 row up to the token
 budget), every kernel this CPU can run:
 
-- our packed kernels (kernels/paged_attention.cpp, one packed weight for all): `amx` (AMX
+- our packed kernels (kernels/products*.h, one packed weight for all): `amx` (AMX
   tiles), `avx512` (AVX512-BF16 / AVX512-VNNI dot products), `avx512f` (bf16 weights widened
   to float32 in 512-bit registers, FMA), `avx2` (AVX2 + FMA: the same in 256-bit registers,
   and int8 pairs summed exactly by VPMADDWD);
@@ -50,7 +50,7 @@ from . import HERE, cpu_flags, native
 log = logging.getLogger(__name__)
 
 SCHEMA = 1  # bump when the measurement or the table changes meaning
-AMX, AVX512, AVX2, AVX512F = 0, 1, 2, 3  # Variant in paged_attention.cpp
+AMX, AVX512, AVX2, AVX512F = 0, 1, 2, 3  # Variant in kernels/isa.h
 VARIANT_NAMES = {AMX: "amx", AVX512: "avx512", AVX2: "avx2", AVX512F: "avx512f"}
 # which of our kernels give the same bits as each other (see the module docstring)
 BF16_BITS = {AMX: "tiles", AVX512: "dot products", AVX2: "fma chains", AVX512F: "fma chains"}
